@@ -1,0 +1,115 @@
+"""Channel masks from batch-norm scale factors, and the distance between masks.
+
+A *mask* is one flat boolean vector over the channels of a list of BN layers, in that order
+(True = keep). It is computed from one global threshold over all |gamma|, so its length is
+fixed for a given architecture and two epochs' masks can be compared position by position.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, PruneError
+
+_BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def prunable_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """All affine batch-norm layers of ``model`` as (qualified name, module), in module order."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _BN_TYPES) and m.affine and m.weight is not None
+    ]
+
+
+def _as_bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
+    if isinstance(bns, nn.Module):
+        return [m for _, m in prunable_bns(bns)]
+    out = [m[1] if isinstance(m, tuple) else m for m in bns]
+    if not out:
+        raise ConfigError("no batch-norm layers to compute a mask from: pass a model with BatchNorm")
+    return out
+
+
+def bn_gammas(bns) -> torch.Tensor:
+    """|gamma| of every channel of ``bns`` (a model or a list of BN layers), flattened, on CPU."""
+    with torch.no_grad():
+        return torch.cat([m.weight.detach().abs().flatten().float().cpu() for m in _as_bn_list(bns)])
+
+
+def check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"pruning ratio {ratio:g} is outside (0, 1): pass e.g. 0.3 for 30% of channels")
+    return ratio
+
+
+def channel_mask(
+    gammas: torch.Tensor, ratio: float, layer_sizes: Sequence[int], min_channels: int = 1
+) -> torch.Tensor:
+    """Keep-mask that prunes the ``floor(N * ratio)`` smallest |gamma| over all layers.
+
+    Ties are broken by position (a stable sort), so a mask is a deterministic function of the
+    gammas. The collapse guard then gives back, in every layer left with fewer than
+    ``min_channels`` channels, that layer's largest-|gamma| channels: the mask prunes slightly
+    fewer channels than asked, but never empties a layer. ``min_channels=0`` turns the guard off.
+    """
+    ratio = check_ratio(ratio)
+    n = gammas.numel()
+    if sum(layer_sizes) != n:
+        raise ValueError(f"layer sizes add up to {sum(layer_sizes)} but there are {n} gammas")
+    order = torch.sort(gammas, stable=True).indices
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[order[: int(n * ratio)]] = False
+    if min_channels > 0:
+        start = 0
+        for size in layer_sizes:
+            layer = slice(start, start + size)
+            need = min(min_channels, size)
+            if int(keep[layer].sum()) < need:
+                top = torch.topk(gammas[layer], need).indices + start
+                keep[top] = True
+            start += size
+    return keep
+
+
+def channel_masks(
+    bns, ratios: Iterable[float], min_channels: int = 1
+) -> dict[float, torch.Tensor]:
+    """Masks for several ratios from one snapshot of ``bns`` (a model or a list of BN layers)."""
+    layers = _as_bn_list(bns)
+    gammas = bn_gammas(layers)
+    sizes = [m.weight.numel() for m in layers]
+    return {float(r): channel_mask(gammas, r, sizes, min_channels) for r in ratios}
+
+
+def split_mask(mask: torch.Tensor, layer_sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Cut a flat mask into one piece per layer."""
+    return list(torch.split(mask, list(layer_sizes)))
+
+
+def mask_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normalized Hamming distance: the fraction of positions where two masks differ."""
+    if a.shape != b.shape:
+        raise ValueError(f"masks of different lengths ({a.numel()} vs {b.numel()}) cannot be compared")
+    return (a != b).float().mean().item()
+
+
+def distance_matrix(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Pairwise normalized Hamming distances of a sequence of masks (an E x E matrix)."""
+    stacked = torch.stack([m.float() for m in masks])
+    n = stacked.shape[1]
+    same = stacked @ stacked.T + (1 - stacked) @ (1 - stacked).T
+    return 1 - same / n
+
+
+def check_not_empty(name: str, keep: torch.Tensor) -> None:
+    """Refuse a per-layer mask that would remove every channel of a layer."""
+    if not bool(keep.any()):
+        raise PruneError(
+            f"pruning would remove all {keep.numel()} channels of layer '{name}': "
+            "lower --percent or keep the collapse guard on (--min-channels 1)"
+        )

@@ -1,0 +1,19 @@
+"""Network-slimming sparsity: the L1 subgradient on batch-norm scales."""
+from __future__ import annotations
+
+import torch
+
+from .masks import _as_bn_list
+
+
+@torch.no_grad()
+def add_bn_l1_grad(model_or_bns, strength: float) -> None:
+    """Add ``strength * sign(gamma)`` to every BN scale's gradient (the subgradient of L1).
+
+    Call it between ``backward()`` and ``optimizer.step()``. Under mixed precision call it after
+    ``scaler.unscale_(optimizer)``: added to still-scaled gradients, the term would be divided
+    by the loss scale and vanish.
+    """
+    for bn in _as_bn_list(model_or_bns):
+        if bn.weight.grad is not None:
+            bn.weight.grad.add_(torch.sign(bn.weight), alpha=strength)

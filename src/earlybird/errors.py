@@ -28,3 +28,7 @@ class PruneError(EarlyBirdError):
 
 class RunDirError(EarlyBirdError):
     """The save directory holds a run that would be overwritten."""
+
+
+class TrainingError(EarlyBirdError):
+    """Training diverged (NaN or infinite loss)."""

@@ -1,0 +1,27 @@
+"""earlybird: Early-Bird tickets (You et al., ICLR 2020) for any batch-norm network.
+
+The method's core needs no CLI::
+
+    from earlybird import EarlyBird, add_bn_l1_grad, prune_model
+
+    detector = EarlyBird(model, ratios=(0.3, 0.5, 0.7))
+    for epoch in range(1, epochs + 1):
+        ...  # train; between backward() and step(): add_bn_l1_grad(model, 1e-4)
+        if detector.step(epoch) and detector.done:
+            break
+    small, plan = prune_model(model, detector.tickets[0.5], example_inputs)
+"""
+__version__ = "0.1.0"
+
+from .detector import EarlyBird
+from .errors import CheckpointError, ConfigError, DataError, EarlyBirdError, PruneError
+from .masks import bn_gammas, channel_mask, channel_masks, distance_matrix, mask_distance, prunable_bns
+from .models import ModelSpec, create_model, register_model
+from .prune import PrunePlan, apply_mask, apply_plan, prune_model
+from .sparsity import add_bn_l1_grad
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "EarlyBird", "EarlyBirdError", "ModelSpec", "PruneError",
+    "PrunePlan", "add_bn_l1_grad", "apply_mask", "apply_plan", "bn_gammas", "channel_mask", "channel_masks",
+    "create_model", "distance_matrix", "mask_distance", "prunable_bns", "prune_model", "register_model",
+]

@@ -1,0 +1,83 @@
+"""The `earlybird` command line: search, prune, retrain, run (all three), models.
+
+The only place that parses flags, prints errors and exits. A user-facing failure
+(EarlyBirdError) becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import (DataConfig, DetectConfig, ModelConfig, OptimConfig, PruneConfig, RetrainConfig, RuntimeConfig,
+                     add_config_args, config_from_args)
+from .errors import EarlyBirdError
+from .models import available_models
+from .progress import Reporter
+
+EPILOG = "Docs and examples: README.md. Flags keep the names of the reference Early-Bird scripts."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earlybird", description="Early-Bird tickets: find a small network early, "
+                                     "prune it physically, retrain it.", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"earlybird {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text, *configs):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        for cls, title in configs:
+            add_config_args(p, cls, title)
+        return p
+
+    command("search", "train the dense network with BN sparsity until the Early-Bird tickets emerge",
+            (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
+            (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
+    p = command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
+                (PruneConfig, "prune"), (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
+    p.add_argument("--min-channels", type=int, default=1, help="channels every layer keeps when --percent recomputes "
+                   "the mask (0: no collapse guard) (default: 1)")
+    command("retrain", "retrain a pruned network: fine-tune the ticket from its epoch, or re-initialize (--reinit)",
+            (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"), (RuntimeConfig, "run"))
+    p = command("run", "search, prune every ticket, retrain each, and write a summary with compute accounting",
+                (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
+                (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
+    p.add_argument("--reinit", action="store_true", help="retrain re-initialized tickets (EB Train re-init) instead "
+                   "of fine-tuning them")
+    sub.add_parser("models", help="list the registered architectures")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
+    from . import stages  # torch-heavy: only once the flags parsed
+
+    if args.command == "models":
+        reporter.line("\n".join(available_models()))
+        return
+    rt = config_from_args(RuntimeConfig, args)
+    data = config_from_args(DataConfig, args)
+    if args.command == "search":
+        stages.search(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
+                      config_from_args(DetectConfig, args), rt, reporter)
+    elif args.command == "prune":
+        cfg = config_from_args(PruneConfig, args)
+        stages.prune(cfg.model, cfg.percent, Path(rt.save), data, args.min_channels, rt, reporter)
+    elif args.command == "retrain":
+        stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter)
+    elif args.command == "run":
+        stages.run_pipeline(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
+                            config_from_args(DetectConfig, args), rt, args.reinit, reporter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _dispatch(args, Reporter())
+    except EarlyBirdError as exc:
+        print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"earlybird {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,118 @@
+"""Typed configuration. Each field carries its CLI flag and help text, so the argparse parser is
+generated from these dataclasses (one source of truth) and stages receive typed objects."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+from .errors import ConfigError
+from .masks import check_ratio
+
+
+def opt(default, help: str, *flags: str, **argparse_kwargs):
+    """A dataclass field with its CLI flags (default: --field-name) and argparse options."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "flags": flags, "argparse": argparse_kwargs}, **kw)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("fashion-mnist", "dataset: cifar10, cifar100 or fashion-mnist")
+    data: str = opt("data", "directory holding (or receiving) the dataset files")
+    download: bool = opt(True, "download missing dataset files (checksummed)", action=argparse.BooleanOptionalAction)
+    train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
+    batch_size: int = opt(256, "training batch size", type=int)
+    test_batch_size: int = opt(256, "evaluation batch size", type=int)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("vgg", "architecture name (see `earlybird models`)")
+    depth: int = opt(16, "network depth (VGG: 11, 13, 16, 19)", type=int)
+    width: float = opt(1.0, "width multiplier for every layer (e.g. 0.25 for a CPU-sized VGG)", type=float)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = opt(160, "length of the training schedule in epochs", type=int)
+    schedule: list = opt([80, 120], "epochs at which the learning rate is multiplied by --gamma", type=int, nargs="*")
+    gamma: float = opt(0.1, "learning-rate decay factor at each --schedule epoch", type=float)
+    lr: float = opt(0.1, "initial learning rate", type=float)
+    momentum: float = opt(0.9, "SGD momentum", type=float)
+    weight_decay: float = opt(1e-4, "SGD weight decay (all parameters)", "--weight-decay", "--wd", type=float)
+    sparsity_regularization: bool = opt(True, "L1 on batch-norm scales (network slimming)", "--sparsity-regularization", "-sr",
+                                        action=argparse.BooleanOptionalAction)
+    s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
+
+
+@dataclass
+class DetectConfig:
+    ratios: list = opt([0.3, 0.5, 0.7], "pruning ratios whose tickets are searched for", type=float, nargs="+")
+    eb_window: int = opt(5, "masks compared by the Early-Bird rule (newest vs the previous window-1)", type=int)
+    eb_threshold: float = opt(0.1, "largest mask distance that counts as settled", type=float)
+    min_channels: int = opt(1, "channels every layer keeps whatever the ratio (0: no collapse guard)", type=int)
+    full: bool = opt(False, "train the whole schedule instead of stopping once every ticket is drawn", action="store_true")
+
+
+@dataclass
+class RuntimeConfig:
+    save: str = opt("runs/earlybird", "output directory")
+    seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = opt(False, "mixed precision (float16 autocast with loss scaling; CUDA only)", action="store_true")
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on most hardware)", action="store_true")
+    threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
+    force: bool = opt(False, "overwrite a finished run in --save", action="store_true")
+    resume: str | None = opt(None, "continue an interrupted run from its last.pth (default path: --save/last.pth)",
+                             nargs="?", const="")
+
+
+@dataclass
+class RetrainConfig:
+    model: str = opt("", "pruned checkpoint to retrain (pruned.pth from `earlybird prune`)", "--model", "--scratch")
+    reinit: bool = opt(False, "re-initialize the pruned network and train from epoch 0 (EB Train re-init)", action="store_true")
+    start_epoch: int | None = opt(None, "first epoch of the retrain schedule (default: the ticket's epoch; 0 with --reinit)",
+                                  "--start-epoch", type=int)
+
+
+@dataclass
+class PruneConfig:
+    model: str = opt("", "EB ticket (EB-<percent>-<epoch>.pth) or search checkpoint to prune", "--model")
+    percent: float | None = opt(None, "pruning ratio in (0, 1) (default: the ticket's own ratio)", "--percent", type=float)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
+    group = parser.add_argument_group(title) if title else parser
+    for f in fields(cls):
+        meta = f.metadata
+        flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kwargs = dict(meta["argparse"])
+        help_text = meta["help"] + ("" if default in (None, "", False) or kwargs.get("action") else f" (default: {default})")
+        group.add_argument(*flags, dest=f.name, default=default, help=help_text, **kwargs)
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, detect: DetectConfig | None = None) -> None:
+    """Range checks that argparse cannot express; each failure says which flag to change."""
+    if data is not None:
+        for flag, value in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} {value} must be at least 1")
+    if optim is not None:
+        if optim.epochs < 1:
+            raise ConfigError(f"--epochs {optim.epochs} must be at least 1")
+        if optim.lr <= 0:
+            raise ConfigError(f"--lr {optim.lr:g} must be positive")
+        if optim.s < 0:
+            raise ConfigError(f"--s {optim.s:g} must not be negative")
+        if any(m < 0 or m > optim.epochs for m in optim.schedule):
+            raise ConfigError(f"--schedule {optim.schedule} must lie within 0..{optim.epochs} (--epochs)")
+    if detect is not None:
+        for r in detect.ratios:
+            check_ratio(r)
+        if detect.min_channels < 0:
+            raise ConfigError(f"--min-channels {detect.min_channels} must not be negative")

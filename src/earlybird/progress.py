@@ -1,0 +1,52 @@
+"""Progress output: a bar per epoch on a terminal, one line per epoch always, metrics as JSONL."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Reporter:
+    """Prints lines to stdout; draws tqdm bars on stderr only when it is a terminal."""
+
+    def __init__(self, bars: bool | None = None, out=None):
+        self.out = out or sys.stdout
+        self.bars = sys.stderr.isatty() if bars is None else bars
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def epoch_bar(self, total: int, desc: str):
+        """A callback for train_epoch(on_batch=...) and a close() to call after the epoch."""
+        if not self.bars:
+            return None, lambda: None
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(done: int, loss: float, acc: float, ips: float) -> None:
+            bar.n = done
+            bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.1f}% {ips:.0f} img/s", refresh=True)
+
+        return update, bar.close
+
+
+class MetricsLog:
+    """Appends one JSON object per line; survives resumes (it appends)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

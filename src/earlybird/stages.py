@@ -1,0 +1,465 @@
+"""The three stages of Early-Bird training (search, prune, retrain) and the whole pipeline.
+
+Each stage takes typed configs and a Reporter, writes its outputs under its save directory and
+returns a plain dict summary (also written as summary.json, which marks the stage finished).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, DetectConfig, ModelConfig, OptimConfig, RuntimeConfig, RetrainConfig, validate
+from .cost import count_macs, count_params, training_macs
+from .data import BatchLoader, Dataset, load_dataset
+from .detector import EarlyBird
+from .errors import CheckpointError, ConfigError, RunDirError
+from .masks import channel_mask, check_ratio, prunable_bns
+from .models import ModelSpec, create_model
+from .progress import MetricsLog, Reporter, format_seconds
+from .prune import PrunePlan, apply_mask, apply_plan, prune_model
+from .train import evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
+from .train.checkpoint import load_weights
+
+SUMMARY = "summary.json"
+LAST = "last.pth"
+
+
+# ----------------------------------------------------------------------------- runtime helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def setup_runtime(rt: RuntimeConfig) -> torch.device:
+    device = resolve_device(rt.device)
+    if rt.amp and device.type != "cuda":
+        raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    random.seed(rt.seed)
+    torch.manual_seed(rt.seed)
+    return device
+
+
+def _artifacts(save: Path) -> list[Path]:
+    names = [SUMMARY, LAST, "best.pth", "pruned.pth", "metrics.jsonl", "summary.txt"]
+    return [save / n for n in names if (save / n).exists()] + sorted(save.glob("EB-*.pth"))
+
+
+def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path | None:
+    """Refuse to clobber a run; return the checkpoint to resume from, if any."""
+    if resume is not None:
+        path = Path(resume) if resume else save / LAST
+        if (save / SUMMARY).exists() and not resume:
+            raise RunDirError(f"{save} holds a finished run: nothing to resume (use --force to start it over)")
+        if not path.is_file():
+            raise RunDirError(f"no checkpoint to resume at {path}: start without --resume")
+        return path
+    finished = (save / SUMMARY).exists() or (save / "pruned.pth").exists()
+    if finished and not force:
+        raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
+    if (save / LAST).exists() and not force:
+        raise RunDirError(f"{save} holds an unfinished run: pass --resume to continue it or --force to start over")
+    if force:
+        for p in _artifacts(save):
+            p.unlink()
+    save.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def write_summary(save: Path, summary: dict) -> None:
+    tmp = save / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, save / SUMMARY)
+
+
+def make_loaders(dataset: Dataset, data: DataConfig, device, seed: int, channels_last: bool):
+    train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
+                        channels_last)
+    test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
+                       channels_last)
+    return train, test
+
+
+def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def _amp(rt: RuntimeConfig, device):
+    if not rt.amp:
+        return None, None
+    return torch.amp.GradScaler(device.type), torch.float16
+
+
+def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
+         log: MetricsLog, stage: str, on_epoch_end, scaler_state=None) -> float:
+    """The epoch loop of every stage. ``on_epoch_end(epoch_done, record) -> bool`` may stop early."""
+    scaler, amp_dtype = _amp(rt, device)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    l1 = optim.s if optim.sparsity_regularization else 0.0
+    wall = 0.0
+    for epoch in range(start, optim.epochs):
+        lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train.set_epoch(epoch)
+        update, close = reporter.epoch_bar(len(train), f"{stage} {epoch + 1}/{optim.epochs}")
+        try:
+            result = train_epoch(model, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
+        finally:
+            close()
+        test_loss, test_acc = evaluate(model, test, amp_dtype)
+        wall += result.seconds
+        record = {
+            "stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": round(result.loss, 5),
+            "train_acc": round(result.accuracy, 3), "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 3),
+            "images_per_s": round(result.images_per_second, 1), "epoch_s": round(result.seconds, 2),
+        }
+        stop = on_epoch_end(epoch + 1, record, scaler)
+        left = (optim.epochs - epoch - 1) * wall / (epoch + 1 - start)
+        extra = record.pop("_line", "")
+        log.write(**record)
+        reporter.line(
+            f"{stage} epoch {epoch + 1}/{optim.epochs}  lr {lr:.3g}  loss {result.loss:.3f}  "
+            f"train {result.accuracy:.1f}%  test {test_acc:.2f}%  {result.images_per_second:.0f} img/s  "
+            f"{result.seconds:.0f}s{'' if stop else f'  ~{format_seconds(left)} left'}{extra}"
+        )
+        if stop:
+            break
+    return wall
+
+
+# ----------------------------------------------------------------------------- search
+
+def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
+           reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None) -> dict:
+    """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
+    validate(data, optim, detect)
+    save = Path(save or rt.save)
+    device = setup_runtime(rt)
+    resume_path = prepare_save_dir(save, rt.force, rt.resume)
+    dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
+    info = dataset.info
+    spec = ModelSpec(model_cfg.arch, model_cfg.depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size)
+    model = create_model(spec).to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, optim)
+    detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels)
+    gammas = [torch.cat([m.weight.detach().abs().flatten().cpu() for _, m in prunable_bns(model)])]
+    start, scaler_state, tickets = 0, None, {}
+    if resume_path:
+        ckpt = load_checkpoint(resume_path, ("search",))
+        if ckpt["spec"] != spec.to_dict():
+            raise CheckpointError(f"{resume_path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
+                                  f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
+        load_weights(model, ckpt["state_dict"], resume_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        detector.load_state_dict(ckpt["detector"])
+        gammas = list(ckpt["gammas"])
+        start, scaler_state, tickets = ckpt["epoch"], ckpt.get("scaler"), ckpt["tickets"]
+        torch.set_rng_state(ckpt["rng"])
+        reporter.line(f"resuming search from {resume_path} after epoch {start}")
+    train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    macs = count_macs(model, (info.in_channels, info.image_size, info.image_size))
+    reporter.line(f"search: {spec.describe()}, {count_params(model):,} params, {macs / 1e6:.1f} M MACs/image, "
+                  f"{detector.num_channels} BN channels, {len(train.images):,} training images on {device}")
+    log = MetricsLog(save / "metrics.jsonl")
+    meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size]}
+    last_acc = {}
+
+    def on_epoch_end(epoch, record, scaler):
+        emerged = detector.step(epoch)
+        gammas.append(torch.cat([m.weight.detach().abs().flatten().cpu() for _, m in prunable_bns(model)]))
+        g = gammas[-1]
+        record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
+        record["distances"] = {str(r): [round(d, 4) for d in detector.distances[r]] for r in detector.ratios}
+        for r in emerged:
+            path = save / f"EB-{round(r * 100)}-{epoch}.pth"
+            save_checkpoint(path, "ticket", spec, model, ratio=r, epoch=epoch, mask=detector.tickets[r],
+                            test_acc=record["test_acc"], **meta)
+            tickets[str(r)] = {"epoch": epoch, "path": path.name, "test_acc": record["test_acc"]}
+        stop = detector.done and not detect.full
+        save_checkpoint(save / LAST, "search", spec, model, epoch=epoch, optimizer=optimizer.state_dict(),
+                        detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
+                        rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None, **meta)
+        last_acc["test_acc"] = record["test_acc"]
+        dist = "  ".join(
+            f"d{r:g}=" + ("-" if not detector.distances[r] else f"{max(detector.distances[r]):.3f}")
+            + ("*" if r in detector.emerged else "")
+            for r in detector.ratios
+        )
+        record["_line"] = f"  | max dist {dist}" + "".join(f"  -> EB ticket p={r:g} at epoch {epoch}" for r in emerged)
+        return stop
+
+    t0 = time.perf_counter()
+    train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "search",
+                         on_epoch_end, scaler_state)
+    final = load_checkpoint(save / LAST, ("search",)) if (save / LAST).exists() else None
+    epochs_done = final["epoch"] if final else start
+    summary = {
+        "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
+        "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
+        "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
+        "final_test_acc": last_acc.get("test_acc"), "params": count_params(model), "macs": macs,
+        "train_images": len(train.images), "wall_s": round(time.perf_counter() - t0, 1),
+        "train_s": round(train_seconds, 1),
+    }
+    write_summary(save, summary)
+    for r in detector.ratios:
+        t = tickets.get(str(r))
+        reporter.line(f"  p={r:g}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {save / t['path']}"
+                                         if t else f"no ticket within {epochs_done} epochs"))
+    return summary
+
+
+# ----------------------------------------------------------------------------- prune
+
+def _per_layer_channels(model) -> dict[str, int]:
+    return {n: m.weight.numel() for n, m in prunable_bns(model)}
+
+
+def prune(model_path: str, percent: float | None, save: Path, data: DataConfig, min_channels: int, rt: RuntimeConfig,
+          reporter: Reporter, dataset: Dataset | None = None) -> dict:
+    """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
+    if not model_path:
+        raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(model_path, ("ticket", "search"))
+    prepare_save_dir(save, rt.force)
+    dense, spec, plan = model_from_checkpoint(ckpt, model_path)
+    if plan is not None:
+        raise CheckpointError(f"{model_path} is already pruned: prune the dense EB ticket instead")
+    ratio = check_ratio(percent if percent is not None else ckpt.get("ratio", 0.5))
+    named = prunable_bns(dense)
+    gammas = torch.cat([m.weight.detach().abs().flatten() for _, m in named])
+    sizes = [m.weight.numel() for _, m in named]
+    if percent is None and "mask" in ckpt:
+        mask = ckpt["mask"]
+    else:
+        mask = channel_mask(gammas, ratio, sizes, min_channels)
+    dense = dense.to(device).eval()
+    dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
+    _, test = make_loaders(dataset, data, device, rt.seed, False)
+    example = next(iter(test))[0][:8]
+    pruned, plan = prune_model(dense, mask, example)
+    masked = apply_mask(dense, mask)
+    with torch.no_grad():
+        out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
+    shape = ckpt.get("input_shape", list(example.shape[1:]))
+    before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
+    report = {
+        "stage": "prune", "source": str(model_path), "ratio": ratio, "epoch": ckpt.get("epoch"),
+        "channels": {"before": sum(before.values()), "after": sum(after.values())},
+        "layers": {n: [before[n], after[n]] for n in before},
+        "params": {"before": count_params(dense), "after": count_params(pruned)},
+        "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
+        "test_acc": {"dense": evaluate(dense, test)[1], "masked": evaluate(masked, test)[1],
+                     "pruned": evaluate(pruned, test)[1]},
+        "max_output_diff_pruned_vs_masked": out_diff,
+        "folds": plan.folds,
+    }
+    save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
+                    dataset=dataset.info.name, input_shape=shape, test_acc=report["test_acc"]["pruned"])
+    write_summary(save, report)
+    p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
+    reporter.line(f"pruned {model_path} at p={ratio:g}: channels {c['before']} -> {c['after']}, "
+                  f"params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x), "
+                  f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x)")
+    reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
+                  f"(max |pruned - masked| output {out_diff:.1e}) -> {save / 'pruned.pth'}")
+    return report
+
+
+# ----------------------------------------------------------------------------- retrain
+
+def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig, reporter: Reporter,
+            dataset: Dataset | None = None, save: Path | None = None) -> dict:
+    """Train a pruned network to full accuracy: fine-tune the ticket (default) or re-initialize it."""
+    validate(data, optim)
+    if not cfg.model:
+        raise ConfigError("--model is required: pass the pruned.pth written by `earlybird prune`")
+    save = Path(save or rt.save)
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(cfg.model, ("pruned",))
+    resume_path = prepare_save_dir(save, rt.force, rt.resume)
+    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    if cfg.reinit:
+        # Same pruned architecture, fresh weights (and zero folds): "EB Train (re-init)".
+        model = apply_plan(create_model(spec), plan)
+    start = cfg.start_epoch if cfg.start_epoch is not None else (0 if cfg.reinit else int(ckpt.get("epoch") or 0))
+    if not 0 <= start < optim.epochs:
+        raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
+    model = model.to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
+    optimizer = make_optimizer(model, optim)
+    best = {"test_acc": -1.0, "epoch": None}
+    scaler_state = None
+    if resume_path:
+        state = load_checkpoint(resume_path, ("retrain",))
+        if state["plan"] != plan.to_dict():
+            raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
+        load_weights(model, state["state_dict"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        start, best, scaler_state = state["epoch"], state["best"], state.get("scaler")
+        torch.set_rng_state(state["rng"])
+        reporter.line(f"resuming retrain from {resume_path} after epoch {start}")
+    dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download, data.train_subset,
+                                      rt.seed)
+    train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    shape = ckpt["input_shape"]
+    macs = count_macs(model, shape)
+    mode = "re-initialized" if cfg.reinit else f"fine-tuned from the ticket (epoch {ckpt.get('epoch')})"
+    reporter.line(f"retrain: pruned {spec.describe()} p={ckpt.get('ratio')}, {count_params(model):,} params, "
+                  f"{macs / 1e6:.2f} M MACs/image, {mode}, epochs {start + 1}..{optim.epochs}")
+    log = MetricsLog(save / "metrics.jsonl")
+    meta = {"ratio": ckpt.get("ratio"), "dataset": dataset.info.name, "input_shape": shape}
+    first_epoch = start
+
+    def on_epoch_end(epoch, record, scaler):
+        if record["test_acc"] > best["test_acc"]:
+            best.update(test_acc=record["test_acc"], epoch=epoch)
+            save_checkpoint(save / "best.pth", "retrain", spec, model, plan, epoch=epoch, test_acc=record["test_acc"], **meta)
+        save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
+                        best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
+                        scaler=scaler.state_dict() if scaler else None, **meta)
+        return False
+
+    t0 = time.perf_counter()
+    train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "retrain", on_epoch_end,
+                         scaler_state)
+    final = load_checkpoint(save / LAST, ("retrain",))
+    summary = {
+        "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
+        "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
+        "final_test_acc": final["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "params": count_params(model), "macs": macs, "train_images": len(train.images),
+        "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
+    }
+    write_summary(save, summary)
+    reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best['test_acc']:.2f}% "
+                  f"(epoch {best['epoch']}) -> {save / 'best.pth'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+
+def _stage_runtime(rt: RuntimeConfig, stage_dir: Path) -> RuntimeConfig | None:
+    """Runtime of one stage of `earlybird run`; None when --resume finds the stage already done."""
+    if rt.resume is None:
+        return replace(rt, resume=None)
+    if (stage_dir / SUMMARY).exists():
+        return None
+    return replace(rt, resume="" if (stage_dir / LAST).exists() else None, force=False)
+
+
+def _done(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / SUMMARY).read_text())
+
+
+def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
+                 reinit: bool, reporter: Reporter) -> dict:
+    """Search until the tickets, prune each, retrain each, and account for the compute spent."""
+    validate(data, optim, detect)
+    save = Path(rt.save)
+    if rt.resume is None and not rt.force:
+        if (save / SUMMARY).exists():
+            raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
+        if (save / "search").exists():
+            raise RunDirError(f"{save} holds an unfinished run: pass --resume to continue it or --force to start over")
+    if rt.force and (save / SUMMARY).exists():
+        (save / SUMMARY).unlink()
+    t0 = time.perf_counter()
+    setup_runtime(rt)
+    dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
+
+    stage_rt = _stage_runtime(rt, save / "search")
+    found = _done(save / "search") if stage_rt is None else search(
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, save / "search")
+    images = found["train_images"]
+    dense_epoch = training_macs(found["macs"], images, 1)
+    rows = []
+    for r in found["ratios"]:
+        ticket = found["tickets"].get(str(r))
+        if ticket is None:
+            rows.append({"ratio": r, "eb_epoch": None})
+            continue
+        tag = f"{round(r * 100)}"
+        prune_dir, retrain_dir = save / f"pruned-{tag}", save / f"retrain-{tag}"
+        reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
+        if _stage_runtime(rt, prune_dir) is None:
+            pr = _done(prune_dir)
+        else:
+            pr = prune(str(save / "search" / ticket["path"]), None, prune_dir, data, detect.min_channels,
+                       replace(rt, resume=None, force=True), reporter, dataset)
+        stage_rt = _stage_runtime(rt, retrain_dir)
+        rt_cfg = RetrainConfig(model=str(prune_dir / "pruned.pth"), reinit=reinit)
+        rr = _done(retrain_dir) if stage_rt is None else retrain(rt_cfg, data, optim, stage_rt, reporter, dataset,
+                                                                 retrain_dir)
+        pruned_epoch = training_macs(pr["macs"]["after"], images, 1)
+        eb_compute = ticket["epoch"] * dense_epoch + rr["epochs_trained"] * pruned_epoch
+        standard = optim.epochs * dense_epoch + optim.epochs * pruned_epoch
+        rows.append({
+            "ratio": r, "eb_epoch": ticket["epoch"], "eb_fraction": round(ticket["epoch"] / optim.epochs, 4),
+            "acc_dense_at_ticket": pr["test_acc"]["dense"], "acc_masked": pr["test_acc"]["masked"],
+            "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
+            "acc_retrained_best": rr["best_test_acc"], "params": pr["params"], "macs": pr["macs"],
+            "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
+            "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
+            "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
+            "compute_vs_dense_only": round(eb_compute / (optim.epochs * dense_epoch), 4),
+            "retrain_wall_s": rr["wall_s"],
+        })
+    spent = found["epochs_trained"] * dense_epoch + sum(
+        row["retrain_epochs"] * training_macs(row["macs"]["after"], images, 1) for row in rows if row["eb_epoch"])
+    summary = {
+        "dataset": data.dataset, "spec": found["spec"], "schedule_epochs": optim.epochs,
+        "search_epochs": found["epochs_trained"], "search_final_test_acc": found["final_test_acc"],
+        "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
+        "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(time.perf_counter() - t0, 1),
+        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
+    }
+    write_summary(save, summary)
+    table = summary_table(summary)
+    (save / "summary.txt").write_text(table + "\n")
+    reporter.line(table)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    n = summary["schedule_epochs"]
+    head = (f"Early-Bird run: {ModelSpec.from_dict(summary['spec']).describe()} on {summary['dataset']}, "
+            f"schedule {n} epochs, search stopped after {summary['search_epochs']} "
+            f"(dense {summary['search_final_test_acc']:.2f}%), wall {format_seconds(summary['wall_s'])}")
+    cols = ["p", "EB epoch", "masked", "pruned", "retrained", "best", "params", "MACs", "compute vs TPR", "vs dense"]
+    lines = [head, "  ".join(f"{c:>10}" for c in cols)]
+    for row in summary["ratios"]:
+        if row["eb_epoch"] is None:
+            lines.append(f"{row['ratio']:>10g}  no ticket within the search")
+            continue
+        p, m = row["params"], row["macs"]
+        cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
+                 f"{row['acc_retrained']:.2f}%", f"{row['acc_retrained_best']:.2f}%", f"{p['before'] / p['after']:.2f}x less",
+                 f"{m['before'] / m['after']:.2f}x less", f"{row['compute_vs_train_prune_retrain']:.2f}",
+                 f"{row['compute_vs_dense_only']:.2f}"]
+        lines.append("  ".join(f"{c:>10}" for c in cells))
+    lines.append("compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
+                 "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")
+    return "\n".join(lines)

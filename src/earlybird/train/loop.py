@@ -1,0 +1,94 @@
+"""One training epoch and one evaluation pass; the loop every stage (search, retrain) shares."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TrainingError
+from ..sparsity import add_bn_l1_grad
+
+
+def lr_at(epoch: int, base_lr: float, schedule, gamma: float = 0.1) -> float:
+    """Step schedule on absolute epochs: x gamma at every milestone <= epoch (0-based)."""
+    return base_lr * gamma ** sum(1 for m in schedule if epoch >= m)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float  # percent
+    seconds: float
+    images_per_second: float
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    l1: float = 0.0,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    on_batch: Callable[[int, float, float, float], None] | None = None,
+) -> EpochResult:
+    """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step."""
+    model.train()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if l1:
+            add_bn_l1_grad(model, l1)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if on_batch is not None:
+            elapsed = time.perf_counter() - start
+            on_batch(i + 1, loss.item(), 100.0 * correct.item() / seen, seen / max(elapsed, 1e-9))
+    if not torch.isfinite(total_loss):
+        raise TrainingError("training loss became NaN or infinite: lower --lr or --s")
+    elapsed = time.perf_counter() - start
+    return EpochResult(total_loss.item() / seen, 100.0 * correct.item() / seen, elapsed, seen / elapsed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy (percent) over every sample of ``loader``."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in loader:
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return total_loss.item() / seen, 100.0 * correct.item() / seen

@@ -19,8 +19,15 @@ from .progress import Reporter
 EPILOG = "Docs and examples: README.md. Flags keep the names of the reference Early-Bird scripts."
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors in one line, like every other earlybird error (argparse adds a usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="earlybird", description="Early-Bird tickets: find a small network early, "
+    parser = _Parser(prog="earlybird", description="Early-Bird tickets: find a small network early, "
                                      "prune it physically, retrain it.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"earlybird {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -53,10 +53,11 @@ class ConstantFoldConv2d(nn.Conv2d):
         return new
 
     def fold_map(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        key = (height, width, like.device, like.dtype, self.fold_kernel._version)
+        kernel = self.fold_kernel  # the key changes when the kernel is replaced, sliced or loaded into
+        key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version)
         if key not in self._fold_cache:
             ones = torch.ones(1, 1, height, width, device=like.device, dtype=like.dtype)
-            kernel = self.fold_kernel.to(like.dtype)
+            kernel = kernel.to(like.dtype)
             self._fold_cache = {key: F.conv2d(ones, kernel, None, self.stride, self.padding, self.dilation)}
         return self._fold_cache[key]
 

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from earlybird import CheckpointError, ModelSpec, channel_masks, create_model, prune_model
+from earlybird.train import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+SPEC = ModelSpec("vgg", 11, 0.125, 3, 10, 32)
+
+
+def test_dense_roundtrip_with_weights_only_load(tmp_path, small_vgg):
+    path = save_checkpoint(tmp_path / "a.pth", "search", SPEC, small_vgg, epoch=3, note="x")
+    raw = torch.load(path, weights_only=True)  # plain values and tensors only
+    assert raw["epoch"] == 3 and raw["kind"] == "search"
+    model, spec, plan = model_from_checkpoint(load_checkpoint(path), path)
+    assert spec == SPEC and plan is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), small_vgg(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]  # no temporary files left
+
+
+def test_pruned_roundtrip_rebuilds_without_the_original(tmp_path, small_vgg):
+    pruned, plan = prune_model(small_vgg, channel_masks(small_vgg, [0.5])[0.5], torch.randn(2, 3, 32, 32))
+    path = save_checkpoint(tmp_path / "p.pth", "pruned", SPEC, pruned, plan)
+    model, _, loaded_plan = model_from_checkpoint(load_checkpoint(path, ("pruned",)), path)
+    assert loaded_plan.to_dict() == plan.to_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), pruned.eval()(x))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.0])
+def test_truncated_checkpoint(tmp_path, small_vgg, keep):
+    path = save_checkpoint(tmp_path / "t.pth", "search", SPEC, small_vgg)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_foreign_checkpoint(tmp_path, small_vgg):
+    path = tmp_path / "ref.pth.tar"
+    torch.save({"epoch": 3, "state_dict": small_vgg.state_dict()}, path)  # the reference scripts' layout
+    with pytest.raises(CheckpointError, match="not an earlybird checkpoint"):
+        load_checkpoint(path)
+
+
+def test_wrong_kind(tmp_path, small_vgg):
+    path = save_checkpoint(tmp_path / "d.pth", "search", SPEC, small_vgg)
+    with pytest.raises(CheckpointError, match="'search' checkpoint, but a pruned checkpoint"):
+        load_checkpoint(path, ("pruned",))
+
+
+def test_weights_of_another_architecture(tmp_path, small_vgg):
+    path = save_checkpoint(tmp_path / "w.pth", "search", SPEC, small_vgg)
+    ckpt = load_checkpoint(path)
+    ckpt["spec"] = ModelSpec("vgg", 13, 0.125, 3, 10, 32).to_dict()
+    with pytest.raises(CheckpointError, match="another architecture"):
+        model_from_checkpoint(ckpt, path)
+
+
+def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, small_vgg, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pth", "search", SPEC, small_vgg, epoch=1)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, "search", SPEC, create_model(SPEC), epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]

@@ -1,0 +1,182 @@
+"""The command line end to end on tiny generated CIFAR files, and every bad input it must refuse."""
+import json
+
+import pytest
+import torch
+
+from earlybird import stages
+from earlybird.cli import main
+from earlybird.train import load_checkpoint
+
+TINY = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--test-batch-size", "64",
+        "--seed", "0"]
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_run_end_to_end(capsys, tmp_path, cifar10_root):
+    save = tmp_path / "run"
+    code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
+                         "--epochs", 8, "--schedule", 4, 6, "--ratios", 0.3, 0.5, "--eb-window", 2,
+                         "--eb-threshold", 0.5, "--save", save)
+    assert code == 0, err
+    summary = json.loads((save / "summary.json").read_text())
+    search = json.loads((save / "search" / "summary.json").read_text())
+    assert search["stopped_early"] and search["epochs_trained"] < 8
+    for row in summary["ratios"]:
+        tag = round(row["ratio"] * 100)
+        epoch = row["eb_epoch"]
+        assert epoch == search["tickets"][str(row["ratio"])]["epoch"]
+        ticket = load_checkpoint(save / "search" / f"EB-{tag}-{epoch}.pth", ("ticket",))
+        assert ticket["epoch"] == epoch and ticket["ratio"] == row["ratio"]
+        pruned = json.loads((save / f"pruned-{tag}" / "summary.json").read_text())
+        assert pruned["max_output_diff_pruned_vs_masked"] < 1e-4
+        assert pruned["test_acc"]["masked"] == pruned["test_acc"]["pruned"]
+        assert pruned["params"]["after"] < pruned["params"]["before"]
+        retrain = json.loads((save / f"retrain-{tag}" / "summary.json").read_text())
+        assert retrain["start_epoch"] == epoch and retrain["epochs_trained"] == 8 - epoch
+        assert (save / f"retrain-{tag}" / "best.pth").exists() and (save / f"retrain-{tag}" / "last.pth").exists()
+        assert row["compute_vs_train_prune_retrain"] < 1
+    lines = (save / "search" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == search["epochs_trained"]
+    assert set(json.loads(lines[-1])["distances"]) == {"0.3", "0.5"}
+    assert "EB ticket p=0.3" in out and "compute vs TPR" in out
+
+    # a finished run is never overwritten without --force
+    before = (save / "summary.json").read_bytes()
+    code, _, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--save", save)
+    assert_one_line_error(code, err, "finished run", "--force")
+    assert (save / "summary.json").read_bytes() == before
+
+
+def _search(capsys, root, save, *extra):
+    return cli(capsys, "search", "--dataset", "cifar10", "--data", root, "--no-download", *TINY, "--epochs", 4,
+               "--schedule", 2, "--ratios", 0.5, "--full", "--save", save, *extra)
+
+
+def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
+    assert _search(capsys, cifar10_root, tmp_path / "a")[0] == 0
+    calls = {"n": 0}
+    real = stages.train_epoch
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_epoch", crash_on_third)
+    code, _, err = _search(capsys, cifar10_root, tmp_path / "b")
+    assert code == 130 and "--resume" in err
+    code, _, err = _search(capsys, cifar10_root, tmp_path / "b")
+    assert_one_line_error(code, err, "unfinished run", "--resume")
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "b", "--resume")
+    assert code == 0, err
+    assert "after epoch 2" in out
+    a = load_checkpoint(tmp_path / "a" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 4
+    for k in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-6), k
+    assert torch.allclose(a["gammas"], b["gammas"], atol=1e-6)
+
+
+def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
+    assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
+    code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--percent", 0.4, "--data",
+                         cifar10_root, "--save", tmp_path / "p")
+    assert code == 0, err
+    assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
+    code, out, err = cli(capsys, "retrain", "--scratch", tmp_path / "p" / "pruned.pth", "--reinit", "--data",
+                         cifar10_root, "--epochs", 2, "--schedule", 1, "--batch-size", 16, "--save", tmp_path / "r")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["reinit"] and summary["start_epoch"] == 0 and summary["epochs_trained"] == 2
+    # a search checkpoint is not a pruned network
+    code, _, err = cli(capsys, "retrain", "--model", tmp_path / "s" / "last.pth", "--data", cifar10_root,
+                       "--save", tmp_path / "r2")
+    assert_one_line_error(code, err, "'search' checkpoint", "pruned")
+    # a ratio that would empty a layer when the collapse guard is off
+    code, _, err = cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--percent", 0.99,
+                       "--min-channels", 0, "--data", cifar10_root, "--save", tmp_path / "p99")
+    assert_one_line_error(code, err, "would remove all", "--percent")
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["search", "--dataset", "mnist3"], ["unknown dataset 'mnist3'", "cifar10"]),
+    (["search", "--arch", "resnet999"], ["unknown architecture 'resnet999'", "vgg"]),
+    (["search", "--depth", "12"], ["VGG depth 12", "--depth"]),
+    (["search", "--ratios", "0.3", "1.0"], ["outside (0, 1)"]),
+    (["search", "--ratios", "0"], ["outside (0, 1)"]),
+    (["search", "--epochs", "10", "--schedule", "20"], ["--schedule"]),
+    (["search", "--device", "cuda:0"] if not torch.cuda.is_available() else ["search", "--device", "tpu"],
+     ["--device"]),
+    (["prune", "--model", "missing.pth"], ["does not exist"]),
+    (["retrain", "--model", "missing.pth"], ["does not exist"]),
+])
+def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, cifar10_root, argv, needles):
+    code, _, err = cli(capsys, *argv, "--data", cifar10_root, "--save", tmp_path / "x")
+    assert_one_line_error(code, err, *needles)
+
+
+def test_missing_data_without_network(capsys, tmp_path):
+    code, _, err = cli(capsys, "search", "--dataset", "cifar100", "--data", tmp_path / "empty", "--no-download",
+                       "--save", tmp_path / "x")
+    assert_one_line_error(code, err, "cifar-100-python", "--data")
+
+
+def test_corrupt_and_foreign_checkpoints(capsys, tmp_path, cifar10_root):
+    bad = tmp_path / "EB-30-5.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    code, _, err = cli(capsys, "prune", "--model", bad, "--data", cifar10_root, "--save", tmp_path / "p")
+    assert_one_line_error(code, err, "truncated or corrupt")
+    foreign = tmp_path / "foreign.pth.tar"
+    torch.save({"state_dict": {}, "epoch": 3}, foreign)
+    code, _, err = cli(capsys, "prune", "--model", foreign, "--data", cifar10_root, "--save", tmp_path / "p")
+    assert_one_line_error(code, err, "not an earlybird checkpoint")
+    assert not (tmp_path / "p" / "pruned.pth").exists()
+
+
+def test_resume_with_another_architecture_is_refused(capsys, tmp_path, cifar10_root):
+    assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
+    (tmp_path / "s" / "summary.json").unlink()  # pretend it was interrupted
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY[:3], "13",
+                       *TINY[4:], "--epochs", 4, "--schedule", 2, "--ratios", 0.5, "--save", tmp_path / "s", "--resume")
+    assert_one_line_error(code, err, "was saved for vgg11", "--depth")
+
+
+def test_flag_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--lr", "fast"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--lr" in err and "--help" in err
+
+
+def test_help_documents_every_flag(capsys):
+    for command in ("search", "prune", "retrain", "run"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        for flag in ("--dataset", "--data", "--save", "--seed", "--resume", "--force", "--test-batch-size"):
+            assert flag in out, (command, flag)
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--arch", "--depth", "--lr", "--epochs", "--schedule", "--batch-size", "--momentum",
+                 "--weight-decay", "--sparsity-regularization", "--s ", "--ratios", "--eb-threshold", "--eb-window",
+                 "--full", "--width"):
+        assert flag in out, flag

@@ -100,6 +100,9 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
                          cifar10_root, "--save", tmp_path / "p")
     assert code == 0, err
     assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
+    # without --save the pruned network goes next to its source, named by the ratio
+    assert cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--data", cifar10_root)[0] == 0
+    assert (tmp_path / "s" / "pruned-50" / "pruned.pth").exists()
     code, out, err = cli(capsys, "retrain", "--scratch", tmp_path / "p" / "pruned.pth", "--reinit", "--data",
                          cifar10_root, "--epochs", 2, "--schedule", 1, "--batch-size", 16, "--save", tmp_path / "r")
     assert code == 0, err

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import __version__
 from .config import (DataConfig, DetectConfig, ModelConfig, OptimConfig, PruneConfig, RetrainConfig, RuntimeConfig,
@@ -69,7 +68,7 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
                       config_from_args(DetectConfig, args), rt, reporter)
     elif args.command == "prune":
         cfg = config_from_args(PruneConfig, args)
-        stages.prune(cfg.model, cfg.percent, Path(rt.save), data, args.min_channels, rt, reporter)
+        stages.prune(cfg.model, cfg.percent, rt.save, data, args.min_channels, rt, reporter)
     elif args.command == "retrain":
         stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter)
     elif args.command == "run":

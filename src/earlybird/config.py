@@ -56,7 +56,8 @@ class DetectConfig:
 
 @dataclass
 class RuntimeConfig:
-    save: str = opt("runs/earlybird", "output directory")
+    save: str | None = opt(None, "output directory (default: runs/<dataset>-<arch><depth> for search and run; "
+                                 "next to the input checkpoint for prune and retrain)")
     seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = opt(False, "mixed precision (float16 autocast with loss scaling; CUDA only)", action="store_true")

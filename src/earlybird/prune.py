@@ -52,6 +52,9 @@ class ConstantFoldConv2d(nn.Conv2d):
         new.load_state_dict(conv.state_dict(), strict=False)
         return new
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", constant_fold=True"
+
     def fold_map(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         kernel = self.fold_kernel  # the key changes when the kernel is replaced, sliced or loaded into
         key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version)

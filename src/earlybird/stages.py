@@ -19,7 +19,7 @@ from .cost import count_macs, count_params, training_macs
 from .data import BatchLoader, Dataset, load_dataset
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
-from .masks import channel_mask, check_ratio, prunable_bns
+from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from .models import ModelSpec, create_model
 from .progress import MetricsLog, Reporter, format_seconds
 from .prune import PrunePlan, apply_mask, apply_plan, prune_model
@@ -81,6 +81,10 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path
     return None
 
 
+def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
+    return Path("runs") / f"{data.dataset}-{model_cfg.arch}{model_cfg.depth}"
+
+
 def write_summary(save: Path, summary: dict) -> None:
     tmp = save / f".{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -107,7 +111,8 @@ def _amp(rt: RuntimeConfig, device):
 
 def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
          log: MetricsLog, stage: str, on_epoch_end, scaler_state=None) -> float:
-    """The epoch loop of every stage. ``on_epoch_end(epoch_done, record) -> bool`` may stop early."""
+    """The epoch loop of every stage. ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)``
+    saves what the stage keeps, may stop early, and adds a note to the epoch's line."""
     scaler, amp_dtype = _amp(rt, device)
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
@@ -130,14 +135,13 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
             "train_acc": round(result.accuracy, 3), "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 3),
             "images_per_s": round(result.images_per_second, 1), "epoch_s": round(result.seconds, 2),
         }
-        stop = on_epoch_end(epoch + 1, record, scaler)
+        stop, note = on_epoch_end(epoch + 1, record, scaler)
         left = (optim.epochs - epoch - 1) * wall / (epoch + 1 - start)
-        extra = record.pop("_line", "")
         log.write(**record)
         reporter.line(
             f"{stage} epoch {epoch + 1}/{optim.epochs}  lr {lr:.3g}  loss {result.loss:.3f}  "
             f"train {result.accuracy:.1f}%  test {test_acc:.2f}%  {result.images_per_second:.0f} img/s  "
-            f"{result.seconds:.0f}s{'' if stop else f'  ~{format_seconds(left)} left'}{extra}"
+            f"{result.seconds:.0f}s{'' if stop else f'  ~{format_seconds(left)} left'}{note}"
         )
         if stop:
             break
@@ -150,7 +154,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
     validate(data, optim, detect)
-    save = Path(save or rt.save)
+    save = Path(save or rt.save or default_save(data, model_cfg))
     device = setup_runtime(rt)
     resume_path = prepare_save_dir(save, rt.force, rt.resume)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
@@ -161,8 +165,9 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, optim)
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels)
-    gammas = [torch.cat([m.weight.detach().abs().flatten().cpu() for _, m in prunable_bns(model)])]
+    gammas = [bn_gammas(model)]
     start, scaler_state, tickets = 0, None, {}
+    progress = {"epoch": 0, "test_acc": None}
     if resume_path:
         ckpt = load_checkpoint(resume_path, ("search",))
         if ckpt["spec"] != spec.to_dict():
@@ -173,6 +178,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         detector.load_state_dict(ckpt["detector"])
         gammas = list(ckpt["gammas"])
         start, scaler_state, tickets = ckpt["epoch"], ckpt.get("scaler"), ckpt["tickets"]
+        progress.update(epoch=start, test_acc=ckpt["test_acc"])
         torch.set_rng_state(ckpt["rng"])
         reporter.line(f"resuming search from {resume_path} after epoch {start}")
     train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
@@ -181,11 +187,10 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                   f"{detector.num_channels} BN channels, {len(train.images):,} training images on {device}")
     log = MetricsLog(save / "metrics.jsonl")
     meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size]}
-    last_acc = {}
 
     def on_epoch_end(epoch, record, scaler):
         emerged = detector.step(epoch)
-        gammas.append(torch.cat([m.weight.detach().abs().flatten().cpu() for _, m in prunable_bns(model)]))
+        gammas.append(bn_gammas(model))
         g = gammas[-1]
         record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
         record["distances"] = {str(r): [round(d, 4) for d in detector.distances[r]] for r in detector.ratios}
@@ -197,26 +202,25 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         stop = detector.done and not detect.full
         save_checkpoint(save / LAST, "search", spec, model, epoch=epoch, optimizer=optimizer.state_dict(),
                         detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
-                        rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None, **meta)
-        last_acc["test_acc"] = record["test_acc"]
+                        rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
+                        test_acc=record["test_acc"], **meta)
+        progress.update(epoch=epoch, test_acc=record["test_acc"])
         dist = "  ".join(
             f"d{r:g}=" + ("-" if not detector.distances[r] else f"{max(detector.distances[r]):.3f}")
             + ("*" if r in detector.emerged else "")
             for r in detector.ratios
         )
-        record["_line"] = f"  | max dist {dist}" + "".join(f"  -> EB ticket p={r:g} at epoch {epoch}" for r in emerged)
-        return stop
+        return stop, f"  | max dist {dist}" + "".join(f"  -> EB ticket p={r:g} at epoch {epoch}" for r in emerged)
 
     t0 = time.perf_counter()
     train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "search",
                          on_epoch_end, scaler_state)
-    final = load_checkpoint(save / LAST, ("search",)) if (save / LAST).exists() else None
-    epochs_done = final["epoch"] if final else start
+    epochs_done = progress["epoch"]
     summary = {
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
         "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
-        "final_test_acc": last_acc.get("test_acc"), "params": count_params(model), "macs": macs,
+        "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
         "train_images": len(train.images), "wall_s": round(time.perf_counter() - t0, 1),
         "train_s": round(train_seconds, 1),
     }
@@ -234,25 +238,21 @@ def _per_layer_channels(model) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in prunable_bns(model)}
 
 
-def prune(model_path: str, percent: float | None, save: Path, data: DataConfig, min_channels: int, rt: RuntimeConfig,
+def prune(model_path: str, percent: float | None, save: Path | None, data: DataConfig, min_channels: int, rt: RuntimeConfig,
           reporter: Reporter, dataset: Dataset | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
     if not model_path:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
     device = setup_runtime(rt)
     ckpt = load_checkpoint(model_path, ("ticket", "search"))
+    ratio = check_ratio(percent if percent is not None else ckpt.get("ratio", 0.5))
+    save = Path(save or Path(model_path).parent / f"pruned-{round(ratio * 100)}")
     prepare_save_dir(save, rt.force)
     dense, spec, plan = model_from_checkpoint(ckpt, model_path)
-    if plan is not None:
-        raise CheckpointError(f"{model_path} is already pruned: prune the dense EB ticket instead")
-    ratio = check_ratio(percent if percent is not None else ckpt.get("ratio", 0.5))
-    named = prunable_bns(dense)
-    gammas = torch.cat([m.weight.detach().abs().flatten() for _, m in named])
-    sizes = [m.weight.numel() for _, m in named]
     if percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
-        mask = channel_mask(gammas, ratio, sizes, min_channels)
+        mask = channel_mask(bn_gammas(dense), ratio, [m.weight.numel() for _, m in prunable_bns(dense)], min_channels)
     dense = dense.to(device).eval()
     dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
     _, test = make_loaders(dataset, data, device, rt.seed, False)
@@ -294,7 +294,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     validate(data, optim)
     if not cfg.model:
         raise ConfigError("--model is required: pass the pruned.pth written by `earlybird prune`")
-    save = Path(save or rt.save)
+    save = Path(save or rt.save or Path(cfg.model).parent / ("retrain-reinit" if cfg.reinit else "retrain"))
     device = setup_runtime(rt)
     ckpt = load_checkpoint(cfg.model, ("pruned",))
     resume_path = prepare_save_dir(save, rt.force, rt.resume)
@@ -311,6 +311,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
     optimizer = make_optimizer(model, optim)
     best = {"test_acc": -1.0, "epoch": None}
+    progress = {"test_acc": None}
     scaler_state = None
     if resume_path:
         state = load_checkpoint(resume_path, ("retrain",))
@@ -319,6 +320,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         load_weights(model, state["state_dict"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         start, best, scaler_state = state["epoch"], state["best"], state.get("scaler")
+        progress["test_acc"] = state["test_acc"]
         torch.set_rng_state(state["rng"])
         reporter.line(f"resuming retrain from {resume_path} after epoch {start}")
     dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download, data.train_subset,
@@ -340,16 +342,16 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
                         scaler=scaler.state_dict() if scaler else None, **meta)
-        return False
+        progress["test_acc"] = record["test_acc"]
+        return False, ""
 
     t0 = time.perf_counter()
     train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "retrain", on_epoch_end,
                          scaler_state)
-    final = load_checkpoint(save / LAST, ("retrain",))
     summary = {
         "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
         "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
-        "final_test_acc": final["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "final_test_acc": progress["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
         "params": count_params(model), "macs": macs, "train_images": len(train.images),
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
     }
@@ -378,7 +380,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                  reinit: bool, reporter: Reporter) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     validate(data, optim, detect)
-    save = Path(rt.save)
+    save = Path(rt.save or default_save(data, model_cfg))
     if rt.resume is None and not rt.force:
         if (save / SUMMARY).exists():
             raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")

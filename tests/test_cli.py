@@ -183,3 +183,32 @@ def test_help_documents_every_flag(capsys):
                  "--weight-decay", "--sparsity-regularization", "--s ", "--ratios", "--eb-threshold", "--eb-window",
                  "--full", "--width"):
         assert flag in out, flag
+
+
+def test_run_resume_skips_finished_stages(capsys, tmp_path, cifar10_root, monkeypatch):
+    args = ["run", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 6, "--schedule", 3,
+            "--ratios", 0.5, "--eb-window", 2, "--eb-threshold", 0.5, "--channels-last", "--save", tmp_path / "run"]
+    real = stages.retrain
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "retrain", crash)
+    assert cli(capsys, *args)[0] == 130
+    search_summary = (tmp_path / "run" / "search" / "summary.json").read_bytes()
+    monkeypatch.setattr(stages, "retrain", real)
+    code, out, err = cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "search epoch" not in out  # the finished search is not repeated
+    assert (tmp_path / "run" / "search" / "summary.json").read_bytes() == search_summary
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ratios"][0]["acc_retrained"] is not None
+
+
+def test_run_without_a_ticket_reports_it(capsys, tmp_path, cifar10_root):
+    code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 3,
+                         "--schedule", 2, "--ratios", 0.5, "--save", tmp_path / "run")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["search_epochs"] == 3 and summary["ratios"] == [{"ratio": 0.5, "eb_epoch": None}]
+    assert "no ticket" in out
+    assert not (tmp_path / "run" / "pruned-50").exists()

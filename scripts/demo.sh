@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# README command 1: the whole Early-Bird pipeline (search -> prune -> retrain) on Fashion-MNIST
+# with a CPU-sized VGG11 (every width x 0.25). Extra flags are passed on to `earlybird run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --with-data
+exec earlybird run --dataset fashion-mnist --arch vgg --depth 11 --width 0.25 \
+  --epochs 30 --schedule 6 20 --batch-size 256 --ratios 0.5 0.7 --channels-last \
+  --save "runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"

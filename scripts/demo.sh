@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --with-data
 exec earlybird run --dataset fashion-mnist --arch vgg --depth 11 --width 0.25 \
-  --epochs 30 --schedule 6 20 --batch-size 256 --ratios 0.5 0.7 --channels-last \
+  --epochs 26 --schedule 6 18 --batch-size 256 --ratios 0.5 0.7 \
   --save "runs/demo-$(date +%Y%m%d-%H%M%S)" "$@"

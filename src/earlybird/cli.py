@@ -40,10 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("search", "train the dense network with BN sparsity until the Early-Bird tickets emerge",
             (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
             (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
-    p = command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
-                (PruneConfig, "prune"), (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
-    p.add_argument("--min-channels", type=int, default=1, help="channels every layer keeps when --percent recomputes "
-                   "the mask (0: no collapse guard) (default: 1)")
+    command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
+            (PruneConfig, "prune"), (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
     command("retrain", "retrain a pruned network: fine-tune the ticket from its epoch, or re-initialize (--reinit)",
             (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"), (RuntimeConfig, "run"))
     p = command("run", "search, prune every ticket, retrain each, and write a summary with compute accounting",
@@ -68,7 +66,7 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
                       config_from_args(DetectConfig, args), rt, reporter)
     elif args.command == "prune":
         cfg = config_from_args(PruneConfig, args)
-        stages.prune(cfg.model, cfg.percent, rt.save, data, args.min_channels, rt, reporter)
+        stages.prune(cfg.model, cfg.percent, rt.save, data, cfg.min_channels, rt, reporter)
     elif args.command == "retrain":
         stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter)
     elif args.command == "run":

@@ -80,6 +80,8 @@ class RetrainConfig:
 class PruneConfig:
     model: str = opt("", "EB ticket (EB-<percent>-<epoch>.pth) or search checkpoint to prune", "--model")
     percent: float | None = opt(None, "pruning ratio in (0, 1) (default: the ticket's own ratio)", "--percent", type=float)
+    min_channels: int = opt(1, "channels every layer keeps when --percent recomputes the mask (0: no collapse guard)",
+                            type=int)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:

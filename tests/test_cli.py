@@ -120,8 +120,9 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
 
 @pytest.mark.parametrize("argv,needles", [
     (["search", "--dataset", "mnist3"], ["unknown dataset 'mnist3'", "cifar10"]),
-    (["search", "--arch", "resnet999"], ["unknown architecture 'resnet999'", "vgg"]),
-    (["search", "--depth", "12"], ["VGG depth 12", "--depth"]),
+    # the model is checked before the data is looked for: cifar100 is absent from --data
+    (["search", "--dataset", "cifar100", "--arch", "resnet999"], ["unknown architecture 'resnet999'", "vgg"]),
+    (["run", "--dataset", "cifar100", "--depth", "12"], ["VGG depth 12", "--depth"]),
     (["search", "--ratios", "0.3", "1.0"], ["outside (0, 1)"]),
     (["search", "--ratios", "0"], ["outside (0, 1)"]),
     (["search", "--epochs", "10", "--schedule", "20"], ["--schedule"]),
@@ -131,7 +132,7 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     (["retrain", "--model", "missing.pth"], ["does not exist"]),
 ])
 def test_bad_input_gives_one_line_and_exit_2(capsys, tmp_path, cifar10_root, argv, needles):
-    code, _, err = cli(capsys, *argv, "--data", cifar10_root, "--save", tmp_path / "x")
+    code, _, err = cli(capsys, *argv, "--data", cifar10_root, "--no-download", "--save", tmp_path / "x")
     assert_one_line_error(code, err, *needles)
 
 
@@ -212,3 +213,15 @@ def test_run_without_a_ticket_reports_it(capsys, tmp_path, cifar10_root):
     assert summary["search_epochs"] == 3 and summary["ratios"] == [{"ratio": 0.5, "eb_epoch": None}]
     assert "no ticket" in out
     assert not (tmp_path / "run" / "pruned-50").exists()
+
+
+def test_progress_bars_on_a_terminal(capsys, tmp_path, cifar10_root):
+    from earlybird.config import DataConfig, DetectConfig, ModelConfig, OptimConfig, RuntimeConfig
+    from earlybird.progress import Reporter
+
+    data = DataConfig(dataset="cifar10", data=str(cifar10_root), download=False, batch_size=8)
+    summary = stages.search(data, ModelConfig(depth=11, width=0.0625), OptimConfig(epochs=1, schedule=[]),
+                            DetectConfig(ratios=[0.5]), RuntimeConfig(save=str(tmp_path / "s")), Reporter(bars=True))
+    err = capsys.readouterr().err
+    assert summary["epochs_trained"] == 1
+    assert "search 1/1" in err and "img/s" in err and "loss" in err

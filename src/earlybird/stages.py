@@ -16,7 +16,7 @@ import torch
 
 from .config import DataConfig, DetectConfig, ModelConfig, OptimConfig, RuntimeConfig, RetrainConfig, validate
 from .cost import count_macs, count_params, training_macs
-from .data import BatchLoader, Dataset, load_dataset
+from .data import BatchLoader, Dataset, DatasetInfo, dataset_info, load_dataset
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
@@ -79,6 +79,12 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path
             p.unlink()
     save.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
+    """The dense network of a run: the model flags plus the dataset's input and class counts."""
+    return ModelSpec(model_cfg.arch, model_cfg.depth, model_cfg.width, info.in_channels, info.num_classes,
+                     info.image_size)
 
 
 def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
@@ -156,11 +162,12 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     validate(data, optim, detect)
     save = Path(save or rt.save or default_save(data, model_cfg))
     device = setup_runtime(rt)
+    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset))
+    model = create_model(spec)  # before the data: an unknown --arch or --depth fails at once
     resume_path = prepare_save_dir(save, rt.force, rt.resume)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
-    spec = ModelSpec(model_cfg.arch, model_cfg.depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size)
-    model = create_model(spec).to(device)
+    model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, optim)
@@ -390,6 +397,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         (save / SUMMARY).unlink()
     t0 = time.perf_counter()
     setup_runtime(rt)
+    create_model(model_spec(model_cfg, dataset_info(data.dataset)))  # fail on a bad model before loading data
     dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
 
     stage_rt = _stage_runtime(rt, save / "search")

@@ -1,0 +1,498 @@
+"""Physical channel pruning of any batch-norm CNN, exact to the masked network.
+
+The dependency graph comes from Torch-Pruning: removing a channel removes the filter that
+produces it and every input slice that reads it, through activations, pooling, flatten, residual
+additions, concatenations and depthwise convolutions. Our rules on top of it:
+
+* **Coupled channels.** Channels tied together (the same channel of a residual stream at every
+  block, a depthwise conv's input and output, a concatenated map and the BNs that read it) form a
+  *class*. A class is removed only when every BN in it is masked and every layer that reads it
+  sees a constant ("a coupled group keeps a channel if any member needs it"); otherwise it stays
+  in every member and those members keep their scales (the *effective* mask).
+* **Readers of a kept stream.** A BN that only reads a stream (pre-activation, DenseNet) and
+  masks channels the stream keeps becomes a :class:`SelectBatchNorm2d`: it gathers the channels
+  it keeps, so its branch still shrinks, as the reference's ``channel_selection`` does.
+* ``keep_streams=True`` never removes a channel of a residual stream or concatenation
+  (the reference's PreResNet behaviour); readers still select.
+* **Folding.** A removed channel whose BN scale was masked still emits a constant (its BN shift
+  through the activation); it is folded into each consumer: into the bias of a linear layer or of
+  a conv that sees no zero padding, or, for a zero-padded conv, as a per-position map
+  (:class:`ConstantFoldConv2d`). The pruned network's outputs equal the masked dense network's.
+
+The result is described by a :class:`PrunePlan` (plain values), which rebuilds the pruned
+architecture from the dense one, so checkpoints hold only tensors and plain values.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning import ops
+
+from ..errors import PruneError
+from ..masks import check_not_empty, prunable_bns, split_mask
+from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d
+
+# Functional ops that act on each channel separately (Torch-Pruning treats unknown ops as such).
+_CHANNELWISE_OPS = (
+    "relu", "hardtanh", "silu", "gelu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leakyrelu", "elu",
+    "softplus", "mish", "add", "sub", "mul", "div", "neg", "clamp", "maxpool", "avgpool", "adaptiveavgpool",
+    "adaptivemaxpool", "mean", "clone", "upsample", "dropout", "constantpadnd", "reflectionpad", "replicationpad",
+    "tocopy", "alias",
+)
+# Modules Torch-Pruning can slice whose channels stay channels (anything else mixes or moves them).
+_LAYERS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass
+class PrunePlan:
+    """What was removed, in the dense network's channel numbering.
+
+    ``keep``: per BN, the output channels it keeps (the effective mask); ``selects``: BNs that
+    became :class:`SelectBatchNorm2d`; ``folds``: consumer -> "bias" | "map"; ``removed``:
+    "module:out" / "module:in" -> the channel indices removed from that side of that module.
+    """
+
+    input_shape: list[int]
+    keep: dict[str, list[int]]
+    folds: dict[str, str] = field(default_factory=dict)
+    selects: list[str] = field(default_factory=list)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"input_shape": list(self.input_shape), "keep": self.keep, "folds": self.folds,
+                "selects": list(self.selects), "removed": self.removed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrunePlan":
+        return cls(list(d["input_shape"]), {k: list(v) for k, v in d["keep"].items()}, dict(d["folds"]),
+                   list(d["selects"]), {k: list(v) for k, v in d["removed"].items()})
+
+    def masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The effective keep-mask per BN of the dense ``model``."""
+        sizes = {n: m.weight.numel() for n, m in prunable_bns(model)}
+        out = {}
+        for name, kept in self.keep.items():
+            mask = torch.zeros(sizes[name], dtype=torch.bool)
+            mask[kept] = True
+            out[name] = mask
+        return out
+
+
+def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
+    """Per-layer keep masks from a flat mask over ``prunable_bns(model)`` (or pass a dict through)."""
+    named = prunable_bns(model)
+    if isinstance(mask, dict):
+        unknown = set(mask) - {n for n, _ in named}
+        if unknown:
+            raise PruneError(f"mask names layers the model does not have: {', '.join(sorted(unknown))}")
+        for n, m in named:
+            if n in mask and mask[n].numel() != m.weight.numel():
+                raise PruneError(f"mask of layer '{n}' has {mask[n].numel()} entries, the layer {m.weight.numel()}")
+        return {n: mask[n].bool().cpu() for n, _ in named if n in mask}
+    sizes = [m.weight.numel() for _, m in named]
+    if mask.numel() != sum(sizes):
+        raise PruneError(
+            f"mask has {mask.numel()} entries but the model has {sum(sizes)} BN channels: "
+            "was it computed on another architecture?"
+        )
+    return {n: piece.bool().cpu() for (n, _), piece in zip(named, split_mask(mask, sizes))}
+
+
+def apply_mask(model: nn.Module, mask) -> nn.Module:
+    """A copy of ``model`` with the scale of every pruned channel set to zero (the masked net)."""
+    masked = copy.deepcopy(model)
+    bns = dict(prunable_bns(masked))
+    with torch.no_grad():
+        for name, keep in layer_masks(masked, mask).items():
+            bns[name].weight.mul_(keep.to(bns[name].weight))
+    return masked
+
+
+# ----------------------------------------------------------------------------- the graph
+
+def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                  customized_pruners=dict(CUSTOM_PRUNERS))
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def _is_stream_op(m: nn.Module) -> bool:
+    """A residual addition or a concatenation: where several producers share channels."""
+    if isinstance(m, ops._ConcatOp):
+        return True
+    return isinstance(m, ops._ElementWiseOp) and str(m._grad_fn).lower().startswith(("add", "sub"))
+
+
+def _check_supported(node, name: str | None, bn_name: str) -> None:
+    """Refuse ops whose channels are not independent: pruning through them would not be exact."""
+    module = node.module
+    if isinstance(module, (ops._ConcatOp, ops._SplitOp, ops._ReshapeOp, ops._OutputOp, ops._SliceOp)):
+        return
+    if isinstance(module, ops._ElementWiseOp):
+        if not node.inputs:
+            return  # on a parameter's path (a linear weight's transpose), not on the data's
+        op = str(module._grad_fn)
+        if op.lower().startswith(_CHANNELWISE_OPS):
+            return
+        what = f"operation {op}"
+    elif isinstance(module, _LAYERS):
+        if not isinstance(module, nn.Conv2d) or module.groups == 1 or _is_depthwise(module):
+            return
+        what = f"layer '{name}' (grouped Conv2d, groups={module.groups})"
+    elif isinstance(module, nn.Parameter):
+        what = f"parameter '{name}' used outside a layer"
+    else:
+        what = f"layer '{name}' ({type(module).__name__})" if name else f"operation {type(module).__name__}"
+    raise PruneError(f"{what} reads the channels of '{bn_name}' and is not supported by the pruning engine "
+                     "(it mixes or moves channels): keep that BN out of the mask, or replace the operation")
+
+
+class _Classes:
+    """Union-find over (bn name, channel): which BN channels are one channel of the network."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        root = x
+        while self.parent.setdefault(root, root) != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+@dataclass
+class _Coupling:
+    sizes: dict[str, int]  # BN -> channels, for the BNs on the graph
+    classes: _Classes
+    streams: set  # class roots that pass through a residual add or a concatenation
+    consumers: dict[str, dict[int, tuple]]  # conv/linear -> input index -> (bn, channel) it reads
+
+
+def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
+    dg = _graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    names.update({p: n for n, p in model.named_parameters()})
+    bns = {n: m for n, m in prunable_bns(model) if m in dg.module2node}
+    bn_of = {m: n for n, m in bns.items()}
+    coupling = _Coupling({n: m.weight.numel() for n, m in bns.items()}, _Classes(), set(), {})
+    for name, bn in bns.items():
+        size = bn.weight.numel()
+        group = dg.get_pruning_group(bn, dg.get_pruner_of_module(bn).prune_out_channels, list(range(size)))
+        stream = False
+        for item in group:
+            module = item.dep.target.module
+            _check_supported(item.dep.target, names.get(module), name)
+            stream |= _is_stream_op(module)
+            if module in bn_of:
+                for i, r in zip(item.idxs, item.root_idxs):
+                    coupling.classes.union((name, r), (bn_of[module], i))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not dg.is_out_channel_pruning_fn(item.dep.handler):
+                reads = coupling.consumers.setdefault(names[module], {})
+                for i, r in zip(item.idxs, item.root_idxs):
+                    reads[i] = (name, r)
+        if stream:
+            coupling.streams.update(coupling.classes.find((name, c)) for c in range(size))
+    # unions made after a class was marked may have moved its root
+    coupling.streams = {coupling.classes.find(c) for c in coupling.streams}
+    return coupling
+
+
+@torch.no_grad()
+def _probe(masked: nn.Module, example: torch.Tensor, wanted: dict[str, list[int]]):
+    """Run ``masked`` once; per consumer, the value at each wanted input index and whether it is constant."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, idxs in wanted.items():
+        def grab(module, inputs, name=name, idxs=idxs):
+            seen[name] = inputs[0][:, idxs].detach().double()
+        hooks.append(masked.get_submodule(name).register_forward_pre_hook(grab))
+    was_training = masked.training
+    try:
+        masked.eval()
+        masked(example)
+    finally:
+        masked.train(was_training)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, x in seen.items():
+        value = x[0].reshape(x.shape[1], -1)[:, 0]
+        spread = (x - value.view(1, -1, *([1] * (x.dim() - 2)))).abs().flatten(2 if x.dim() > 2 else 1)
+        spread = spread.amax(dim=(0, 2)) if x.dim() > 2 else spread.amax(dim=0)
+        out[name] = (value, spread <= 1e-5 * (1 + value.abs()))
+    return out
+
+
+# ----------------------------------------------------------------------------- building a plan
+
+def _convert(model: nn.Module, selects, folds: dict[str, str]) -> None:
+    """Give ``model`` the select BNs and fold slots of a plan (dense shapes, neutral values)."""
+    for name in selects:
+        _replace_module(model, name, SelectBatchNorm2d.from_bn(model.get_submodule(name)))
+    for name, kind in folds.items():
+        module = model.get_submodule(name)
+        if kind == "map" and not isinstance(module, ConstantFoldConv2d):
+            _replace_module(model, name, ConstantFoldConv2d.from_conv(module))
+        elif kind == "bias" and module.bias is None:
+            out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            module.bias = nn.Parameter(torch.zeros(out, device=module.weight.device, dtype=module.weight.dtype))
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _private_readers(model: nn.Module, candidates: set[str], example: torch.Tensor) -> set[str]:
+    """The candidate BNs whose outputs, once they select their inputs, reach nothing but consumers."""
+    if not candidates:
+        return set()
+    trial = copy.deepcopy(model)
+    _convert(trial, sorted(candidates), {})
+    dg = _graph(trial, example)
+    private = set()
+    for name in candidates:
+        sb = trial.get_submodule(name)
+        group = dg.get_pruning_group(sb, dg.get_pruner_of_module(sb).prune_out_channels, list(range(sb.num_features)))
+        def consumer_or_op(dep) -> bool:
+            m = dep.target.module
+            if not isinstance(m, _LAYERS):
+                return True  # an activation, pooling, flatten ...
+            return isinstance(m, (nn.Conv2d, nn.Linear)) and not _is_depthwise(m) and \
+                not dg.is_out_channel_pruning_fn(dep.handler)
+
+        if all(consumer_or_op(item.dep) for item in group if item.dep.target.module is not sb):
+            private.add(name)
+    return private
+
+
+def _round_up(keep: torch.Tensor, gammas: torch.Tensor, free: torch.Tensor, multiple: int) -> None:
+    """Give back the largest-|gamma| ``free`` channels until the kept count is a multiple (in place)."""
+    target = min(keep.numel(), math.ceil(int(keep.sum()) / multiple) * multiple)
+    missing = target - int(keep.sum())
+    candidates = torch.nonzero(~keep & free).flatten()
+    if missing > 0 and len(candidates):
+        best = candidates[torch.argsort(gammas[candidates], descending=True, stable=True)[:missing]]
+        keep[best] = True
+
+
+def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
+                 round_to: int = 1) -> PrunePlan:
+    """Decide what to remove for ``mask`` (see the module doc) and return it as a plan."""
+    requested = layer_masks(model, mask)
+    for name, keep in requested.items():
+        check_not_empty(name, keep)
+    example = example_inputs[:1]
+    was_training = model.training
+    model.eval()
+    try:
+        coupling = _couple(model, example)
+    finally:
+        model.train(was_training)
+    find = coupling.classes.find
+    masked = {n: requested.get(n, torch.ones(s, dtype=torch.bool)) for n, s in coupling.sizes.items()}
+
+    # A class goes when all its BNs are masked and every reader sees a constant.
+    gone: dict = {}
+    for name, keep in masked.items():
+        for c in range(keep.numel()):
+            root = find((name, c))
+            gone[root] = gone.get(root, True) and not bool(keep[c])
+    if keep_streams:
+        for root in coupling.streams:
+            gone[root] = False
+    probe = _probe(apply_mask(model, masked), example_inputs, {n: sorted(r) for n, r in coupling.consumers.items()})
+    for consumer, reads in coupling.consumers.items():
+        _, constant = probe[consumer]
+        for pos, i in enumerate(sorted(reads)):
+            if not constant[pos]:
+                gone[find(reads[i])] = False
+
+    # Masked channels of kept classes: readers select them away, other members keep them.
+    kept_class = {n: torch.tensor([not gone[find((n, c))] for c in range(k.numel())], dtype=torch.bool)
+                  for n, k in masked.items()}
+    bns = dict(prunable_bns(model))
+    candidates = {n for n, k in masked.items() if bool((~k & kept_class[n]).any()) and type(bns[n]) is nn.BatchNorm2d}
+    selects = _private_readers(model, candidates, example)
+    effective = {}
+    for name, keep in masked.items():
+        eff = keep | (kept_class[name] & (name not in selects))
+        if round_to > 1:
+            # Only channels this layer removes on its own can come back: a select's, or a class of one.
+            alone = torch.tensor([len(_members(coupling, find((name, c)))) == 1 for c in range(keep.numel())])
+            free = kept_class[name] if name in selects else ~kept_class[name] & alone
+            _round_up(eff, bns[name].weight.detach().abs().float().cpu(), free, round_to)
+            if name not in selects:
+                for c in torch.nonzero(eff & ~kept_class[name]).flatten().tolist():
+                    gone[find((name, c))] = False
+        effective[name] = eff
+    return _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
+
+
+def _members(coupling: _Coupling, root) -> list:
+    if not hasattr(coupling, "_members"):
+        groups: dict = {}
+        for name, size in coupling.sizes.items():
+            for c in range(size):
+                groups.setdefault(coupling.classes.find((name, c)), []).append((name, c))
+        coupling._members = groups
+    return coupling._members[root]
+
+
+def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str], example_inputs) -> PrunePlan:
+    """Trace what leaves each module for the decided classes and selects (dense numbering)."""
+    find = coupling.classes.find
+    trial = copy.deepcopy(model)
+    _convert(trial, selects, {})
+    dg = _graph(trial, example_inputs[:1])
+    names = {m: n for n, m in trial.named_modules()}
+    removed: dict[str, set[int]] = {}
+
+    def add(group):
+        for item in group:
+            module = item.dep.target.module
+            if module in names and isinstance(module, _LAYERS):
+                side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+                removed.setdefault(f"{names[module]}:{side}", set()).update(int(i) for i in item.idxs)
+
+    roots: dict[str, set[int]] = {}
+    done = set()
+    for name, size in coupling.sizes.items():
+        for c in range(size):
+            root = find((name, c))
+            if gone[root] and root not in done:
+                done.add(root)
+                # one member triggers the class: a plain BN by its outputs, a select BN by its inputs
+                plain = [m for m in _members(coupling, root) if m[0] not in selects]
+                bn, ch = plain[0] if plain else _members(coupling, root)[0]
+                roots.setdefault(bn, set()).add(ch)
+    for bn, chans in roots.items():
+        module = trial.get_submodule(bn)
+        pruner = dg.get_pruner_of_module(module)
+        fn = pruner.prune_in_channels if bn in selects else pruner.prune_out_channels
+        add(dg.get_pruning_group(module, fn, sorted(chans)))
+    for bn in selects:
+        drop = torch.nonzero(~effective[bn]).flatten().tolist()
+        if drop:
+            module = trial.get_submodule(bn)
+            add(dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, drop))
+
+    keep = {n: torch.nonzero(k).flatten().tolist() for n, k in effective.items() if not bool(k.all())}
+    plan = PrunePlan(list(example_inputs.shape[1:]), keep, {}, selects,
+                     {k: sorted(v) for k, v in sorted(removed.items())})
+    for name, eff in effective.items():  # what the graph removes from each BN must be what the plan says
+        got = set(range(coupling.sizes[name])) - set(removed.get(f"{name}:out", ()))
+        if got != set(torch.nonzero(eff).flatten().tolist()):
+            raise PruneError(f"the dependency graph removes other channels of '{name}' than planned: "
+                             "the model has a structure the engine does not handle")
+    return plan
+
+
+# ----------------------------------------------------------------------------- applying a plan
+
+def _execute(model: nn.Module, removed: dict[str, list[int]]) -> None:
+    pruners = tp.DependencyGraph()  # only its table of layer pruners
+    for layer_type, pruner in CUSTOM_PRUNERS.items():
+        pruners.register_customized_layer(layer_type, pruner)
+
+    def order(key):  # a select BN sheds its outputs before the stream it reads shrinks
+        name, side = key.rsplit(":", 1)
+        return isinstance(model.get_submodule(name), SelectBatchNorm2d) and side == "in"
+
+    for key in sorted(removed, key=order):
+        name, side = key.rsplit(":", 1)
+        module = model.get_submodule(name)
+        pruner = pruners.get_pruner_of_module(module)
+        (pruner.prune_out_channels if side == "out" else pruner.prune_in_channels)(module, removed[key])
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Shrink a dense ``model`` in place to the architecture of ``plan`` (weights still to load)."""
+    _convert(model, plan.selects, plan.folds)
+    _execute(model, plan.removed)
+    return model
+
+
+def _fold_into(name: str, consumer: nn.Module, idxs: list[int], value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The fold of constant inputs ``value`` at ``idxs``: ("bias", vector) or ("map", kernel)."""
+    w = consumer.weight.detach().double()
+    if isinstance(consumer, nn.Linear):
+        return "bias", w[:, idxs] @ value
+    kernel = torch.einsum("oc...,c->o...", w[:, idxs], value)
+    no_zero_padding = all(p == 0 for p in consumer.padding) or consumer.padding_mode != "zeros"
+    if no_zero_padding:
+        return "bias", kernel.sum(dim=(1, 2))
+    return "map", kernel.unsqueeze(1)
+
+
+def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
+                round_to: int = 1) -> tuple[nn.Module, PrunePlan]:
+    """Return a physically smaller copy of ``model`` and its plan.
+
+    ``mask`` is a flat keep-mask over ``prunable_bns(model)`` (as produced by
+    :func:`earlybird.channel_masks` or the detector) or a dict BN name -> keep mask.
+    ``example_inputs`` is one batch (a few samples) of the model's input. The result's outputs
+    equal those of ``apply_mask(model, plan.masks(model))`` in eval mode, to float rounding;
+    ``plan.masks`` is ``mask`` less the channels that coupling or ``round_to`` (keep a multiple
+    of this many channels per layer) gave back.
+    """
+    plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to)
+    masked = apply_mask(model, plan.masks(model))
+    consumers = {}
+    dense = dict(model.named_modules())
+    for key, idxs in plan.removed.items():
+        name, side = key.rsplit(":", 1)
+        if side == "in" and isinstance(dense[name], (nn.Conv2d, nn.Linear)):
+            consumers[name] = idxs
+    example = example_inputs.to(next(model.parameters()).device)
+    probe = _probe(masked, example, consumers)
+    folds = {}
+    for name, idxs in consumers.items():
+        value, constant = probe[name]
+        if not bool(constant.all()):
+            raise PruneError(f"removed channels do not reach layer '{name}' as constants, so they cannot be "
+                             "removed exactly: the model has a structure the engine does not handle")
+        folds[name] = _fold_into(name, dense[name], idxs, value)
+
+    pruned = copy.deepcopy(model)
+    plan.folds = {name: kind for name, (kind, _) in folds.items()}
+    _convert(pruned, plan.selects, plan.folds)
+    # Fold into the dense consumers first: pruning then slices bias and fold kernel along
+    # with the consumers' own output channels.
+    with torch.no_grad():
+        for name, (kind, value) in folds.items():
+            module = pruned.get_submodule(name)
+            target = module.bias if kind == "bias" else module.fold_kernel
+            target.add_(value.to(target))
+    _execute(pruned, plan.removed)
+    _verify(pruned, masked, example)
+    return pruned, plan
+
+
+@torch.no_grad()
+def _verify(pruned: nn.Module, masked: nn.Module, example: torch.Tensor) -> None:
+    """The last line of defence: an op the graph misread shows up as a different output."""
+    was = pruned.training, masked.training
+    pruned.eval(), masked.eval()
+    try:
+        want, got = masked(example), pruned(example)
+    finally:
+        pruned.train(was[0]), masked.train(was[1])
+    want, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (want, got))
+    diff = (got.double() - want.double()).abs().max().item()
+    if diff > 1e-3 * (1 + want.abs().max().item()):
+        raise PruneError(f"the pruned network differs from the masked one by {diff:.3g}: the model has an operation "
+                         "the pruning engine does not handle")

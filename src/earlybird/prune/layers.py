@@ -1,0 +1,108 @@
+"""The two layers a pruned network may need beyond torch's own, and their Torch-Pruning handlers.
+
+* :class:`ConstantFoldConv2d`: a zero-padded conv that also adds the fixed contribution of removed
+  input channels which carried a constant (a masked BN's shift through its activation).
+* :class:`SelectBatchNorm2d`: a BN that first gathers some of its input channels. It lets a branch
+  that *reads* a residual stream (a pre-activation BN) drop channels while the stream keeps them,
+  like the reference's ``channel_selection``, but without its host sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+
+class ConstantFoldConv2d(nn.Conv2d):
+    """A conv plus the fixed contribution of removed constant input channels.
+
+    ``fold_kernel`` (out_channels x 1 x kh x kw) is sum_c a_c * W[:, c] over the removed
+    channels c with constant value a_c; convolving it with an all-ones image under the conv's
+    own padding reproduces exactly what those channels added, borders included.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kh, kw = self.kernel_size
+        self.register_buffer("fold_kernel", torch.zeros(self.out_channels, 1, kh, kw))
+        self._fold_cache: dict = {}
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "ConstantFoldConv2d":
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        new.load_state_dict(conv.state_dict(), strict=False)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", constant_fold=True"
+
+    def fold_map(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        kernel = self.fold_kernel  # the key changes when the kernel is replaced, sliced or loaded into
+        key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version)
+        if key not in self._fold_cache:
+            ones = torch.ones(1, 1, height, width, device=like.device, dtype=like.dtype)
+            kernel = kernel.to(like.dtype)
+            self._fold_cache = {key: F.conv2d(ones, kernel, None, self.stride, self.padding, self.dilation)}
+        return self._fold_cache[key]
+
+    def forward(self, x):
+        return super().forward(x) + self.fold_map(x.shape[-2], x.shape[-1], x)
+
+
+class SelectBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the input channels listed in ``index`` (a buffer: it moves with the model)."""
+
+    def __init__(self, num_features: int, *args, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.register_buffer("index", torch.arange(num_features, device=self.weight.device))
+        self.in_channels = num_features
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "SelectBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  device=bn.weight.device, dtype=bn.weight.dtype)
+        new.load_state_dict(bn.state_dict(), strict=False)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", selects {self.num_features} of {self.in_channels} input channels"
+
+    def forward(self, x):
+        return super().forward(x.index_select(1, self.index))
+
+
+class _FoldConvPruner(tp.pruner.function.ConvPruner):
+    """Also slices the fold kernel when output channels go."""
+
+    def prune_out_channels(self, layer: ConstantFoldConv2d, idxs):
+        kept = sorted(set(range(layer.out_channels)) - set(int(i) for i in idxs))
+        layer.fold_kernel = layer.fold_kernel[kept].contiguous()
+        return super().prune_out_channels(layer, idxs)
+
+
+class _SelectBNPruner(tp.pruner.function.BatchnormPruner):
+    """Output channels (the BN's own) and input channels (the stream it reads) prune independently."""
+
+    def prune_out_channels(self, layer: SelectBatchNorm2d, idxs):
+        kept = sorted(set(range(layer.num_features)) - set(int(i) for i in idxs))
+        layer.index = layer.index[kept]
+        return super().prune_out_channels(layer, idxs)
+
+    def prune_in_channels(self, layer: SelectBatchNorm2d, idxs):
+        removed = torch.tensor(sorted(int(i) for i in idxs), dtype=layer.index.dtype, device=layer.index.device)
+        if torch.isin(layer.index, removed).any():
+            raise RuntimeError("a selected input channel is being removed: prune the BN's outputs first")
+        layer.index = layer.index - torch.searchsorted(removed, layer.index)  # shift past removed channels
+        layer.in_channels -= len(removed)
+        return layer
+
+    def get_in_channels(self, layer: SelectBatchNorm2d):
+        return layer.in_channels
+
+
+CUSTOM_PRUNERS = {ConstantFoldConv2d: _FoldConvPruner(), SelectBatchNorm2d: _SelectBNPruner()}

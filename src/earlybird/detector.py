@@ -31,6 +31,7 @@ class EarlyBird:
         window: int = 5,
         threshold: float = 0.1,
         min_channels: int = 1,
+        layers=None,
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
@@ -40,7 +41,13 @@ class EarlyBird:
         if not self.ratios:
             raise ConfigError("no pruning ratios given: pass e.g. --ratios 0.3 0.5 0.7")
         if isinstance(model_or_bns, nn.Module):
+            # ``layers``: the BN names to watch, e.g. earlybird.prune.prunable_layers(model, x)
             named = prunable_bns(model_or_bns)
+            if layers is not None:
+                unknown = set(layers) - {n for n, _ in named}
+                if unknown:
+                    raise ConfigError(f"no batch-norm layers named {', '.join(sorted(unknown))} in the model")
+                named = [(n, m) for n, m in named if n in set(layers)]
             self.layer_names = [n for n, _ in named]
             self._bns = [m for _, m in named]
         else:
@@ -66,6 +73,11 @@ class EarlyBird:
     def done(self) -> bool:
         """True once every ratio has its ticket."""
         return len(self.emerged) == len(self.ratios)
+
+    def layer_masks(self, ratio: float, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The ticket of ``ratio`` (or ``mask``) as BN name -> keep mask, as prune_model takes it."""
+        mask = self.tickets[float(ratio)] if mask is None else mask
+        return dict(zip(self.layer_names, torch.split(mask, self.layer_sizes)))
 
     def mask(self, ratio: float) -> torch.Tensor:
         """The newest mask of ``ratio``."""

@@ -1,10 +1,14 @@
 """Model registry: an architecture name -> a builder taking a :class:`ModelSpec`.
 
 A checkpoint stores the spec (plain values), so any saved model is rebuilt by name; no pickled
-modules. New architectures register with :func:`register_model`.
+modules. New architectures register with :func:`register_model`. Besides the registered names,
+``module:function`` builds a user's model (``function(num_classes=..., in_channels=...)``), and
+``torchvision:NAME`` / ``timm:NAME`` build those libraries' models where they are installed.
 """
 from __future__ import annotations
 
+import importlib
+import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -13,6 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 
 _REGISTRY: dict[str, Callable[["ModelSpec"], nn.Module]] = {}
+_DEPTHS: dict[str, tuple[int, ...] | None] = {}
 
 
 @dataclass(frozen=True)
@@ -35,27 +40,89 @@ class ModelSpec:
 
     def describe(self) -> str:
         width = "" if self.width == 1 else f" width {self.width:g}"
-        return f"{self.arch}{self.depth}{width} ({self.in_channels}x{self.image_size}x{self.image_size} -> {self.num_classes})"
+        depth = self.depth if _DEPTHS.get(self.arch) else ""
+        return f"{self.arch}{depth}{width} ({self.in_channels}x{self.image_size}x{self.image_size} -> {self.num_classes})"
 
 
-def register_model(name: str):
-    """Decorator: register ``fn(spec) -> nn.Module`` under ``name``."""
+def register_model(name: str, depths: tuple[int, ...] | None = None):
+    """Decorator: register ``fn(spec) -> nn.Module`` under ``name``; ``depths`` lists the usual
+    depths of an architecture that has a depth (``resnet`` + 18 may then be written ``resnet18``)."""
 
     def wrap(fn):
         _REGISTRY[name] = fn
+        _DEPTHS[name] = tuple(depths) if depths else None
         return fn
 
     return wrap
 
 
 def available_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return [f"{n} (--depth {', '.join(map(str, _DEPTHS[n]))})" if _DEPTHS[n] else n for n in sorted(_REGISTRY)] + [
+        "module:function (your own model)", "torchvision:NAME", "timm:NAME"]
+
+
+def resolve_arch(arch: str, depth: int) -> tuple[str, int]:
+    """``resnet18`` -> (``resnet``, 18); an architecture without a depth gets depth 0."""
+    match = re.fullmatch(r"([a-z_]+?)(\d+)", arch)
+    if arch not in _REGISTRY and match and _DEPTHS.get(match.group(1)):
+        return match.group(1), int(match.group(2))
+    return arch, depth if _DEPTHS.get(arch) else 0
+
+
+def init_weights(model: nn.Module, bn_scale: float) -> None:
+    """He init for convs, small normal for linears, BN scales at ``bn_scale`` (network slimming uses
+    0.5: the scale its L1 strength --s was tuned for)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, bn_scale)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _external(spec: ModelSpec) -> nn.Module:
+    source, _, name = spec.arch.partition(":")
+    if spec.width != 1:
+        raise ConfigError(f"--width applies to the built-in architectures only, not to {spec.arch}: drop --width")
+    if source == "torchvision":
+        if spec.in_channels != 3:
+            raise ConfigError(f"torchvision models take 3 input channels, the dataset has {spec.in_channels}")
+        builder, kwargs = "get_model", {"name": name, "weights": None, "num_classes": spec.num_classes}
+    elif source == "timm":
+        builder, kwargs = "create_model", {"model_name": name, "num_classes": spec.num_classes,
+                                           "in_chans": spec.in_channels, "pretrained": False}
+    else:
+        builder, kwargs = name, {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
+    try:
+        fn = getattr(importlib.import_module(source), builder)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load --arch {spec.arch} ({exc}): install it, or check the module:function name "
+                          "(the module must be importable, e.g. from the current directory)") from None
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"--arch {spec.arch}: {exc} (it is called with num_classes= and in_channels=)") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--arch {spec.arch} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def create_model(spec: ModelSpec) -> nn.Module:
     """Build the network that ``spec`` names; unknown names give a ConfigError listing the known ones."""
-    if spec.arch not in _REGISTRY:
-        raise ConfigError(f"unknown architecture '{spec.arch}': choose one of {', '.join(available_models())}")
     if not spec.width > 0:
         raise ConfigError(f"--width {spec.width:g} must be positive")
+    if ":" in spec.arch:
+        return _external(spec)
+    if spec.arch not in _REGISTRY:
+        raise ConfigError(f"unknown architecture '{spec.arch}': choose one of {', '.join(sorted(_REGISTRY))}, "
+                          "or module:function for your own model")
     return _REGISTRY[spec.arch](spec)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
-from .registry import ModelSpec, register_model
+from .registry import ModelSpec, init_weights, register_model, scaled
 
 CONFIGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -32,31 +32,17 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Network-slimming init: gamma = 0.5 sets the scale the L1 strength (--s) was tuned for.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, bn_scale=0.5)
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("vgg")
+@register_model("vgg", depths=tuple(CONFIGS))
 def vgg(spec: ModelSpec) -> VGG:
     if spec.depth not in CONFIGS:
         raise ConfigError(f"VGG depth {spec.depth} is not one of {sorted(CONFIGS)}: pass --depth 11, 13, 16 or 19")
     if spec.image_size < 16:
         raise ConfigError(f"VGG's four max-pools need inputs of at least 16x16, not {spec.image_size}")
-    cfg = [v if v == "M" else max(1, round(v * spec.width)) for v in CONFIGS[spec.depth]]
+    cfg = [v if v == "M" else scaled(v, spec.width) for v in CONFIGS[spec.depth]]
     return VGG(cfg, spec.in_channels, spec.num_classes)

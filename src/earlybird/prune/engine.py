@@ -342,6 +342,19 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     return _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
 
 
+def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams: bool = False) -> list[str]:
+    """The BNs whose channels the engine can remove (in module order): masks are computed over
+    these, so "p = 30%" means 30% of the channels that can really go.
+
+    Found by planning the most extreme mask (every BN down to one channel): a BN that loses
+    nothing even then (a stream member under ``keep_streams``, a stream a raw layer reads) never will.
+    """
+    names = [n for n, _ in prunable_bns(model)]
+    extreme = {n: torch.arange(m.weight.numel()) == 0 for n, m in prunable_bns(model)}
+    plan = plan_pruning(model, extreme, example_inputs, keep_streams)
+    return [n for n in names if n in plan.keep]
+
+
 def _members(coupling: _Coupling, root) -> list:
     if not hasattr(coupling, "_members"):
         groups: dict = {}

@@ -121,7 +121,7 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
 @pytest.mark.parametrize("argv,needles", [
     (["search", "--dataset", "mnist3"], ["unknown dataset 'mnist3'", "cifar10"]),
     # the model is checked before the data is looked for: cifar100 is absent from --data
-    (["search", "--dataset", "cifar100", "--arch", "resnet999"], ["unknown architecture 'resnet999'", "vgg"]),
+    (["search", "--dataset", "cifar100", "--arch", "resnext999"], ["unknown architecture 'resnext999'", "vgg"]),
     (["run", "--dataset", "cifar100", "--depth", "12"], ["VGG depth 12", "--depth"]),
     (["search", "--ratios", "0.3", "1.0"], ["outside (0, 1)"]),
     (["search", "--ratios", "0"], ["outside (0, 1)"]),

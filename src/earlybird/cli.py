@@ -1,4 +1,4 @@
-"""The `earlybird` command line: search, prune, retrain, run (all three), models.
+"""The `earlybird` command line: search, prune, retrain, run (all three), eval, models.
 
 The only place that parses flags, prints errors and exits. A user-facing failure
 (EarlyBirdError) becomes one line on stderr and exit code 2.
@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from . import __version__
-from .config import (DataConfig, DetectConfig, ModelConfig, OptimConfig, PruneConfig, RetrainConfig, RuntimeConfig,
-                     add_config_args, config_from_args)
+from .config import (DataConfig, DetectConfig, EvalConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+                     RetrainConfig, RuntimeConfig, add_config_args, config_from_args)
 from .errors import EarlyBirdError
 from .models import available_models
 from .progress import Reporter
@@ -41,14 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
             (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
             (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
     command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
-            (PruneConfig, "prune"), (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
+            (PruneConfig, "prune"), (PruneOptions, "pruned architecture and latency"),
+            (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
     command("retrain", "retrain a pruned network: fine-tune the ticket from its epoch, or re-initialize (--reinit)",
             (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"), (RuntimeConfig, "run"))
     p = command("run", "search, prune every ticket, retrain each, and write a summary with compute accounting",
                 (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
-                (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
+                (DetectConfig, "Early-Bird detection"), (PruneOptions, "pruned architecture and latency"),
+                (RuntimeConfig, "run"))
     p.add_argument("--reinit", action="store_true", help="retrain re-initialized tickets (EB Train re-init) instead "
                    "of fine-tuning them")
+    command("eval", "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained checkpoint",
+            (EvalConfig, "eval"), (DataConfig, "data"), (RuntimeConfig, "run"))
     sub.add_parser("models", help="list the registered architectures")
     return parser
 
@@ -65,13 +69,15 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
         stages.search(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
                       config_from_args(DetectConfig, args), rt, reporter)
     elif args.command == "prune":
-        cfg = config_from_args(PruneConfig, args)
-        stages.prune(cfg.model, cfg.percent, rt.save, data, cfg.min_channels, rt, reporter)
+        stages.prune(config_from_args(PruneConfig, args), config_from_args(PruneOptions, args), None, data, rt, reporter)
+    elif args.command == "eval":
+        stages.evaluate_checkpoint(config_from_args(EvalConfig, args), data, rt, reporter)
     elif args.command == "retrain":
         stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter)
     elif args.command == "run":
         stages.run_pipeline(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
-                            config_from_args(DetectConfig, args), rt, args.reinit, reporter)
+                            config_from_args(DetectConfig, args), config_from_args(PruneOptions, args), rt, args.reinit,
+                            reporter)
 
 
 def main(argv: list[str] | None = None) -> int:

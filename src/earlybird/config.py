@@ -27,8 +27,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("vgg", "architecture name (see `earlybird models`)")
-    depth: int = opt(16, "network depth (VGG: 11, 13, 16, 19)", type=int)
+    arch: str = opt("vgg", "architecture (see `earlybird models`): vgg, resnet18, resnet50, preresnet, mobilenetv2, "
+                           "densenet, module:function for your own model, torchvision:NAME, timm:NAME")
+    depth: int = opt(16, "network depth (VGG 11/13/16/19, PreResNet 9n+2, ResNet 18/34/50/101/152, DenseNet 3n+4)",
+                     type=int)
     width: float = opt(1.0, "width multiplier for every layer (e.g. 0.25 for a CPU-sized VGG)", type=float)
 
 
@@ -51,6 +53,8 @@ class DetectConfig:
     eb_window: int = opt(5, "masks compared by the Early-Bird rule (newest vs the previous window-1)", type=int)
     eb_threshold: float = opt(0.1, "largest mask distance that counts as settled", type=float)
     min_channels: int = opt(1, "channels every layer keeps whatever the ratio (0: no collapse guard)", type=int)
+    keep_streams: bool = opt(False, "never prune residual streams or concatenations (as the reference does for "
+                                    "PreResNet); layers that read them still drop channels", action="store_true")
     full: bool = opt(False, "train the whole schedule instead of stopping once every ticket is drawn", action="store_true")
 
 
@@ -77,11 +81,24 @@ class RetrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    model: str = opt("", "checkpoint to evaluate: an EB ticket, a search, pruned or retrain checkpoint", "--model")
+
+
+@dataclass
 class PruneConfig:
     model: str = opt("", "EB ticket (EB-<percent>-<epoch>.pth) or search checkpoint to prune", "--model")
     percent: float | None = opt(None, "pruning ratio in (0, 1) (default: the ticket's own ratio)", "--percent", type=float)
     min_channels: int = opt(1, "channels every layer keeps when --percent recomputes the mask (0: no collapse guard)",
                             type=int)
+
+
+@dataclass
+class PruneOptions:
+    round_to: int = opt(1, "keep a multiple of this many channels per layer where it can (e.g. 8: odd widths are "
+                           "slow on GPUs)", type=int)
+    latency_batches: list = opt([1, 32, 128], "batch sizes at which dense and pruned inference are timed (none: skip)",
+                                type=int, nargs="*")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
@@ -119,3 +136,10 @@ def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, d
             check_ratio(r)
         if detect.min_channels < 0:
             raise ConfigError(f"--min-channels {detect.min_channels} must not be negative")
+
+
+def validate_prune(options: PruneOptions) -> None:
+    if options.round_to < 1:
+        raise ConfigError(f"--round-to {options.round_to} must be at least 1")
+    if any(b < 1 for b in options.latency_batches):
+        raise ConfigError(f"--latency-batches {options.latency_batches} must be positive")

@@ -6,6 +6,8 @@ weights), so a training epoch is ~3 x MACs x images; evaluation passes are not c
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -50,3 +52,28 @@ def count_macs(model: nn.Module, input_shape) -> int:
 
 def training_macs(macs_per_image: int, images: int, epochs: float) -> float:
     return TRAIN_PASSES * macs_per_image * images * epochs
+
+
+@torch.no_grad()
+def inference_throughput(model: nn.Module, input_shape, batch_size: int, device, min_seconds: float = 0.3,
+                         channels_last: bool = False) -> float:
+    """Measured inference images/s of ``model`` at ``batch_size`` on ``device`` (eval mode, after a warm-up)."""
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    model(x)  # warm-up: allocator, cuDNN algorithm choice
+    sync()
+    runs, start = 0, time.perf_counter()
+    while True:
+        model(x)
+        runs += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and runs >= 3:
+            return runs * batch_size / elapsed

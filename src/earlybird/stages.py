@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, DetectConfig, ModelConfig, OptimConfig, RuntimeConfig, RetrainConfig, validate
-from .cost import count_macs, count_params, training_macs
+from .config import (DataConfig, DetectConfig, EvalConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+                     RetrainConfig, RuntimeConfig, validate, validate_prune)
+from .cost import count_macs, count_params, inference_throughput, training_macs
 from .data import BatchLoader, Dataset, DatasetInfo, dataset_info, load_dataset
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
-from .models import ModelSpec, create_model
+from .models import ModelSpec, create_model, resolve_arch
 from .progress import MetricsLog, Reporter, format_seconds
-from .prune import PrunePlan, apply_mask, apply_plan, prune_model
+from .prune import apply_mask, apply_plan, prunable_layers, prune_model
 from .train import evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
 from .train.checkpoint import load_weights
 
@@ -83,8 +84,15 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path
 
 def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
     """The dense network of a run: the model flags plus the dataset's input and class counts."""
-    return ModelSpec(model_cfg.arch, model_cfg.depth, model_cfg.width, info.in_channels, info.num_classes,
-                     info.image_size)
+    arch, depth = resolve_arch(model_cfg.arch, model_cfg.depth)
+    return ModelSpec(arch, depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size)
+
+
+def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
+    """Random inputs of the model's shape for tracing its graph (a private generator: the run's
+    random stream stays as the seed made it)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, spec.in_channels, spec.image_size, spec.image_size, generator=g)
 
 
 def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
@@ -134,7 +142,8 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
             result = train_epoch(model, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
         finally:
             close()
-        test_loss, test_acc = evaluate(model, test, amp_dtype)
+        result_test = evaluate(model, test, amp_dtype)
+        test_loss, test_acc = result_test.loss, result_test.top1
         wall += result.seconds
         record = {
             "stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": round(result.loss, 5),
@@ -164,6 +173,11 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     device = setup_runtime(rt)
     spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset))
     model = create_model(spec)  # before the data: an unknown --arch or --depth fails at once
+    # traced on the CPU in the default memory format, before the data: an unprunable model fails at once too
+    layers = prunable_layers(model, probe_inputs(spec), detect.keep_streams)
+    if not layers:
+        raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
+                          + (": drop --keep-streams" if detect.keep_streams else ""))
     resume_path = prepare_save_dir(save, rt.force, rt.resume)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
@@ -171,8 +185,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, optim)
-    detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels)
-    gammas = [bn_gammas(model)]
+    detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
+    gammas = [bn_gammas(detector._bns)]
     start, scaler_state, tickets = 0, None, {}
     progress = {"epoch": 0, "test_acc": None}
     if resume_path:
@@ -190,14 +204,17 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         reporter.line(f"resuming search from {resume_path} after epoch {start}")
     train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
     macs = count_macs(model, (info.in_channels, info.image_size, info.image_size))
+    total = sum(m.weight.numel() for _, m in prunable_bns(model))
     reporter.line(f"search: {spec.describe()}, {count_params(model):,} params, {macs / 1e6:.1f} M MACs/image, "
-                  f"{detector.num_channels} BN channels, {len(train.images):,} training images on {device}")
+                  f"{len(train.images):,} training images on {device}; ratios are of the {detector.num_channels} "
+                  f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
+    meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
+            "layers": layers, "keep_streams": detect.keep_streams}
     log = MetricsLog(save / "metrics.jsonl")
-    meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size]}
 
     def on_epoch_end(epoch, record, scaler):
         emerged = detector.step(epoch)
-        gammas.append(bn_gammas(model))
+        gammas.append(bn_gammas(detector._bns))
         g = gammas[-1]
         record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
         record["distances"] = {str(r): [round(d, 4) for d in detector.distances[r]] for r in detector.ratios}
@@ -225,6 +242,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     epochs_done = progress["epoch"]
     summary = {
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
+        "prunable_channels": detector.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
         "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
@@ -245,52 +263,112 @@ def _per_layer_channels(model) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in prunable_bns(model)}
 
 
-def prune(model_path: str, percent: float | None, save: Path | None, data: DataConfig, min_channels: int, rt: RuntimeConfig,
-          reporter: Reporter, dataset: Dataset | None = None) -> dict:
-    """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
-    if not model_path:
-        raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
-    device = setup_runtime(rt)
-    ckpt = load_checkpoint(model_path, ("ticket", "search"))
-    ratio = check_ratio(percent if percent is not None else ckpt.get("ratio", 0.5))
-    save = Path(save or Path(model_path).parent / f"pruned-{round(ratio * 100)}")
-    prepare_save_dir(save, rt.force)
-    dense, spec, plan = model_from_checkpoint(ckpt, model_path)
+def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example) -> dict[str, torch.Tensor]:
+    """The ticket's own mask, or one recomputed at ``percent`` over the same prunable layers."""
+    layers = ckpt.get("layers") or prunable_layers(dense, example, ckpt.get("keep_streams", False))
+    bns = dict(prunable_bns(dense))
     if percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
-        mask = channel_mask(bn_gammas(dense), ratio, [m.weight.numel() for _, m in prunable_bns(dense)], min_channels)
+        mask = channel_mask(bn_gammas([bns[n] for n in layers]), check_ratio(percent or ckpt.get("ratio", 0.5)),
+                            [bns[n].weight.numel() for n in layers], min_channels)
+    return dict(zip(layers, torch.split(mask, [bns[n].weight.numel() for n in layers])))
+
+
+def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
+    """Measured inference images/s of the dense and the pruned network, side by side."""
+    rows = {}
+    for b in batch_sizes:
+        d, p = (inference_throughput(m, shape, b, device) for m in (dense, pruned))
+        rows[str(b)] = {"dense": round(d, 1), "pruned": round(p, 1), "speedup": round(p / d, 3)}
+    return rows
+
+
+def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
+          reporter: Reporter, dataset: Dataset | None = None) -> dict:
+    """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
+    validate_prune(options)
+    if not cfg.model:
+        raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(cfg.model, ("ticket", "search"))
+    ratio = check_ratio(cfg.percent if cfg.percent is not None else ckpt.get("ratio", 0.5))
+    save = Path(save or rt.save or Path(cfg.model).parent / f"pruned-{round(ratio * 100)}")
+    prepare_save_dir(save, rt.force)
+    dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
     dense = dense.to(device).eval()
     dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
     _, test = make_loaders(dataset, data, device, rt.seed, False)
     example = next(iter(test))[0][:8]
-    pruned, plan = prune_model(dense, mask, example)
-    masked = apply_mask(dense, mask)
+    requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
+    keep_streams = bool(ckpt.get("keep_streams", False))
+    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to)
+    masked = apply_mask(dense, plan.masks(dense))
     with torch.no_grad():
         out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
+    prunable = sum(int(m.numel()) for m in requested.values())
+    asked = sum(int((~m).sum()) for m in requested.values())
+    results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
-        "stage": "prune", "source": str(model_path), "ratio": ratio, "epoch": ckpt.get("epoch"),
-        "channels": {"before": sum(before.values()), "after": sum(after.values())},
+        "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
+        "keep_streams": keep_streams, "round_to": options.round_to,
+        "channels": {"before": sum(before.values()), "after": sum(after.values()), "prunable": prunable,
+                     "requested": asked, "removed": sum(before.values()) - sum(after.values()),
+                     "select_layers": len(plan.selects)},
         "layers": {n: [before[n], after[n]] for n in before},
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
-        "test_acc": {"dense": evaluate(dense, test)[1], "masked": evaluate(masked, test)[1],
-                     "pruned": evaluate(pruned, test)[1]},
+        "test_acc": {k: r.top1 for k, r in results.items()},
+        "test_top5": {k: r.top5 for k, r in results.items()},
         "max_output_diff_pruned_vs_masked": out_diff,
-        "folds": plan.folds,
+        "folds": plan.folds, "selects": plan.selects,
+        "throughput": latency_table(dense, pruned, shape, options.latency_batches, device),
+        "device": str(device),
     }
     save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
                     dataset=dataset.info.name, input_shape=shape, test_acc=report["test_acc"]["pruned"])
     write_summary(save, report)
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
-    reporter.line(f"pruned {model_path} at p={ratio:g}: channels {c['before']} -> {c['after']}, "
-                  f"params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x), "
-                  f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x)")
+    reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
+                  f"{c['removed']} (coupled channels stay when any member keeps them), channels {c['before']} -> "
+                  f"{c['after']}")
+    reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "
+                  f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x less)")
+    for b, row in report["throughput"].items():
+        reporter.line(f"  inference on {device}, batch {b}: dense {row['dense']:.0f} img/s, pruned {row['pruned']:.0f} "
+                      f"img/s ({row['speedup']:.2f}x)")
     reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
                   f"(max |pruned - masked| output {out_diff:.1e}) -> {save / 'pruned.pth'}")
     return report
+
+
+# ----------------------------------------------------------------------------- eval
+
+def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter) -> dict:
+    """Top-1/top-5, parameters and MACs of any earlybird checkpoint on its dataset's test split."""
+    if not cfg.model:
+        raise ConfigError("--model is required: pass any checkpoint earlybird wrote (EB-*.pth, pruned.pth, best.pth)")
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(cfg.model)
+    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    model = model.to(device)
+    dataset = load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
+    if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
+        raise CheckpointError(f"{cfg.model} was trained on {ckpt.get('dataset')} ({spec.num_classes} classes), not on "
+                              f"{dataset.info.name}: pass its --dataset")
+    _, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    result = evaluate(model, test)
+    shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
+    summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,
+               "test_images": len(test.images), "top1": result.top1, "top5": result.top5, "loss": result.loss,
+               "params": count_params(model), "macs": count_macs(model, shape)}
+    reporter.line(f"{cfg.model} ({ckpt['kind']}{', pruned' if plan else ''} {spec.describe()}) on {dataset.info.name} "
+                  f"test ({summary['test_images']:,} images): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+                  f"loss {result.loss:.4f}  {summary['params']:,} params  {summary['macs'] / 1e6:.2f} M MACs")
+    reporter.line(json.dumps(summary))
+    return summary
 
 
 # ----------------------------------------------------------------------------- retrain
@@ -383,10 +461,11 @@ def _done(stage_dir: Path) -> dict:
     return json.loads((stage_dir / SUMMARY).read_text())
 
 
-def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
-                 reinit: bool, reporter: Reporter) -> dict:
+def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
+                 options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     validate(data, optim, detect)
+    validate_prune(options)
     save = Path(rt.save or default_save(data, model_cfg))
     if rt.resume is None and not rt.force:
         if (save / SUMMARY).exists():
@@ -417,8 +496,8 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         if _stage_runtime(rt, prune_dir) is None:
             pr = _done(prune_dir)
         else:
-            pr = prune(str(save / "search" / ticket["path"]), None, prune_dir, data, detect.min_channels,
-                       replace(rt, resume=None, force=True), reporter, dataset)
+            pr = prune(PruneConfig(str(save / "search" / ticket["path"]), None, detect.min_channels), options,
+                       prune_dir, data, replace(rt, resume=None, force=True), reporter, dataset)
         stage_rt = _stage_runtime(rt, retrain_dir)
         rt_cfg = RetrainConfig(model=str(prune_dir / "pruned.pth"), reinit=reinit)
         rr = _done(retrain_dir) if stage_rt is None else retrain(rt_cfg, data, optim, stage_rt, reporter, dataset,

@@ -77,18 +77,28 @@ def train_epoch(
     return EpochResult(total_loss.item() / seen, 100.0 * correct.item() / seen, elapsed, seen / elapsed)
 
 
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float  # percent
+    top5: float  # percent (100 when there are at most 5 classes)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Mean loss and accuracy (percent) over every sample of ``loader``."""
+def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Mean loss, top-1 and top-5 accuracy (percent) over every sample of ``loader``."""
     model.eval()
     device = next(model.parameters()).device
     total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct = torch.zeros(2, device=device, dtype=torch.long)
     seen = 0
     for x, y in loader:
         with _autocast(device, amp_dtype):
             logits = model(x)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
         seen += len(y)
-    return total_loss.item() / seen, 100.0 * correct.item() / seen
+    top1, top5 = (100.0 * correct / seen).tolist()
+    return EvalResult(total_loss.item() / seen, top1, top5)

@@ -13,14 +13,14 @@ from earlybird.prune import PrunePlan, SelectBatchNorm2d, prunable_layers
 class UserNet(nn.Module):
     """A user's own model: a residual add and a concatenation."""
 
-    def __init__(self):
+    def __init__(self, num_classes=5):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
         self.body = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12))
         self.left = nn.Sequential(nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.right = nn.Sequential(nn.Conv2d(12, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
         self.head = nn.Sequential(nn.Conv2d(14, 10, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(10), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, 5))
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(10, num_classes))
 
     def forward(self, x):
         x = self.stem(x)
@@ -29,7 +29,7 @@ class UserNet(nn.Module):
 
 
 def user_net(num_classes=5, in_channels=3):
-    return UserNet()
+    return UserNet(num_classes)
 
 
 FAMILIES = {

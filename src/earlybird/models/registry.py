@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -113,7 +114,26 @@ def _external(spec: ModelSpec) -> nn.Module:
         raise ConfigError(f"--arch {spec.arch}: {exc} (it is called with num_classes= and in_channels=)") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--arch {spec.arch} returned a {type(model).__name__}, not a torch.nn.Module")
+    _check_output(model, spec)
     return model
+
+
+def _check_output(model: nn.Module, spec: ModelSpec) -> None:
+    """A foreign model must map the dataset's images to one score per class."""
+    x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # whatever a user's forward raises on our input shape
+        raise ConfigError(f"--arch {spec.arch} fails on {spec.in_channels}x{spec.image_size}x{spec.image_size} "
+                          f"inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--arch {spec.arch} returns {shape} for a batch of 2, not (2, {spec.num_classes}): "
+                          "it must honour num_classes")
 
 
 def create_model(spec: ModelSpec) -> nn.Module:

@@ -152,7 +152,8 @@ def _check_supported(node, name: str | None, bn_name: str) -> None:
     else:
         what = f"layer '{name}' ({type(module).__name__})" if name else f"operation {type(module).__name__}"
     raise PruneError(f"{what} reads the channels of '{bn_name}' and is not supported by the pruning engine "
-                     "(it mixes or moves channels): keep that BN out of the mask, or replace the operation")
+                     "(it mixes or moves channels): replace the operation, or leave that BN out of the mask "
+                     "(prune_model takes a mask per layer)")
 
 
 class _Classes:

@@ -1,7 +1,8 @@
-"""Dense vs physically pruned VGG, measured side by side in one run: the MAC ratio next to the
+"""Dense vs physically pruned network, measured side by side in one run: the MAC ratio next to the
 measured ratio of inference latency and training throughput (pruning must give a real speed-up).
 
-    python benchmarks/prune_speedup.py [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7] [--device cpu]
+    python benchmarks/prune_speedup.py [--arch vgg] [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7]
+    python benchmarks/prune_speedup.py --arch resnet50 --width 1 --ratios 0.5 --image-size 32
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from earlybird import ModelSpec, channel_masks, create_model, prune_model
+from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
+from earlybird.prune import prunable_layers
 from earlybird.cost import count_macs
 
 
@@ -33,7 +35,11 @@ def timed(fn, repeats: int, device) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vgg")
     p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--keep-streams", action="store_true")
+    p.add_argument("--round-to", type=int, default=1)
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
@@ -43,23 +49,29 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    spec = ModelSpec("vgg", args.depth, args.width, 3, 10, 32)
-    dense = create_model(spec)
+    arch, depth = resolve_arch(args.arch, args.depth)
+    size = args.image_size
+    spec = ModelSpec(arch, depth, args.width, 3, 10, size)
+    dense = create_model(spec).eval()
     with torch.no_grad():  # trained-looking, unequal gammas so the global threshold prunes unevenly
         for m in dense.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.copy_(torch.rand_like(m.weight))
+    example = torch.randn(2, 3, size, size)
+    detector = EarlyBird(dense, args.ratios, layers=prunable_layers(dense, example, args.keep_streams))
+    detector.step()
     models = {"dense": dense}
-    for r in args.ratios:
-        models[f"p={r:g}"] = prune_model(dense.eval(), channel_masks(dense, [r])[r], torch.randn(2, 3, 32, 32))[0]
+    for r in detector.ratios:
+        mask = detector.layer_masks(r, detector.mask(r))
+        models[f"p={r:g}"] = prune_model(dense, mask, example, args.keep_streams, args.round_to)[0]
 
     def infer(model, bs):
-        x = torch.randn(bs, 3, 32, 32, device=device)
+        x = torch.randn(bs, 3, size, size, device=device)
         return lambda: model(x)
 
     def train_step(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x = torch.randn(args.train_batch, 3, 32, 32, device=device)
+        x = torch.randn(args.train_batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (args.train_batch,), device=device)
 
         def step():
@@ -68,13 +80,13 @@ def main() -> None:
             opt.step()
         return step
 
-    print(f"VGG{args.depth} width {args.width} on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
+    print(f"{spec.describe()} on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
     header = ["model", "MACs", "MAC ratio"] + [f"infer bs{b} ratio" for b in args.batch_sizes] + ["train img/s", "train ratio"]
     print(" | ".join(header))
     base = {}
     for name, model in models.items():
         model = model.to(device)
-        macs = count_macs(model, (3, 32, 32))
+        macs = count_macs(model, (3, size, size))
         row = [name, f"{macs / 1e6:.1f}M"]
         model.eval()
         with torch.no_grad():

@@ -3,6 +3,7 @@ generated from these dataclasses (one source of truth) and stages receive typed 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import ConfigError
@@ -17,12 +18,14 @@ def opt(default, help: str, *flags: str, **argparse_kwargs):
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("fashion-mnist", "dataset: cifar10, cifar100 or fashion-mnist")
+    dataset: str = opt("fashion-mnist", "dataset: cifar10, cifar100, fashion-mnist or imagenet (train/ and val/ "
+                                        "class folders of JPEGs in --data)")
     data: str = opt("data", "directory holding (or receiving) the dataset files")
     download: bool = opt(True, "download missing dataset files (checksummed)", action=argparse.BooleanOptionalAction)
     train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
     batch_size: int = opt(256, "training batch size", type=int)
     test_batch_size: int = opt(256, "evaluation batch size", type=int)
+    workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet)", type=int)
 
 
 @dataclass
@@ -119,6 +122,8 @@ def config_from_args(cls, ns: argparse.Namespace):
 def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, detect: DetectConfig | None = None) -> None:
     """Range checks that argparse cannot express; each failure says which flag to change."""
     if data is not None:
+        if data.workers < 0:
+            raise ConfigError(f"--workers {data.workers} must not be negative (0: decode in the main process)")
         for flag, value in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
             if value < 1:
                 raise ConfigError(f"{flag} {value} must be at least 1")

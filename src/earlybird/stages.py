@@ -17,7 +17,7 @@ import torch
 from .config import (DataConfig, DetectConfig, EvalConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
                      RetrainConfig, RuntimeConfig, validate, validate_prune)
 from .cost import count_macs, count_params, inference_throughput, training_macs
-from .data import BatchLoader, Dataset, DatasetInfo, dataset_info, load_dataset
+from .data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, dataset_info, load_dataset
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
@@ -105,7 +105,11 @@ def write_summary(save: Path, summary: dict) -> None:
     os.replace(tmp, save / SUMMARY)
 
 
-def make_loaders(dataset: Dataset, data: DataConfig, device, seed: int, channels_last: bool):
+def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+    if isinstance(dataset, FolderDataset):
+        return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers)
+                     for split, bs, train in ((dataset.train, data.batch_size, True),
+                                              (dataset.test, data.test_batch_size, False)))
     train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
                         channels_last)
     test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
@@ -171,7 +175,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     validate(data, optim, detect)
     save = Path(save or rt.save or default_save(data, model_cfg))
     device = setup_runtime(rt)
-    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset))
+    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data))
     model = create_model(spec)  # before the data: an unknown --arch or --depth fails at once
     # traced on the CPU in the default memory format, before the data: an unprunable model fails at once too
     layers = prunable_layers(model, probe_inputs(spec), detect.keep_streams)
@@ -206,7 +210,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     macs = count_macs(model, (info.in_channels, info.image_size, info.image_size))
     total = sum(m.weight.numel() for _, m in prunable_bns(model))
     reporter.line(f"search: {spec.describe()}, {count_params(model):,} params, {macs / 1e6:.1f} M MACs/image, "
-                  f"{len(train.images):,} training images on {device}; ratios are of the {detector.num_channels} "
+                  f"{train.num_samples:,} training images on {device}; ratios are of the {detector.num_channels} "
                   f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
     meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
             "layers": layers, "keep_streams": detect.keep_streams}
@@ -246,7 +250,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
-        "train_images": len(train.images), "wall_s": round(time.perf_counter() - t0, 1),
+        "train_images": train.num_samples, "wall_s": round(time.perf_counter() - t0, 1),
         "train_s": round(train_seconds, 1),
     }
     write_summary(save, summary)
@@ -362,7 +366,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     result = evaluate(model, test)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,
-               "test_images": len(test.images), "top1": result.top1, "top5": result.top5, "loss": result.loss,
+               "test_images": test.num_samples, "top1": result.top1, "top5": result.top5, "loss": result.loss,
                "params": count_params(model), "macs": count_macs(model, shape)}
     reporter.line(f"{cfg.model} ({ckpt['kind']}{', pruned' if plan else ''} {spec.describe()}) on {dataset.info.name} "
                   f"test ({summary['test_images']:,} images): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
@@ -437,7 +441,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
         "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
         "final_test_acc": progress["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-        "params": count_params(model), "macs": macs, "train_images": len(train.images),
+        "params": count_params(model), "macs": macs, "train_images": train.num_samples,
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
     }
     write_summary(save, summary)
@@ -476,7 +480,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         (save / SUMMARY).unlink()
     t0 = time.perf_counter()
     setup_runtime(rt)
-    create_model(model_spec(model_cfg, dataset_info(data.dataset)))  # fail on a bad model before loading data
+    create_model(model_spec(model_cfg, dataset_info(data.dataset, data.data)))  # fail on a bad model before loading data
     dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
 
     stage_rt = _stage_runtime(rt, save / "search")

@@ -1,7 +1,7 @@
 """Datasets: readers of the official file formats, and a fast in-memory batch loader."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -9,7 +9,8 @@ import torch
 from ..errors import ConfigError, DataError
 from .cifar import load_cifar
 from .fashion_mnist import load_fashion_mnist
-from .loader import BatchLoader
+from .imagenet import FolderSplit, class_folders, load_imagenet
+from .loader import BatchLoader, FolderLoader
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ DATASETS = {
     "cifar100": DatasetInfo("cifar100", 3, 100, 32, _CIFAR_MEAN, _CIFAR_STD, 4, True),
     # Flips only: Fashion-MNIST items are centred, and a crop costs accuracy in short schedules.
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, 10, 28, (0.2860,), (0.3530,), 0, True),
+    # Decoded and augmented per image by workers (random-resized crop, flip): see data.imagenet.
+    "imagenet": DatasetInfo("imagenet", 3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, True),
 }
 
 
@@ -44,17 +47,39 @@ class Dataset:
     test_labels: torch.Tensor
 
 
-def dataset_info(name: str) -> DatasetInfo:
+@dataclass
+class FolderDataset:
+    """A dataset too large for memory: file lists, decoded by a FolderLoader's workers."""
+
+    info: DatasetInfo
+    train: FolderSplit
+    test: FolderSplit
+    classes: list[str]
+
+
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """The dataset's shapes; for ImageNet the class count is that of ``root/train`` when it exists."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    info = DATASETS[name]
+    if name == "imagenet" and root is not None and class_folders(Path(root) / "train"):
+        info = replace(info, num_classes=len(class_folders(Path(root) / "train")))
+    return info
 
 
 def load_dataset(name: str, root: str | Path = "data", download: bool = True, train_subset: int | None = None,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0) -> Dataset | FolderDataset:
     """Read (or fetch) a dataset; ``train_subset`` keeps a seeded random subset of the training set."""
-    info = dataset_info(name)
+    info = dataset_info(name, root)
     root = Path(root)
+    if name == "imagenet":
+        train, test, classes = load_imagenet(root)
+        if train_subset is not None:
+            if not 0 < train_subset <= len(train.paths):
+                raise ConfigError(f"--train-subset {train_subset} must be in 1..{len(train.paths)}")
+            keep = torch.randperm(len(train.paths), generator=torch.Generator().manual_seed(seed))[:train_subset]
+            train = FolderSplit([train.paths[i] for i in keep], [train.labels[i] for i in keep])
+        return FolderDataset(info, train, test, classes)
     if name == "fashion-mnist":
         (xtr, ytr), (xte, yte) = load_fashion_mnist(root, download)
     else:
@@ -72,4 +97,5 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
     return Dataset(info, xtr, ytr, xte, yte)
 
 
-__all__ = ["BatchLoader", "DATASETS", "Dataset", "DatasetInfo", "dataset_info", "load_dataset"]
+__all__ = ["BatchLoader", "DATASETS", "Dataset", "DatasetInfo", "FolderDataset", "FolderLoader", "dataset_info",
+           "load_dataset"]

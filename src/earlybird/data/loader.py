@@ -10,6 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
+def normalizer(info, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with x * scale + shift == (x / 255 - mean) / std, per channel."""
+    c = info.in_channels
+    std = torch.tensor(info.std, device=device).view(1, c, 1, 1)
+    mean = torch.tensor(info.mean, device=device).view(1, c, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
 class BatchLoader:
     def __init__(self, images, labels, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
                  channels_last: bool = False):
@@ -22,11 +30,7 @@ class BatchLoader:
         self.seed = seed
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        c = info.in_channels
-        std = torch.tensor(info.std, device=device).view(1, c, 1, 1)
-        mean = torch.tensor(info.mean, device=device).view(1, c, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
+        self._scale, self._shift = normalizer(info, device)
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
@@ -66,3 +70,47 @@ class BatchLoader:
                 x = self._augment(x, gen)
             x = (x.float() * self._scale + self._shift).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx]
+
+
+class FolderLoader:
+    """Batches of images decoded by worker processes (see data.imagenet), normalized on the device.
+
+    Same interface as BatchLoader; the shuffle order depends only on (seed, epoch).
+    """
+
+    def __init__(self, split, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
+                 channels_last: bool = False, workers: int = 2):
+        from .imagenet import ImageFolderSet
+
+        self.dataset = ImageFolderSet(split, train, seed)
+        self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
+        self.device = torch.device(device)
+        self.epoch = 0
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._scale, self._shift = normalizer(info, self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from ..errors import DataError
+
+        self.dataset.epoch = self.epoch  # workers start per pass, so they see this epoch
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=order.tolist(),
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        try:
+            for x, y in loader:
+                x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+                yield x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
+        except DataError as exc:  # raised in a worker: keep its own one-line message
+            raise DataError(str(exc).strip().splitlines()[-1].removeprefix("earlybird.errors.DataError: ")) from None

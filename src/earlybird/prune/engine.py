@@ -180,6 +180,7 @@ class _Coupling:
     classes: _Classes
     streams: set  # class roots that pass through a residual add or a concatenation
     consumers: dict[str, dict[int, tuple]]  # conv/linear -> input index -> (bn, channel) it reads
+    members: dict = field(default_factory=dict)  # class root -> its (bn, channel) members
 
 
 def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
@@ -208,6 +209,9 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
             coupling.streams.update(coupling.classes.find((name, c)) for c in range(size))
     # unions made after a class was marked may have moved its root
     coupling.streams = {coupling.classes.find(c) for c in coupling.streams}
+    for name, size in coupling.sizes.items():
+        for c in range(size):
+            coupling.members.setdefault(coupling.classes.find((name, c)), []).append((name, c))
     return coupling
 
 
@@ -333,7 +337,7 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
         eff = keep | (kept_class[name] & (name not in selects))
         if round_to > 1:
             # Only channels this layer removes on its own can come back: a select's, or a class of one.
-            alone = torch.tensor([len(_members(coupling, find((name, c)))) == 1 for c in range(keep.numel())])
+            alone = torch.tensor([len(coupling.members[find((name, c))]) == 1 for c in range(keep.numel())])
             free = kept_class[name] if name in selects else ~kept_class[name] & alone
             _round_up(eff, bns[name].weight.detach().abs().float().cpu(), free, round_to)
             if name not in selects:
@@ -354,16 +358,6 @@ def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams
     extreme = {n: torch.arange(m.weight.numel()) == 0 for n, m in prunable_bns(model)}
     plan = plan_pruning(model, extreme, example_inputs, keep_streams)
     return [n for n in names if n in plan.keep]
-
-
-def _members(coupling: _Coupling, root) -> list:
-    if not hasattr(coupling, "_members"):
-        groups: dict = {}
-        for name, size in coupling.sizes.items():
-            for c in range(size):
-                groups.setdefault(coupling.classes.find((name, c)), []).append((name, c))
-        coupling._members = groups
-    return coupling._members[root]
 
 
 def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str], example_inputs) -> PrunePlan:
@@ -390,8 +384,8 @@ def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str
             if gone[root] and root not in done:
                 done.add(root)
                 # one member triggers the class: a plain BN by its outputs, a select BN by its inputs
-                plain = [m for m in _members(coupling, root) if m[0] not in selects]
-                bn, ch = plain[0] if plain else _members(coupling, root)[0]
+                plain = [m for m in coupling.members[root] if m[0] not in selects]
+                bn, ch = plain[0] if plain else coupling.members[root][0]
                 roots.setdefault(bn, set()).add(ch)
     for bn, chans in roots.items():
         module = trial.get_submodule(bn)

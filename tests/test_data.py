@@ -130,9 +130,24 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     info = dataset_info("cifar10")
     img = torch.arange(3 * 32 * 32, dtype=torch.float).view(1, 3, 32, 32).repeat(64, 1, 1, 1) % 251 + 1
     loader = BatchLoader(img.to(torch.uint8), torch.zeros(64, dtype=torch.long), 64, info, train=True)
-    out = loader._augment(img.to(torch.uint8), torch.Generator().manual_seed(0)).float()
+    out = loader._augment(img.to(torch.uint8), torch.Generator().manual_seed(0), 64, slice(0, 64)).float()
     padded = torch.nn.functional.pad(img[0], (4, 4, 4, 4))
     for k in range(64):
         candidates = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
         candidates += [c.flip(2) for c in candidates]
         assert any(torch.equal(out[k], c) for c in candidates)
+
+
+def test_workers_split_each_global_batch_with_the_one_process_augmentation():
+    """Two workers' parts of every batch are exactly the one-process batch, augmentation included."""
+    info = dataset_info("cifar10")
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (37, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(37)
+    for train in (True, False):
+        one = list(BatchLoader(images, labels, 8, info, train, seed=4))
+        parts = [list(BatchLoader(images, labels, 8, info, train, seed=4, rank=r, world=2)) for r in range(2)]
+        if train:  # the last global batch (5 images) still splits 3 / 2; a batch of 1 would be left out
+            assert len(parts[0]) == len(parts[1]) == len(one) == 5
+        for (x, y), (x0, y0), (x1, y1) in zip(one, *parts):
+            assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert len(BatchLoader(images[:33], labels[:33], 8, info, True, rank=1, world=2)) == 4

@@ -47,6 +47,10 @@ def test_crops_and_determinism(imagenet_root):
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # same crops whatever the worker count
     train.set_epoch(1)
     assert not torch.equal(next(iter(train))[0], first[0])
+    # two workers: their parts of every global batch make up the one-process batch
+    parts = [[x for x, _ in FolderLoader(d.train, 5, d.info, True, seed=3, workers=0, rank=r, world=2)]
+             for r in range(2)]
+    assert all(torch.equal(torch.cat([a, b]), x) for a, b, x in zip(*parts, first))
     # validation: resize the short side to 256, center crop 224 -> 112 red columns, then 112 blue
     val = FolderLoader(d.test, 16, d.info, False, workers=0)
     x, y = next(iter(val))

@@ -1,4 +1,4 @@
-"""The `earlybird` command line: search, prune, retrain, run (all three), eval, models.
+"""The `earlybird` command line: search, prune, retrain, run (all three), eval, import-reference, models.
 
 The only place that parses flags, prints errors and exits. A user-facing failure
 (EarlyBirdError) becomes one line on stderr and exit code 2.
@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import (DataConfig, DetectConfig, EvalConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
                      RetrainConfig, RuntimeConfig, add_config_args, config_from_args)
 from .errors import EarlyBirdError
 from .models import available_models
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of fine-tuning them")
     command("eval", "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained checkpoint",
             (EvalConfig, "eval"), (DataConfig, "data"), (RuntimeConfig, "run"))
+    command("import-reference", "convert a checkpoint of the reference implementation (full unpickling: only files "
+            "you trust) to an earlybird checkpoint", (ImportConfig, "import"), (ModelConfig, "model"),
+            (RuntimeConfig, "run"))
     sub.add_parser("models", help="list the registered architectures")
     return parser
 
@@ -64,6 +67,10 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
         reporter.line("\n".join(available_models()))
         return
     rt = config_from_args(RuntimeConfig, args)
+    if args.command == "import-reference":
+        stages.import_reference_checkpoint(config_from_args(ImportConfig, args), config_from_args(ModelConfig, args),
+                                           rt, reporter, lambda text: print(text, file=sys.stderr))
+        return
     data = config_from_args(DataConfig, args)
     if args.command == "search":
         stages.search(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
@@ -88,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"earlybird {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        print(f"earlybird {args.command}: interrupted; the last completed epoch is saved: run the same command "
+              "again (or add --resume) to continue", file=sys.stderr)
         return 130
+    finally:
+        dist = sys.modules.get("torch.distributed")  # imported only when a command ran
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+

@@ -70,6 +70,8 @@ class RuntimeConfig:
     amp: bool = opt(False, "mixed precision (float16 autocast with loss scaling; CUDA only)", action="store_true")
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on most hardware)", action="store_true")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
+    sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the whole global batch (as one process "
+                               "computes them) instead of each worker's part", action="store_true")
     force: bool = opt(False, "overwrite a finished run in --save", action="store_true")
     resume: str | None = opt(None, "continue an interrupted run from its last.pth (default path: --save/last.pth)",
                              nargs="?", const="")
@@ -81,6 +83,13 @@ class RetrainConfig:
     reinit: bool = opt(False, "re-initialize the pruned network and train from epoch 0 (EB Train re-init)", action="store_true")
     start_epoch: int | None = opt(None, "first epoch of the retrain schedule (default: the ticket's epoch; 0 with --reinit)",
                                   "--start-epoch", type=int)
+
+
+@dataclass
+class ImportConfig:
+    model: str = opt("", "reference checkpoint to convert (e.g. EB-30-35.pth.tar, pruned.pth.tar, model_best.pth.tar)",
+                     "--model")
+    dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes)")
 
 
 @dataclass

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .train.distributed import is_main
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -24,11 +26,12 @@ class Reporter:
         self.bars = sys.stderr.isatty() if bars is None else bars
 
     def line(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
+        if is_main():  # under torchrun only rank 0 speaks
+            print(text, file=self.out, flush=True)
 
     def epoch_bar(self, total: int, desc: str):
         """A callback for train_epoch(on_batch=...) and a close() to call after the epoch."""
-        if not self.bars:
+        if not self.bars or not is_main():
             return None, lambda: None
         bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
@@ -47,6 +50,8 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record) -> None:
+        if not is_main():
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import (DataConfig, DetectConfig, EvalConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
                      RetrainConfig, RuntimeConfig, validate, validate_prune)
 from .cost import count_macs, count_params, inference_throughput, training_macs
 from .data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, dataset_info, load_dataset
@@ -23,8 +23,9 @@ from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from .models import ModelSpec, create_model, resolve_arch
 from .progress import MetricsLog, Reporter, format_seconds
+from .reference import import_reference, read_reference
 from .prune import apply_mask, apply_plan, prunable_layers, prune_model
-from .train import evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
+from .train import distributed, evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
 from .train.checkpoint import load_weights
 
 SUMMARY = "summary.json"
@@ -35,7 +36,9 @@ LAST = "last.pth"
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", distributed.world().local_rank)  # torchrun: one GPU per process
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -46,7 +49,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
+    wants_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env(wants_cuda)
     device = resolve_device(rt.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if rt.amp and device.type != "cuda":
         raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
     if rt.threads:
@@ -61,8 +68,9 @@ def _artifacts(save: Path) -> list[Path]:
     return [save / n for n in names if (save / n).exists()] + sorted(save.glob("EB-*.pth"))
 
 
-def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path | None:
-    """Refuse to clobber a run; return the checkpoint to resume from, if any."""
+def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporter: Reporter | None = None) -> Path | None:
+    """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
+    unfinished run in ``save`` is continued (as with --resume) unless --force starts it over."""
     if resume is not None:
         path = Path(resume) if resume else save / LAST
         if (save / SUMMARY).exists() and not resume:
@@ -74,11 +82,15 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None) -> Path
     if finished and not force:
         raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
     if (save / LAST).exists() and not force:
-        raise RunDirError(f"{save} holds an unfinished run: pass --resume to continue it or --force to start over")
-    if force:
-        for p in _artifacts(save):
-            p.unlink()
-    save.mkdir(parents=True, exist_ok=True)
+        if reporter:
+            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
+        return save / LAST
+    if distributed.is_main():
+        if force:
+            for p in _artifacts(save):
+                p.unlink()
+        save.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     return None
 
 
@@ -100,21 +112,36 @@ def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
 
 
 def write_summary(save: Path, summary: dict) -> None:
-    tmp = save / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, save / SUMMARY)
+    """Mark a stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
+    if distributed.is_main():
+        tmp = save / f".{SUMMARY}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, save / SUMMARY)
+    distributed.barrier()
 
 
 def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+    w = distributed.world()
+    for flag, size in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
+        if size % w.size:
+            raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
     if isinstance(dataset, FolderDataset):
-        return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers)
+        return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers, w.rank,
+                                  w.size)
                      for split, bs, train in ((dataset.train, data.batch_size, True),
                                               (dataset.test, data.test_batch_size, False)))
     train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
-                        channels_last)
+                        channels_last, w.rank, w.size)
     test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
-                       channels_last)
+                       channels_last, w.rank, w.size)
     return train, test
+
+
+def for_workers(model, rt: RuntimeConfig, device):
+    """With several workers and --sync-bn, batch statistics over the whole global batch."""
+    if rt.sync_bn and distributed.world().active:
+        return distributed.sync_batchnorm(model, device)
+    return model
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
@@ -135,6 +162,7 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
     l1 = optim.s if optim.sparsity_regularization else 0.0
+    net = distributed.wrap(model, device)  # DDP with several workers; evaluation needs no wrapper
     wall = 0.0
     for epoch in range(start, optim.epochs):
         lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
@@ -143,7 +171,7 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
         train.set_epoch(epoch)
         update, close = reporter.epoch_bar(len(train), f"{stage} {epoch + 1}/{optim.epochs}")
         try:
-            result = train_epoch(model, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
+            result = train_epoch(net, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
         finally:
             close()
         result_test = evaluate(model, test, amp_dtype)
@@ -182,10 +210,10 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if not layers:
         raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
                           + (": drop --keep-streams" if detect.keep_streams else ""))
-    resume_path = prepare_save_dir(save, rt.force, rt.resume)
+    resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
-    model = model.to(device)
+    model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, optim)
@@ -217,6 +245,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     log = MetricsLog(save / "metrics.jsonl")
 
     def on_epoch_end(epoch, record, scaler):
+        distributed.check_agree(bn_gammas(detector._bns), "the BN scales")
         emerged = detector.step(epoch)
         gammas.append(bn_gammas(detector._bns))
         g = gammas[-1]
@@ -295,7 +324,9 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     if not cfg.model:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
     device = setup_runtime(rt)
-    ckpt = load_checkpoint(cfg.model, ("ticket", "search"))
+    ckpt = load_checkpoint(cfg.model, ("ticket", "search", "imported"))
+    if ckpt.get("plan"):
+        raise CheckpointError(f"{cfg.model} is already pruned: retrain it, or prune its dense ticket")
     ratio = check_ratio(cfg.percent if cfg.percent is not None else ckpt.get("ratio", 0.5))
     save = Path(save or rt.save or Path(cfg.model).parent / f"pruned-{round(ratio * 100)}")
     prepare_save_dir(save, rt.force)
@@ -348,6 +379,28 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     return report
 
 
+# ----------------------------------------------------------------------------- import
+
+def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
+                                warn) -> Path:
+    """Convert a reference-implementation checkpoint (full unpickling, after ``warn``) to earlybird's format."""
+    if not cfg.model:
+        raise ConfigError("--model is required: pass the reference checkpoint (.pth.tar) to convert")
+    spec = model_spec(model_cfg, dataset_info(cfg.dataset))
+    out = Path(rt.save) if rt.save else Path(cfg.model).with_name(Path(cfg.model).name.split(".")[0] + ".earlybird.pth")
+    if out.exists() and not rt.force:
+        raise RunDirError(f"{out} exists: choose another --save or pass --force to overwrite it")
+    warn(f"warning: unpickling {cfg.model} in full: a pickle can run code, so import only files you trust")
+    obj = read_reference(cfg.model)
+    model, plan = import_reference(obj, spec, str(cfg.model))
+    shape = [spec.in_channels, spec.image_size, spec.image_size]
+    save_checkpoint(out, "imported", spec, model, plan, source=str(cfg.model), epoch=obj.get("epoch"),
+                    test_acc=obj.get("best_prec1"), dataset=cfg.dataset, input_shape=shape)
+    reporter.line(f"imported {cfg.model} as {'a pruned' if plan else 'a dense'} {spec.describe()} "
+                  f"({count_params(model):,} params, epoch {obj.get('epoch')}) -> {out}")
+    return out
+
+
 # ----------------------------------------------------------------------------- eval
 
 def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter) -> dict:
@@ -385,8 +438,10 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         raise ConfigError("--model is required: pass the pruned.pth written by `earlybird prune`")
     save = Path(save or rt.save or Path(cfg.model).parent / ("retrain-reinit" if cfg.reinit else "retrain"))
     device = setup_runtime(rt)
-    ckpt = load_checkpoint(cfg.model, ("pruned",))
-    resume_path = prepare_save_dir(save, rt.force, rt.resume)
+    ckpt = load_checkpoint(cfg.model, ("pruned", "imported"))
+    if not ckpt.get("plan"):
+        raise CheckpointError(f"{cfg.model} is a dense network: prune it first (earlybird prune --model ...)")
+    resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
     if cfg.reinit:
         # Same pruned architecture, fresh weights (and zero folds): "EB Train (re-init)".
@@ -394,7 +449,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     start = cfg.start_epoch if cfg.start_epoch is not None else (0 if cfg.reinit else int(ckpt.get("epoch") or 0))
     if not 0 <= start < optim.epochs:
         raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
-    model = model.to(device)
+    model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
@@ -475,8 +530,9 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         if (save / SUMMARY).exists():
             raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
         if (save / "search").exists():
-            raise RunDirError(f"{save} holds an unfinished run: pass --resume to continue it or --force to start over")
-    if rt.force and (save / SUMMARY).exists():
+            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
+            rt = replace(rt, resume="")
+    if rt.force and (save / SUMMARY).exists() and distributed.is_main():
         (save / SUMMARY).unlink()
     t0 = time.perf_counter()
     setup_runtime(rt)
@@ -531,7 +587,8 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     }
     write_summary(save, summary)
     table = summary_table(summary)
-    (save / "summary.txt").write_text(table + "\n")
+    if distributed.is_main():
+        (save / "summary.txt").write_text(table + "\n")
     reporter.line(table)
     return summary
 

@@ -18,9 +18,18 @@ def normalizer(info, device) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 / (255.0 * std), -mean / std
 
 
+def shard(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
+    """This worker's part of the global batch [start, stop): equal parts, the first ones one larger."""
+    bounds = torch.tensor_split(torch.arange(start, stop), world)[rank]
+    return (int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else (start, start)
+
+
 class BatchLoader:
+    """Global batches of ``batch_size``; with several workers each yields its own part of every one,
+    augmented exactly as one process would (the random draws cover the whole global batch)."""
+
     def __init__(self, images, labels, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, rank: int = 0, world: int = 1):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -29,11 +38,19 @@ class BatchLoader:
         self.device = torch.device(device)
         self.seed = seed
         self.epoch = 0
+        self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, device)
 
+    def _starts(self) -> range:
+        n = len(self.images)
+        last = (n - 1) // self.batch_size * self.batch_size
+        # a training batch too small to give every worker a sample is left out (on every worker)
+        end = last if self.train and n - last < self.world else n
+        return range(0, end, self.batch_size)
+
     def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return len(self._starts())
 
     @property
     def num_samples(self) -> int:
@@ -42,20 +59,21 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
+    def _augment(self, x: torch.Tensor, gen: torch.Generator, n: int, part: slice) -> torch.Tensor:
+        """Crop and flip ``x``, the ``part`` of a global batch of ``n`` images."""
+        _, _, h, w = x.shape
         pad = self.info.crop_padding
         if pad:
+            dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=self.device)[part]
+            dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=self.device)[part]
             padded = F.pad(x, (pad, pad, pad, pad))
-            dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=self.device)
-            dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=gen, device=self.device)
             rows = (dy + torch.arange(h, device=self.device))[:, None, :, None]
             cols = (dx + torch.arange(w, device=self.device))[:, None, None, :]
-            batch = torch.arange(n, device=self.device)[:, None, None, None]
+            batch = torch.arange(len(x), device=self.device)[:, None, None, None]
             chans = torch.arange(x.shape[1], device=self.device)[None, :, None, None]
             x = padded[batch, chans, rows, cols]
         if self.info.flip:
-            flip = torch.rand(n, generator=gen, device=self.device) < 0.5
+            flip = (torch.rand(n, generator=gen, device=self.device) < 0.5)[part]
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
@@ -63,11 +81,15 @@ class BatchLoader:
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.images)
         order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for start in self._starts():
+            stop = min(start + self.batch_size, n)
+            lo, hi = shard(start, stop, self.rank, self.world)
+            if lo == hi:  # a last evaluation batch smaller than the number of workers
+                continue
+            idx = order[lo:hi]
             x = self.images[idx]
             if self.train:
-                x = self._augment(x, gen)
+                x = self._augment(x, gen, stop - start, slice(lo - start, hi - start))
             x = (x.float() * self._scale + self._shift).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx]
 
@@ -79,18 +101,30 @@ class FolderLoader:
     """
 
     def __init__(self, split, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
-                 channels_last: bool = False, workers: int = 2):
+                 channels_last: bool = False, workers: int = 2, rank: int = 0, world: int = 1):
         from .imagenet import ImageFolderSet
 
         self.dataset = ImageFolderSet(split, train, seed)
         self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
+        self.rank, self.world = rank, world
         self.device = torch.device(device)
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, self.device)
 
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        """This worker's part of every global batch (too small a last training batch is left out)."""
+        out = []
+        for start in range(0, len(order), self.batch_size):
+            stop = min(start + self.batch_size, len(order))
+            if self.train and stop - start < self.world:
+                break
+            lo, hi = shard(start, stop, self.rank, self.world)
+            out.append(order[lo:hi])
+        return out
+
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return len(self._batches(list(range(len(self.dataset)))))
 
     @property
     def num_samples(self) -> int:
@@ -106,8 +140,9 @@ class FolderLoader:
         n = len(self.dataset)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
-        loader = torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=order.tolist(),
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        batches = [b for b in self._batches(order.tolist()) if b]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
         try:
             for x, y in loader:
                 x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift

@@ -17,10 +17,11 @@ from torch import nn
 from ..errors import CheckpointError, EarlyBirdError
 from ..models import ModelSpec, create_model
 from ..prune import PrunePlan, apply_plan
+from .distributed import is_main
 
 FORMAT = "earlybird-checkpoint"
 VERSION = 1
-KINDS = ("search", "ticket", "pruned", "retrain")
+KINDS = ("search", "ticket", "pruned", "retrain", "imported")
 
 
 def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Module, plan: PrunePlan | None = None,
@@ -28,6 +29,8 @@ def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Modu
     """Write a checkpoint via a temporary file and a rename, so a crash never leaves half a file."""
     assert kind in KINDS
     path = Path(path)
+    if not is_main():  # one writer: rank 0
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
@@ -38,13 +41,19 @@ def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Modu
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write in {path.parent} ({exc.strerror}): choose another --save") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, I/O error: the previous file stays as it was
+        raise CheckpointError(f"could not write {path} ({exc.strerror or exc}): free disk space or choose another "
+                              "--save; the previous checkpoint is intact, run the same command again to continue") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -59,11 +68,17 @@ def load_checkpoint(path: str | Path, kinds: tuple[str, ...] = KINDS) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if "weights only load failed" in text.lower():
+            raise CheckpointError(f"{path} holds Python objects that would run code when loaded, so it was refused "
+                                  "(earlybird loads only tensors and plain values); if it is a reference-implementation "
+                                  "checkpoint you trust, convert it with `earlybird import-reference`") from None
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:120]}): re-create it or pick another file") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an earlybird checkpoint (no '{FORMAT}' marker): "
-                              "checkpoints of other tools cannot be read; re-run the search with earlybird")
+        hint = ("a reference-implementation checkpoint: convert it with `earlybird import-reference`"
+                if isinstance(ckpt, dict) and "state_dict" in ckpt else "checkpoints of other tools cannot be read")
+        raise CheckpointError(f"{path} is not an earlybird checkpoint (no '{FORMAT}' marker): {hint}")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} was written by a newer earlybird (format {ckpt['version']}): upgrade earlybird")
     if ckpt.get("kind") not in kinds:

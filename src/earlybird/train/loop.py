@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass; the loop every stage (search, retrain) shares."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..sparsity import add_bn_l1_grad
+from .distributed import all_reduce_sum
 
 
 def lr_at(epoch: int, base_lr: float, schedule, gamma: float = 0.1) -> float:
@@ -71,10 +73,12 @@ def train_epoch(
         if on_batch is not None and ((i + 1) % 10 == 0 or i + 1 == len(loader)):  # .item() syncs a GPU
             elapsed = time.perf_counter() - start
             on_batch(i + 1, loss.item(), 100.0 * correct.item() / seen, seen / max(elapsed, 1e-9))
-    if not torch.isfinite(total_loss):
+    loss_sum, hits, seen = all_reduce_sum(torch.stack([total_loss, correct.to(total_loss), torch.tensor(
+        float(seen), device=device)])).tolist()
+    if not math.isfinite(loss_sum):
         raise TrainingError("training loss became NaN or infinite: lower --lr or --s")
     elapsed = time.perf_counter() - start
-    return EpochResult(total_loss.item() / seen, 100.0 * correct.item() / seen, elapsed, seen / elapsed)
+    return EpochResult(loss_sum / seen, 100.0 * hits / seen, elapsed, seen / elapsed)
 
 
 @dataclass
@@ -86,7 +90,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> EvalResult:
-    """Mean loss, top-1 and top-5 accuracy (percent) over every sample of ``loader``."""
+    """Mean loss, top-1 and top-5 accuracy (percent) over every sample of ``loader`` (of every worker's part)."""
     model.eval()
     device = next(model.parameters()).device
     total_loss = torch.zeros((), device=device)
@@ -100,5 +104,6 @@ def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> 
         hits = top == y[:, None]
         correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
         seen += len(y)
-    top1, top5 = (100.0 * correct / seen).tolist()
-    return EvalResult(total_loss.item() / seen, top1, top5)
+    loss_sum, hits1, hits5, seen = all_reduce_sum(torch.cat([total_loss.view(1), correct.to(total_loss), torch.tensor(
+        [float(seen)], device=device)])).tolist()
+    return EvalResult(loss_sum / seen, 100.0 * hits1 / seen, 100.0 * hits5 / seen)

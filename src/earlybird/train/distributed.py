@@ -1,0 +1,141 @@
+"""Many processes with torchrun (DistributedDataParallel): set-up, rank-0 I/O, agreement checks.
+
+``torchrun --nproc-per-node N -m earlybird search ...`` starts N processes; each reads RANK,
+WORLD_SIZE and LOCAL_RANK from the environment, joins the process group (NCCL on GPUs, gloo on
+CPUs) and trains on its share of every global batch. Only rank 0 writes files and prints. Masks and
+the Early-Bird decision are computed on every rank from the same BN scales, which are checked to be
+identical after every epoch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError, TrainingError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    """This process's place among the workers (a single process: rank 0 of 1)."""
+    return _WORLD
+
+
+def is_main() -> bool:
+    return _WORLD.main
+
+
+def init_from_env(use_cuda: bool) -> World:
+    """Join the process group torchrun describes in the environment; a no-op for one process."""
+    global _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        _WORLD = World()
+        return _WORLD
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except KeyError as exc:
+        raise ConfigError(f"WORLD_SIZE is {size} but {exc} is not set: start many processes with torchrun") from None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    _WORLD = World(rank, size, local)
+    return _WORLD
+
+
+def barrier() -> None:
+    if _WORLD.active:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the workers (in place, and returned); the tensor itself for one process."""
+    if _WORLD.active:
+        dist.all_reduce(t)
+    return t
+
+
+def check_agree(t: torch.Tensor, what: str) -> None:
+    """Fail loudly when the workers hold different values (they must compute the same masks)."""
+    if not _WORLD.active:
+        return
+    hi, lo = t.detach().clone(), t.detach().clone()
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise TrainingError(f"the workers disagree on {what} (largest difference {(hi - lo).abs().max().item():.3g}): "
+                            "their models diverged; check that every rank runs the same code and data")
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the whole global batch, on any backend.
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums (with autograd,
+    so gradients flow across workers as they must), which gloo does on CPUs.
+    """
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "GlobalBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  device=bn.weight.device, dtype=bn.weight.dtype)
+        new.load_state_dict(bn.state_dict())
+        return new
+
+    def forward(self, x):
+        if not self.training or not _WORLD.active:
+            return super().forward(x)
+        from torch.distributed.nn import all_reduce
+
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * total / (total - 1).clamp_min(1), alpha=m)
+        shape = (1, c, 1, 1)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Global batch statistics: torch's SyncBatchNorm on GPUs, GlobalBatchNorm2d elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.BatchNorm2d:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, GlobalBatchNorm2d.from_bn(m))
+    return model
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module to train with: DDP around ``model`` when there are several workers."""
+    if not _WORLD.active:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,77 @@
+"""Many processes (torchrun, gloo on CPU) and surviving a SIGKILL: both as a user runs them, in subprocesses."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from earlybird.train import load_checkpoint
+
+ARGS = ["search", "--dataset", "cifar10", "--no-download", "--arch", "vgg", "--depth", "11", "--width", "0.0625",
+        "--batch-size", "16", "--test-batch-size", "64", "--seed", "0", "--epochs", "6", "--schedule", "3",
+        "--ratios", "0.3", "0.5", "--eb-window", "2", "--eb-threshold", "0.2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def earlybird(*argv, nproc=1, **kwargs):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "earlybird", *map(str, argv)], env=ENV, capture_output=True, text=True,
+                          timeout=240, **kwargs)
+
+
+def tickets(save):
+    summary = json.loads((save / "summary.json").read_text())
+    return {r: (t["epoch"], load_checkpoint(save / t["path"])["mask"]) for r, t in summary["tickets"].items()}
+
+
+def test_two_gloo_workers_find_the_same_tickets_as_one_process(tmp_path, cifar10_root):
+    one = earlybird(*ARGS, "--data", cifar10_root, "--save", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = earlybird(*ARGS, "--data", cifar10_root, "--save", tmp_path / "two", "--sync-bn", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # only rank 0 prints
+    assert two.stdout.count("search: vgg11") == 1 and two.stdout.count("search epoch 1/6") == 1
+    a, b = tickets(tmp_path / "one"), tickets(tmp_path / "two")
+    assert a.keys() == b.keys() == {"0.3", "0.5"}
+    for r in a:
+        assert a[r][0] == b[r][0] and torch.equal(a[r][1], b[r][1]), r
+    wa = load_checkpoint(tmp_path / "one" / "last.pth")["state_dict"]
+    wb = load_checkpoint(tmp_path / "two" / "last.pth")["state_dict"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4), k
+
+
+def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cifar10_root):
+    # wider and longer than ARGS, so that epochs take long enough to be killed in the middle
+    argv = [*ARGS, "--width", "0.25", "--epochs", "12", "--full", "--data", cifar10_root]
+    clean = earlybird(*argv, "--save", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    save = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "earlybird", *map(str, argv), "--save", str(save)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))  # somewhere in a later epoch, or in a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert done < 12, "the run finished before it could be killed"
+    assert not (save / "summary.json").exists()
+    again = earlybird(*argv, "--save", save)
+    assert again.returncode == 0, again.stderr
+    resumed_after = int(again.stdout.split("resuming search from")[1].split("after epoch")[1].split()[0])
+    assert resumed_after >= done  # at most the epoch in flight was lost
+    assert not list(save.glob(".*.tmp"))  # no half-written checkpoint left behind
+    a, b = tickets(tmp_path / "clean"), tickets(save)
+    assert {r: e for r, (e, _) in a.items()} == {r: e for r, (e, _) in b.items()}
+    wa = load_checkpoint(tmp_path / "clean" / "last.pth")["state_dict"]
+    wb = load_checkpoint(save / "last.pth")["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -126,6 +126,11 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     (["search", "--ratios", "0"], ["outside (0, 1)"]),
     (["search", "--epochs", "10", "--schedule", "20"], ["--schedule"]),
     (["search", "--workers", "-1"], ["--workers"]),
+    (["search", "--momentum", "-0.5"], ["--momentum"]),
+    (["search", "--weight-decay=-1e-4"], ["--weight-decay"]),
+    (["search", "--gamma", "0"], ["--gamma"]),
+    (["search", "--threads", "0"], ["--threads"]),
+    (["search", "--seed", "-1"], ["--seed"]),
     (["run", "--round-to", "0"], ["--round-to"]),
     (["run", "--latency-batches", "0"], ["--latency-batches"]),
     (["search", "--device", "cuda:0"] if not torch.cuda.is_available() else ["search", "--device", "tpu"],
@@ -227,3 +232,21 @@ def test_progress_bars_on_a_terminal(capsys, tmp_path, cifar10_root):
     err = capsys.readouterr().err
     assert summary["epochs_trained"] == 1
     assert "search 1/1" in err and "img/s" in err and "loss" in err
+
+
+def test_bad_places_and_wrong_data_for_a_checkpoint(capsys, tmp_path, cifar10_root, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = _search(capsys, cifar10_root, a_file)
+    assert_one_line_error(code, err, "is a file", "--save")
+    assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
+    for command in (["prune"], ["eval"]):
+        code, _, err = cli(capsys, *command, "--model", tmp_path / "s" / "last.pth", "--dataset", "cifar100",
+                           "--data", cifar10_root, "--save", tmp_path / "p")
+        assert_one_line_error(code, err, "trained on cifar10, not cifar100", "--dataset")
+    # the metrics file cannot be written (here: a directory stands in its way, like a full disk would)
+    save = tmp_path / "m"
+    (save / "metrics.jsonl").mkdir(parents=True)
+    code, _, err = _search(capsys, cifar10_root, save)
+    assert_one_line_error(code, err, "could not write", "metrics.jsonl", "run the same command again")
+    assert (save / "last.pth").exists()  # the epoch itself was saved first

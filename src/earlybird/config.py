@@ -18,8 +18,9 @@ def opt(default, help: str, *flags: str, **argparse_kwargs):
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("fashion-mnist", "dataset: cifar10, cifar100, fashion-mnist or imagenet (train/ and val/ "
-                                        "class folders of JPEGs in --data)")
+    dataset: str | None = opt(None, "dataset: cifar10, cifar100, fashion-mnist or imagenet (train/ and val/ class "
+                                    "folders of JPEGs in --data); default: fashion-mnist for search and run, the "
+                                    "checkpoint's own for prune, retrain and eval")
     data: str = opt("data", "directory holding (or receiving) the dataset files")
     download: bool = opt(True, "download missing dataset files (checksummed)", action=argparse.BooleanOptionalAction)
     train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
@@ -137,6 +138,11 @@ def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, d
             if value < 1:
                 raise ConfigError(f"{flag} {value} must be at least 1")
     if optim is not None:
+        for flag, value in (("--momentum", optim.momentum), ("--weight-decay", optim.weight_decay)):
+            if value < 0:
+                raise ConfigError(f"{flag} {value:g} must not be negative")
+        if not optim.gamma > 0:
+            raise ConfigError(f"--gamma {optim.gamma:g} must be positive (0.1 divides the rate by 10)")
         if optim.epochs < 1:
             raise ConfigError(f"--epochs {optim.epochs} must be at least 1")
         if optim.lr <= 0:
@@ -150,6 +156,13 @@ def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, d
             check_ratio(r)
         if detect.min_channels < 0:
             raise ConfigError(f"--min-channels {detect.min_channels} must not be negative")
+
+
+def validate_runtime(rt: RuntimeConfig) -> None:
+    if rt.threads is not None and rt.threads < 1:
+        raise ConfigError(f"--threads {rt.threads} must be at least 1")
+    if rt.seed < 0:
+        raise ConfigError(f"--seed {rt.seed} must not be negative")
 
 
 def validate_prune(options: PruneOptions) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import RunDirError
 from .train.distributed import is_main
 
 
@@ -53,5 +54,9 @@ class MetricsLog:
         if not is_main():
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise RunDirError(f"could not write {self.path} ({exc.strerror or exc}): free disk space, then run the "
+                              "same command again (the epoch's checkpoint is saved)") from None

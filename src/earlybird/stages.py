@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                     RetrainConfig, RuntimeConfig, validate, validate_prune)
+                     RetrainConfig, RuntimeConfig, validate, validate_prune, validate_runtime)
 from .cost import count_macs, count_params, inference_throughput, training_macs
 from .data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, dataset_info, load_dataset
 from .detector import EarlyBird
@@ -48,7 +48,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+DEFAULT_DATASET = "fashion-mnist"
+
+
+def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
+    """The dataset a checkpoint was trained on; an explicit, different --dataset is an error."""
+    name = ckpt.get("dataset")
+    if name and data.dataset and data.dataset != name:
+        raise CheckpointError(f"{path} was trained on {name}, not {data.dataset}: drop --dataset or pass --dataset {name}")
+    return name or data.dataset or DEFAULT_DATASET
+
+
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
+    validate_runtime(rt)
     wants_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
     distributed.init_from_env(wants_cuda)
     device = resolve_device(rt.device)
@@ -78,6 +90,8 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporte
         if not path.is_file():
             raise RunDirError(f"no checkpoint to resume at {path}: start without --resume")
         return path
+    if save.exists() and not save.is_dir():
+        raise RunDirError(f"--save {save} is a file, not a directory: choose another --save")
     finished = (save / SUMMARY).exists() or (save / "pruned.pth").exists()
     if finished and not force:
         raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
@@ -86,10 +100,13 @@ def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporte
             reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
         return save / LAST
     if distributed.is_main():
-        if force:
-            for p in _artifacts(save):
-                p.unlink()
-        save.mkdir(parents=True, exist_ok=True)
+        try:
+            if force:
+                for p in _artifacts(save):
+                    p.unlink()
+            save.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot write in --save {save} ({exc.strerror or exc}): choose another --save") from None
     distributed.barrier()
     return None
 
@@ -108,15 +125,20 @@ def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
 
 
 def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
-    return Path("runs") / f"{data.dataset}-{model_cfg.arch}{model_cfg.depth}"
+    return Path("runs") / f"{data.dataset or DEFAULT_DATASET}-{model_cfg.arch}{model_cfg.depth}"
 
 
 def write_summary(save: Path, summary: dict) -> None:
     """Mark a stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
     if distributed.is_main():
         tmp = save / f".{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, save / SUMMARY)
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, save / SUMMARY)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RunDirError(f"could not write {save / SUMMARY} ({exc.strerror or exc}): free disk space, then run "
+                              "the same command again") from None
     distributed.barrier()
 
 
@@ -201,6 +223,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
     validate(data, optim, detect)
+    data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     save = Path(save or rt.save or default_save(data, model_cfg))
     device = setup_runtime(rt)
     spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data))
@@ -332,7 +355,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     prepare_save_dir(save, rt.force)
     dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
     dense = dense.to(device).eval()
-    dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
+    dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     _, test = make_loaders(dataset, data, device, rt.seed, False)
     example = next(iter(test))[0][:8]
     requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
@@ -411,10 +434,11 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     ckpt = load_checkpoint(cfg.model)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
     model = model.to(device)
-    dataset = load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download)
+    dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
-        raise CheckpointError(f"{cfg.model} was trained on {ckpt.get('dataset')} ({spec.num_classes} classes), not on "
-                              f"{dataset.info.name}: pass its --dataset")
+        raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
+                              f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
+                              "pass the --data it was trained on")
     _, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
     result = evaluate(model, test)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
@@ -467,7 +491,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         progress["test_acc"] = state["test_acc"]
         torch.set_rng_state(state["rng"])
         reporter.line(f"resuming retrain from {resume_path} after epoch {start}")
-    dataset = dataset or load_dataset(ckpt.get("dataset", data.dataset), data.data, data.download, data.train_subset,
+    dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download, data.train_subset,
                                       rt.seed)
     train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
     shape = ckpt["input_shape"]
@@ -525,6 +549,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     validate(data, optim, detect)
     validate_prune(options)
+    data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     save = Path(rt.save or default_save(data, model_cfg))
     if rt.resume is None and not rt.force:
         if (save / SUMMARY).exists():

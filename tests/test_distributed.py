@@ -49,7 +49,7 @@ def test_two_gloo_workers_find_the_same_tickets_as_one_process(tmp_path, cifar10
 
 def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cifar10_root):
     # wider and longer than ARGS, so that epochs take long enough to be killed in the middle
-    argv = [*ARGS, "--width", "0.25", "--epochs", "12", "--full", "--data", cifar10_root]
+    argv = [*ARGS, "--width", "0.25", "--epochs", "12", "--full", "--deterministic", "--data", cifar10_root]
     clean = earlybird(*argv, "--save", tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr
     save = tmp_path / "killed"

@@ -71,6 +71,8 @@ class RuntimeConfig:
     amp: bool = opt(False, "mixed precision (float16 autocast with loss scaling; CUDA only)", action="store_true")
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on most hardware)", action="store_true")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
+    deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "
+                                     "slower)", action="store_true")
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the whole global batch (as one process "
                                "computes them) instead of each worker's part", action="store_true")
     force: bool = opt(False, "overwrite a finished run in --save", action="store_true")

@@ -70,6 +70,10 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
         raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
     if rt.threads:
         torch.set_num_threads(rt.threads)
+    if rt.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     random.seed(rt.seed)
     torch.manual_seed(rt.seed)
     return device

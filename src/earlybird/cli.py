@@ -9,12 +9,13 @@ import argparse
 import sys
 
 from . import __version__
-from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
                      RetrainConfig, RuntimeConfig, add_config_args, config_from_args)
 from .errors import EarlyBirdError
 from .models import available_models
 from .progress import Reporter
 
+LOWP = "low precision (SWALP: block floating point, stochastic rounding, weight averaging)"
 EPILOG = "Docs and examples: README.md. Flags keep the names of the reference Early-Bird scripts."
 
 
@@ -39,16 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("search", "train the dense network with BN sparsity until the Early-Bird tickets emerge",
             (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
-            (DetectConfig, "Early-Bird detection"), (RuntimeConfig, "run"))
+            (DetectConfig, "Early-Bird detection"), (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
             (PruneConfig, "prune"), (PruneOptions, "pruned architecture and latency"),
             (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
     command("retrain", "retrain a pruned network: fine-tune the ticket from its epoch, or re-initialize (--reinit)",
-            (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"), (RuntimeConfig, "run"))
+            (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"),
+            (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     p = command("run", "search, prune every ticket, retrain each, and write a summary with compute accounting",
                 (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
                 (DetectConfig, "Early-Bird detection"), (PruneOptions, "pruned architecture and latency"),
-                (RuntimeConfig, "run"))
+                (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     p.add_argument("--reinit", action="store_true", help="retrain re-initialized tickets (EB Train re-init) instead "
                    "of fine-tuning them")
     command("eval", "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained checkpoint",
@@ -74,17 +76,18 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
     data = config_from_args(DataConfig, args)
     if args.command == "search":
         stages.search(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
-                      config_from_args(DetectConfig, args), rt, reporter)
+                      config_from_args(DetectConfig, args), rt, reporter, lowp=config_from_args(LowPrecisionConfig, args))
     elif args.command == "prune":
         stages.prune(config_from_args(PruneConfig, args), config_from_args(PruneOptions, args), None, data, rt, reporter)
     elif args.command == "eval":
         stages.evaluate_checkpoint(config_from_args(EvalConfig, args), data, rt, reporter)
     elif args.command == "retrain":
-        stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter)
+        stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter,
+                       lowp=config_from_args(LowPrecisionConfig, args))
     elif args.command == "run":
         stages.run_pipeline(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
                             config_from_args(DetectConfig, args), config_from_args(PruneOptions, args), rt, args.reinit,
-                            reporter)
+                            reporter, config_from_args(LowPrecisionConfig, args))
 
 
 def main(argv: list[str] | None = None) -> int:

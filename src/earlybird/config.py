@@ -52,6 +52,21 @@ class OptimConfig:
 
 
 @dataclass
+class LowPrecisionConfig:
+    wl_weight: int | None = opt(None, "bits of the weights (block floating point; 8 in the paper; default fp32)",
+                                type=int)
+    wl_grad: int | None = opt(None, "bits of the gradients", type=int)
+    wl_activate: int | None = opt(None, "bits of the conv/linear outputs in the forward pass", type=int)
+    wl_error: int | None = opt(None, "bits of the errors flowing back into them", type=int)
+    wl_momentum: int | None = opt(None, "bits of the SGD momentum buffers", type=int)
+    rounding: str = opt("stochastic", "rounding of the low-precision values: stochastic or nearest",
+                        choices=["stochastic", "nearest"])
+    swa: bool = opt(False, "stochastic weight averaging: a full-precision mean of the weights, once per epoch",
+                    action="store_true")
+    swa_start: int = opt(0, "epoch after which --swa averages (e.g. 3/4 of --epochs)", type=int)
+
+
+@dataclass
 class DetectConfig:
     ratios: list = opt([0.3, 0.5, 0.7], "pruning ratios whose tickets are searched for", type=float, nargs="+")
     eb_window: int = opt(5, "masks compared by the Early-Bird rule (newest vs the previous window-1)", type=int)
@@ -158,6 +173,15 @@ def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, d
             check_ratio(r)
         if detect.min_channels < 0:
             raise ConfigError(f"--min-channels {detect.min_channels} must not be negative")
+
+
+def validate_lowp(lp: LowPrecisionConfig, optim: OptimConfig) -> None:
+    for name in ("wl_weight", "wl_grad", "wl_activate", "wl_error", "wl_momentum"):
+        wl = getattr(lp, name)
+        if wl is not None and not 2 <= wl <= 24:
+            raise ConfigError(f"--{name.replace('_', '-')} {wl} must be in 2..24 bits (leave it out for fp32)")
+    if lp.swa and not 0 <= lp.swa_start < optim.epochs:
+        raise ConfigError(f"--swa-start {lp.swa_start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
 
 
 def validate_runtime(rt: RuntimeConfig) -> None:

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                     RetrainConfig, RuntimeConfig, validate, validate_prune, validate_runtime)
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+                     RetrainConfig, RuntimeConfig, validate, validate_lowp, validate_prune, validate_runtime)
 from .cost import count_macs, count_params, inference_throughput, training_macs
 from .data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, dataset_info, load_dataset
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from .models import ModelSpec, create_model, resolve_arch
+from .lowp import LowPrecision, Precision
 from .progress import MetricsLog, Reporter, format_seconds
 from .reference import import_reference, read_reference
 from .prune import apply_mask, apply_plan, prunable_layers, prune_model
@@ -170,6 +171,18 @@ def for_workers(model, rt: RuntimeConfig, device):
     return model
 
 
+def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: RuntimeConfig, model, device,
+                   input_shape) -> Precision:
+    """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
+    lowp = lowp or LowPrecisionConfig()
+    validate_lowp(lowp, optim)
+    lp = LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error, lowp.wl_momentum, lowp.rounding)
+    if lp.active and rt.amp:
+        raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
+    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    return Precision(lp, model, device, rt.seed, example, lowp.swa, lowp.swa_start)
+
+
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
@@ -181,7 +194,7 @@ def _amp(rt: RuntimeConfig, device):
 
 
 def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
-         log: MetricsLog, stage: str, on_epoch_end, scaler_state=None) -> float:
+         log: MetricsLog, stage: str, on_epoch_end, precision: Precision, scaler_state=None) -> float:
     """The epoch loop of every stage. ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)``
     saves what the stage keeps, may stop early, and adds a note to the epoch's line."""
     scaler, amp_dtype = _amp(rt, device)
@@ -208,7 +221,12 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
             "train_acc": round(result.accuracy, 3), "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 3),
             "images_per_s": round(result.images_per_second, 1), "epoch_s": round(result.seconds, 2),
         }
+        averaged = precision.average(epoch + 1, model, train)
+        if averaged is not None:
+            record["swa_test_acc"] = round(evaluate(averaged, test).top1, 3)
         stop, note = on_epoch_end(epoch + 1, record, scaler)
+        if averaged is not None:
+            note = f"  swa {record['swa_test_acc']:.2f}%" + note
         left = (optim.epochs - epoch - 1) * wall / (epoch + 1 - start)
         log.write(**record)
         reporter.line(
@@ -224,7 +242,8 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
 # ----------------------------------------------------------------------------- search
 
 def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
-           reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None) -> dict:
+           reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None,
+           lowp: LowPrecisionConfig | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
     validate(data, optim, detect)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
@@ -243,7 +262,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, optim)
+    precision = make_precision(lowp, optim, rt, model, device, (info.in_channels, info.image_size, info.image_size))
+    optimizer = precision.optimizer(make_optimizer(model, optim))
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
     gammas = [bn_gammas(detector._bns)]
     start, scaler_state, tickets = 0, None, {}
@@ -256,6 +276,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         load_weights(model, ckpt["state_dict"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         detector.load_state_dict(ckpt["detector"])
+        precision.load_state_dict(ckpt.get("precision") or {})
         gammas = list(ckpt["gammas"])
         start, scaler_state, tickets = ckpt["epoch"], ckpt.get("scaler"), ckpt["tickets"]
         progress.update(epoch=start, test_acc=ckpt["test_acc"])
@@ -287,7 +308,10 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         save_checkpoint(save / LAST, "search", spec, model, epoch=epoch, optimizer=optimizer.state_dict(),
                         detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
-                        test_acc=record["test_acc"], **meta)
+                        precision=precision.state_dict(), test_acc=record["test_acc"], **meta)
+        if "swa_test_acc" in record:
+            save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, epoch=epoch,
+                            test_acc=record["swa_test_acc"], **meta)
         progress.update(epoch=epoch, test_acc=record["test_acc"])
         dist = "  ".join(
             f"d{r:g}=" + ("-" if not detector.distances[r] else f"{max(detector.distances[r]):.3f}")
@@ -298,11 +322,12 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
 
     t0 = time.perf_counter()
     train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "search",
-                         on_epoch_end, scaler_state)
+                         on_epoch_end, precision, scaler_state)
     epochs_done = progress["epoch"]
     summary = {
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
         "prunable_channels": detector.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
+        "number_formats": precision.lp.describe(),
         "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
@@ -459,7 +484,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
 # ----------------------------------------------------------------------------- retrain
 
 def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig, reporter: Reporter,
-            dataset: Dataset | None = None, save: Path | None = None) -> dict:
+            dataset: Dataset | None = None, save: Path | None = None, lowp: LowPrecisionConfig | None = None) -> dict:
     """Train a pruned network to full accuracy: fine-tune the ticket (default) or re-initialize it."""
     validate(data, optim)
     if not cfg.model:
@@ -480,8 +505,9 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    precision = make_precision(lowp, optim, rt, model, device, ckpt["input_shape"])
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
-    optimizer = make_optimizer(model, optim)
+    optimizer = precision.optimizer(make_optimizer(model, optim))
     best = {"test_acc": -1.0, "epoch": None}
     progress = {"test_acc": None}
     scaler_state = None
@@ -491,6 +517,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
             raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
         load_weights(model, state["state_dict"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state.get("precision") or {})
         start, best, scaler_state = state["epoch"], state["best"], state.get("scaler")
         progress["test_acc"] = state["test_acc"]
         torch.set_rng_state(state["rng"])
@@ -513,17 +540,22 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
             save_checkpoint(save / "best.pth", "retrain", spec, model, plan, epoch=epoch, test_acc=record["test_acc"], **meta)
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
-                        scaler=scaler.state_dict() if scaler else None, **meta)
+                        scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(), **meta)
+        if "swa_test_acc" in record:
+            save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, plan, epoch=epoch,
+                            test_acc=record["swa_test_acc"], **meta)
+            progress["swa_test_acc"] = record["swa_test_acc"]
         progress["test_acc"] = record["test_acc"]
         return False, ""
 
     t0 = time.perf_counter()
     train_seconds = _fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "retrain", on_epoch_end,
-                         scaler_state)
+                         precision, scaler_state)
     summary = {
         "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
         "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
         "final_test_acc": progress["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "swa_test_acc": progress.get("swa_test_acc"), "number_formats": precision.lp.describe(),
         "params": count_params(model), "macs": macs, "train_images": train.num_samples,
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
     }
@@ -549,9 +581,12 @@ def _done(stage_dir: Path) -> dict:
 
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
-                 options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter) -> dict:
+                 options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter,
+                 lowp: LowPrecisionConfig | None = None) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     validate(data, optim, detect)
+    lowp = lowp or LowPrecisionConfig()
+    validate_lowp(lowp, optim)
     validate_prune(options)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     save = Path(rt.save or default_save(data, model_cfg))
@@ -570,7 +605,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
 
     stage_rt = _stage_runtime(rt, save / "search")
     found = _done(save / "search") if stage_rt is None else search(
-        data, model_cfg, optim, detect, stage_rt, reporter, dataset, save / "search")
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, save / "search", lowp)
     images = found["train_images"]
     dense_epoch = training_macs(found["macs"], images, 1)
     rows = []
@@ -590,7 +625,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         stage_rt = _stage_runtime(rt, retrain_dir)
         rt_cfg = RetrainConfig(model=str(prune_dir / "pruned.pth"), reinit=reinit)
         rr = _done(retrain_dir) if stage_rt is None else retrain(rt_cfg, data, optim, stage_rt, reporter, dataset,
-                                                                 retrain_dir)
+                                                                 retrain_dir, lowp)
         pruned_epoch = training_macs(pr["macs"]["after"], images, 1)
         eb_compute = ticket["epoch"] * dense_epoch + rr["epochs_trained"] * pruned_epoch
         standard = optim.epochs * dense_epoch + optim.epochs * pruned_epoch
@@ -598,7 +633,8 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
             "ratio": r, "eb_epoch": ticket["epoch"], "eb_fraction": round(ticket["epoch"] / optim.epochs, 4),
             "acc_dense_at_ticket": pr["test_acc"]["dense"], "acc_masked": pr["test_acc"]["masked"],
             "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
-            "acc_retrained_best": rr["best_test_acc"], "params": pr["params"], "macs": pr["macs"],
+            "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
+            "params": pr["params"], "macs": pr["macs"],
             "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
             "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
             "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
@@ -613,6 +649,9 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
         "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(time.perf_counter() - t0, 1),
         "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
+        "number_formats": found.get("number_formats"),
+        "arithmetic_cost_vs_fp32": round(LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error,
+                                                      lowp.wl_momentum).relative_arithmetic_cost(), 4),
     }
     write_summary(save, summary)
     table = summary_table(summary)
@@ -641,4 +680,12 @@ def summary_table(summary: dict) -> str:
         lines.append("  ".join(f"{c:>10}" for c in cells))
     lines.append("compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
                  "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")
+    formats = summary.get("number_formats") or {}
+    if any(v != "fp32" for k, v in formats.items() if k != "rounding"):
+        lines.append("number formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()) + "; arithmetic cost "
+                     f"(bits x operations) {summary['arithmetic_cost_vs_fp32']:.2f} of fp32")
+    swa = [r for r in summary["ratios"] if r.get("acc_retrained_swa") is not None]
+    if swa:
+        lines.append("SWA (averaged weights) accuracy: " + ", ".join(
+            f"p={r['ratio']:g} {r['acc_retrained_swa']:.2f}%" for r in swa))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from .distributed import is_main
 
 FORMAT = "earlybird-checkpoint"
 VERSION = 1
-KINDS = ("search", "ticket", "pruned", "retrain", "imported")
+KINDS = ("search", "ticket", "pruned", "retrain", "imported", "swa")
 
 
 def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Module, plan: PrunePlan | None = None,

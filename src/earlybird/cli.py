@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               "again (or add --resume) to continue", file=sys.stderr)
         return 130
     finally:
-        dist = sys.modules.get("torch.distributed")  # imported only when a command ran
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if "earlybird.train.distributed" in sys.modules:  # imported only when a command ran
+            sys.modules["earlybird.train.distributed"].finish()
     return 0
 

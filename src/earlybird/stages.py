@@ -88,6 +88,9 @@ def _artifacts(save: Path) -> list[Path]:
 def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporter: Reporter | None = None) -> Path | None:
     """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
     unfinished run in ``save`` is continued (as with --resume) unless --force starts it over."""
+    if distributed.is_main() and save.is_dir():
+        for stale in save.glob(".*.tmp"):  # a write cut short by a kill; the file it meant to replace is intact
+            stale.unlink(missing_ok=True)
     if resume is not None:
         path = Path(resume) if resume else save / LAST
         if (save / SUMMARY).exists() and not resume:

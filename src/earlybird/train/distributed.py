@@ -8,6 +8,7 @@ identical after every epoch.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,34 @@ def check_agree(t: torch.Tensor, what: str) -> None:
                             "their models diverged; check that every rank runs the same code and data")
 
 
+class _SumOverWorkers(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every worker's output depends
+    on every worker's input."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def finish() -> None:
+    """Leave the process group once every worker is done with it (gloo aborts a process that exits
+    while its threads still hold work)."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles must go before their process group
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the whole global batch, on any backend.
 
@@ -103,11 +132,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or not _WORLD.active:
             return super().forward(x)
-        from torch.distributed.nn import all_reduce
-
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        stats = _SumOverWorkers.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0)

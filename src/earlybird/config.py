@@ -83,7 +83,12 @@ class RuntimeConfig:
                                  "next to the input checkpoint for prune and retrain)")
     seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    amp: bool = opt(False, "mixed precision (float16 autocast with loss scaling; CUDA only)", action="store_true")
+    amp: bool = opt(False, "mixed precision on GPUs: bfloat16 autocast where the GPU has it, else float16 with "
+                           "loss scaling (on CPUs bfloat16 is far slower than float32, so it is refused)",
+                    action="store_true")
+    amp_dtype: str = opt("auto", "autocast type for --amp: auto, bf16 or fp16", choices=["auto", "bf16", "fp16"])
+    compile: bool = opt(False, "torch.compile the training forward/backward (helps on GPUs; ~30 s to compile, no "
+                               "gain measured on small CPUs)", action="store_true")
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on most hardware)", action="store_true")
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
     deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "

@@ -191,8 +191,12 @@ def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
 
 
 def _amp(rt: RuntimeConfig, device):
+    """(GradScaler or None, autocast dtype or None): bf16 needs no loss scaling, fp16 does."""
     if not rt.amp:
         return None, None
+    bf16 = rt.amp_dtype == "bf16" or (rt.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+    if bf16:
+        return None, torch.bfloat16
     return torch.amp.GradScaler(device.type), torch.float16
 
 
@@ -205,6 +209,8 @@ def _fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, d
         scaler.load_state_dict(scaler_state)
     l1 = optim.s if optim.sparsity_regularization else 0.0
     net = distributed.wrap(model, device)  # DDP with several workers; evaluation needs no wrapper
+    if rt.compile:
+        net = torch.compile(net)
     wall = 0.0
     for epoch in range(start, optim.epochs):
         lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)

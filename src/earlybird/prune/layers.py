@@ -43,7 +43,8 @@ class ConstantFoldConv2d(nn.Conv2d):
 
     def fold_map(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
         kernel = self.fold_kernel  # the key changes when the kernel is replaced, sliced or loaded into
-        key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version)
+        key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version,
+               torch.is_inference_mode_enabled())  # a map made in inference mode cannot serve autograd
         if key not in self._fold_cache:
             ones = torch.ones(1, 1, height, width, device=like.device, dtype=like.dtype)
             kernel = kernel.to(like.dtype)

@@ -88,7 +88,7 @@ class EvalResult:
     top5: float  # percent (100 when there are at most 5 classes)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, loader, amp_dtype: torch.dtype | None = None) -> EvalResult:
     """Mean loss, top-1 and top-5 accuracy (percent) over every sample of ``loader`` (of every worker's part)."""
     model.eval()

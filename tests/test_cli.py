@@ -48,7 +48,7 @@ def test_run_end_to_end(capsys, tmp_path, cifar10_root):
         assert pruned["params"]["after"] < pruned["params"]["before"]
         retrain = json.loads((save / f"retrain-{tag}" / "summary.json").read_text())
         assert retrain["start_epoch"] == epoch and retrain["epochs_trained"] == 8 - epoch
-        assert (save / f"retrain-{tag}" / "best.pth").exists() and (save / f"retrain-{tag}" / "last.pth").exists()
+        assert (save / f"retrain-{tag}" / "model_best.pth").exists() and (save / f"retrain-{tag}" / "checkpoint.pth").exists()
         assert row["compute_vs_train_prune_retrain"] < 1
     lines = (save / "search" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == search["epochs_trained"]
@@ -85,8 +85,8 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
     code, out, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 0, err
     assert "continuing it" in out and "after epoch 2" in out
-    a = load_checkpoint(tmp_path / "a" / "last.pth")
-    b = load_checkpoint(tmp_path / "b" / "last.pth")
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
     assert a["epoch"] == b["epoch"] == 4
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-6), k
@@ -95,12 +95,12 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
 
 def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
-    code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--percent", 0.4, "--data",
+    code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--percent", 0.4, "--data",
                          cifar10_root, "--save", tmp_path / "p")
     assert code == 0, err
     assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
     # without --save the pruned network goes next to its source, named by the ratio
-    assert cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--data", cifar10_root)[0] == 0
+    assert cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--data", cifar10_root)[0] == 0
     assert (tmp_path / "s" / "pruned-50" / "pruned.pth").exists()
     code, out, err = cli(capsys, "retrain", "--scratch", tmp_path / "p" / "pruned.pth", "--reinit", "--data",
                          cifar10_root, "--epochs", 2, "--schedule", 1, "--batch-size", 16, "--save", tmp_path / "r")
@@ -108,11 +108,11 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["reinit"] and summary["start_epoch"] == 0 and summary["epochs_trained"] == 2
     # a search checkpoint is not a pruned network
-    code, _, err = cli(capsys, "retrain", "--model", tmp_path / "s" / "last.pth", "--data", cifar10_root,
+    code, _, err = cli(capsys, "retrain", "--model", tmp_path / "s" / "checkpoint.pth", "--data", cifar10_root,
                        "--save", tmp_path / "r2")
     assert_one_line_error(code, err, "'search' checkpoint", "pruned")
     # a ratio that would empty a layer when the collapse guard is off
-    code, _, err = cli(capsys, "prune", "--model", tmp_path / "s" / "last.pth", "--percent", 0.99,
+    code, _, err = cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--percent", 0.99,
                        "--min-channels", 0, "--data", cifar10_root, "--save", tmp_path / "p99")
     assert_one_line_error(code, err, "would remove all", "--percent")
 
@@ -241,7 +241,7 @@ def test_bad_places_and_wrong_data_for_a_checkpoint(capsys, tmp_path, cifar10_ro
     assert_one_line_error(code, err, "is a file", "--save")
     assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
     for command in (["prune"], ["eval"]):
-        code, _, err = cli(capsys, *command, "--model", tmp_path / "s" / "last.pth", "--dataset", "cifar100",
+        code, _, err = cli(capsys, *command, "--model", tmp_path / "s" / "checkpoint.pth", "--dataset", "cifar100",
                            "--data", cifar10_root, "--save", tmp_path / "p")
         assert_one_line_error(code, err, "trained on cifar10, not cifar100", "--dataset")
     # the metrics file cannot be written (here: a directory stands in its way, like a full disk would)
@@ -249,4 +249,4 @@ def test_bad_places_and_wrong_data_for_a_checkpoint(capsys, tmp_path, cifar10_ro
     (save / "metrics.jsonl").mkdir(parents=True)
     code, _, err = _search(capsys, cifar10_root, save)
     assert_one_line_error(code, err, "could not write", "metrics.jsonl", "run the same command again")
-    assert (save / "last.pth").exists()  # the epoch itself was saved first
+    assert (save / "checkpoint.pth").exists()  # the epoch itself was saved first

@@ -26,13 +26,13 @@ def test_run_residual_networks(capsys, tmp_path, cifar10_root, arch):
     assert "prunable BN channels" in out and "img/s" in out
 
     # eval reads every kind of checkpoint and reports top-1 and top-5
-    for ckpt in (save / "pruned-50" / "pruned.pth", save / "retrain-50" / "best.pth", save / "search" / "last.pth"):
+    for ckpt in (save / "pruned-50" / "pruned.pth", save / "retrain-50" / "model_best.pth", save / "search" / "checkpoint.pth"):
         code, out, err = cli(capsys, "eval", "--model", ckpt, "--data", cifar10_root, "--no-download")
         assert code == 0, err
         summary = json.loads(out.strip().splitlines()[-1])
         assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["params"] > 0
     best = json.loads((save / "retrain-50" / "summary.json").read_text())["best_test_acc"]
-    code, out, _ = cli(capsys, "eval", "--model", save / "retrain-50" / "best.pth", "--data", cifar10_root)
+    code, out, _ = cli(capsys, "eval", "--model", save / "retrain-50" / "model_best.pth", "--data", cifar10_root)
     assert json.loads(out.strip().splitlines()[-1])["top1"] == best
 
 
@@ -43,7 +43,7 @@ def test_keep_streams_and_round_to(capsys, tmp_path, cifar10_root):
     assert code == 0, err
     search = json.loads((save / "summary.json").read_text())
     assert search["keep_streams"] and search["prunable_channels"] < search["bn_channels"]
-    code, out, err = cli(capsys, "prune", "--model", save / "last.pth", "--percent", 0.5, "--round-to", 4,
+    code, out, err = cli(capsys, "prune", "--model", save / "checkpoint.pth", "--percent", 0.5, "--round-to", 4,
                          "--latency-batches", "--data", cifar10_root, "--save", tmp_path / "p")
     assert code == 0, err
     report = json.loads((tmp_path / "p" / "summary.json").read_text())

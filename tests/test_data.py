@@ -151,3 +151,22 @@ def test_workers_split_each_global_batch_with_the_one_process_augmentation():
         for (x, y), (x0, y0), (x1, y1) in zip(one, *parts):
             assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     assert len(BatchLoader(images[:33], labels[:33], 8, info, True, rank=1, world=2)) == 4
+
+
+def test_crop_and_flip_follow_the_standard_distribution():
+    """The batched crop/flip draws what RandomCrop(32, padding=4) + RandomHorizontalFlip draw: every
+    one of the 9 x 9 offsets and both flips equally often (chi-square test over recovered draws)."""
+    info = dataset_info("cifar10")
+    n = 8100
+    img = (torch.arange(32 * 32).view(1, 1, 32, 32) % 251 + 1).to(torch.uint8).expand(n, 3, 32, 32)
+    loader = BatchLoader(img, torch.zeros(n, dtype=torch.long), 4050, info, train=True, seed=2)
+    out = torch.cat([x for x, _ in loader])
+    out = ((out * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)) * 255).round()
+    padded = torch.nn.functional.pad(img[0, 0].float(), (4, 4, 4, 4))
+    windows = torch.stack([padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)])
+    windows = torch.cat([windows, windows.flip(2)])  # 162 cells: offset x flip
+    cells = torch.cdist(out[:, 0].flatten(1), windows.flatten(1)).argmin(1)
+    counts = torch.bincount(cells, minlength=162).float()
+    expected = n / 162
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert counts.min() > 0 and chi2 < 230  # 161 degrees of freedom: p > 0.0003

@@ -41,8 +41,8 @@ def test_two_gloo_workers_find_the_same_tickets_as_one_process(tmp_path, cifar10
     assert a.keys() == b.keys() == {"0.3", "0.5"}
     for r in a:
         assert a[r][0] == b[r][0] and torch.equal(a[r][1], b[r][1]), r
-    wa = load_checkpoint(tmp_path / "one" / "last.pth")["state_dict"]
-    wb = load_checkpoint(tmp_path / "two" / "last.pth")["state_dict"]
+    wa = load_checkpoint(tmp_path / "one" / "checkpoint.pth")["state_dict"]
+    wb = load_checkpoint(tmp_path / "two" / "checkpoint.pth")["state_dict"]
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4), k
 
@@ -72,6 +72,6 @@ def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cif
     assert not list(save.glob(".*.tmp"))  # no half-written checkpoint left behind
     a, b = tickets(tmp_path / "clean"), tickets(save)
     assert {r: e for r, (e, _) in a.items()} == {r: e for r, (e, _) in b.items()}
-    wa = load_checkpoint(tmp_path / "clean" / "last.pth")["state_dict"]
-    wb = load_checkpoint(save / "last.pth")["state_dict"]
+    wa = load_checkpoint(tmp_path / "clean" / "checkpoint.pth")["state_dict"]
+    wb = load_checkpoint(save / "checkpoint.pth")["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

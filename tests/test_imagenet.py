@@ -80,7 +80,7 @@ def test_search_prune_eval_on_imagenet_folders(capsys, tmp_path, imagenet_root):
                          "--workers", 1, "--full", "--save", save)
     assert code == 0, err
     assert "12 training images" in out and "(3x224x224 -> 3)" in out
-    code, out, err = cli(capsys, "prune", "--model", save / "last.pth", "--data", imagenet_root, "--workers", 1,
+    code, out, err = cli(capsys, "prune", "--model", save / "checkpoint.pth", "--data", imagenet_root, "--workers", 1,
                          "--latency-batches", "--save", tmp_path / "p")
     assert code == 0, err
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["max_output_diff_pruned_vs_masked"] < 1e-4

@@ -6,11 +6,13 @@ The only place that parses flags, prints errors and exits. A user-facing failure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
-from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                     RetrainConfig, RuntimeConfig, add_config_args, config_from_args)
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelCheck, ModelConfig,
+                     OptimConfig, PruneConfig, PruneOptions, RetrainConfig, RuntimeConfig, add_config_args,
+                     config_from_args)
 from .errors import EarlyBirdError
 from .models import available_models
 from .progress import Reporter
@@ -42,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
             (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
             (DetectConfig, "Early-Bird detection"), (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     command("prune", "physically prune an EB ticket: fewer channels, copied weights, exact BN-shift folding",
-            (PruneConfig, "prune"), (PruneOptions, "pruned architecture and latency"),
+            (PruneConfig, "prune"), (ModelCheck, "model check"), (PruneOptions, "pruned architecture and latency"),
             (DataConfig, "data (for test accuracy)"), (RuntimeConfig, "run"))
     command("retrain", "retrain a pruned network: fine-tune the ticket from its epoch, or re-initialize (--reinit)",
-            (RetrainConfig, "retrain"), (DataConfig, "data"), (OptimConfig, "optimization"),
+            (RetrainConfig, "retrain"), (ModelCheck, "model check"), (DataConfig, "data"), (OptimConfig, "optimization"),
             (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     p = command("run", "search, prune every ticket, retrain each, and write a summary with compute accounting",
                 (DataConfig, "data"), (ModelConfig, "model"), (OptimConfig, "optimization"),
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reinit", action="store_true", help="retrain re-initialized tickets (EB Train re-init) instead "
                    "of fine-tuning them")
     command("eval", "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained checkpoint",
-            (EvalConfig, "eval"), (DataConfig, "data"), (RuntimeConfig, "run"))
+            (EvalConfig, "eval"), (ModelCheck, "model check"), (DataConfig, "data"), (RuntimeConfig, "run"))
     command("import-reference", "convert a checkpoint of the reference implementation (full unpickling: only files "
             "you trust) to an earlybird checkpoint", (ImportConfig, "import"), (ModelConfig, "model"),
             (RuntimeConfig, "run"))
@@ -74,25 +76,42 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
                                            rt, reporter, lambda text: print(text, file=sys.stderr))
         return
     data = config_from_args(DataConfig, args)
+    check = config_from_args(ModelCheck, args) if args.command in ("prune", "retrain", "eval") else None
     if args.command == "search":
         stages.search(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
                       config_from_args(DetectConfig, args), rt, reporter, lowp=config_from_args(LowPrecisionConfig, args))
     elif args.command == "prune":
-        stages.prune(config_from_args(PruneConfig, args), config_from_args(PruneOptions, args), None, data, rt, reporter)
+        stages.prune(config_from_args(PruneConfig, args), config_from_args(PruneOptions, args), None, data, rt, reporter,
+                     check=check)
     elif args.command == "eval":
-        stages.evaluate_checkpoint(config_from_args(EvalConfig, args), data, rt, reporter)
+        stages.evaluate_checkpoint(config_from_args(EvalConfig, args), data, rt, reporter, check)
     elif args.command == "retrain":
         stages.retrain(config_from_args(RetrainConfig, args), data, config_from_args(OptimConfig, args), rt, reporter,
-                       lowp=config_from_args(LowPrecisionConfig, args))
+                       lowp=config_from_args(LowPrecisionConfig, args), check=check)
     elif args.command == "run":
         stages.run_pipeline(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
                             config_from_args(DetectConfig, args), config_from_args(PruneOptions, args), rt, args.reinit,
                             reporter, config_from_args(LowPrecisionConfig, args))
 
 
+def _gpu_ids(args) -> list[int] | None:
+    """Several --gpu-ids outside torchrun: this process becomes the launcher."""
+    if not getattr(args, "gpu_ids", None) or "WORLD_SIZE" in os.environ:
+        return None
+    from .train.distributed import parse_gpu_ids
+
+    ids = parse_gpu_ids(args.gpu_ids)
+    return ids if len(ids) > 1 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        ids = _gpu_ids(args)
+        if ids:
+            from .train.distributed import launch_on_gpus
+
+            return launch_on_gpus(ids, list(sys.argv[1:] if argv is None else argv), args.port)
         _dispatch(args, Reporter())
     except EarlyBirdError as exc:
         print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)

@@ -10,6 +10,16 @@ from .errors import ConfigError
 from .masks import check_ratio
 
 
+def boolean(text: str) -> bool:
+    """'True'/'False' (and yes/no, 1/0) for flags the reference scripts give a value."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
+
+
 def opt(default, help: str, *flags: str, **argparse_kwargs):
     """A dataclass field with its CLI flags (default: --field-name) and argparse options."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
@@ -26,6 +36,11 @@ class DataConfig:
     train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
     batch_size: int = opt(256, "training batch size", type=int)
     test_batch_size: int = opt(256, "evaluation batch size", type=int)
+    filter: str = opt("none", "frequency filter on every input image: none, lowpass or highpass (Gaussian)",
+                      choices=["none", "lowpass", "highpass"])
+    sigma: float = opt(1.0, "width of the --filter Gaussian, in frequency bins", type=float)
+    sparsify_gt: float | None = opt(None, "zero every pixel at or below this value (0-1 scale) before normalization",
+                                    "--sparsify-gt", "--sparsity_gt", "--sparsity-gt", type=float)
     workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet)", type=int)
 
 
@@ -61,9 +76,10 @@ class LowPrecisionConfig:
     wl_momentum: int | None = opt(None, "bits of the SGD momentum buffers", type=int)
     rounding: str = opt("stochastic", "rounding of the low-precision values: stochastic or nearest",
                         choices=["stochastic", "nearest"])
-    swa: bool = opt(False, "stochastic weight averaging: a full-precision mean of the weights, once per epoch",
-                    action="store_true")
-    swa_start: int = opt(0, "epoch after which --swa averages (e.g. 3/4 of --epochs)", type=int)
+    swa: bool = opt(False, "stochastic weight averaging: a full-precision mean of the weights, once per epoch "
+                           "(the reference's '--swa True' works too)", "--swa", nargs="?", const=True, type=boolean)
+    swa_start: int = opt(0, "epoch after which --swa averages (e.g. 3/4 of --epochs)", "--swa-start", "--swa_start",
+                         type=int)
 
 
 @dataclass
@@ -93,10 +109,14 @@ class RuntimeConfig:
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
     deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "
                                      "slower)", action="store_true")
+    gpu_ids: str | None = opt(None, "GPUs to use, e.g. 0 or 0,1,2,3: one runs there, several start one DDP worker "
+                                    "per GPU (as torchrun does)", "--gpu-ids", "--gpu_ids")
+    port: int | None = opt(None, "rendezvous port when --gpu-ids starts several workers (default: a free one)",
+                           type=int)
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the whole global batch (as one process "
                                "computes them) instead of each worker's part", action="store_true")
     force: bool = opt(False, "overwrite a finished run in --save", action="store_true")
-    resume: str | None = opt(None, "continue an interrupted run from its last.pth (default path: --save/last.pth)",
+    resume: str | None = opt(None, "continue an interrupted run from this checkpoint (default: --save/checkpoint.pth; running the same command again does it too)",
                              nargs="?", const="")
 
 
@@ -105,7 +125,7 @@ class RetrainConfig:
     model: str = opt("", "pruned checkpoint to retrain (pruned.pth from `earlybird prune`)", "--model", "--scratch")
     reinit: bool = opt(False, "re-initialize the pruned network and train from epoch 0 (EB Train re-init)", action="store_true")
     start_epoch: int | None = opt(None, "first epoch of the retrain schedule (default: the ticket's epoch; 0 with --reinit)",
-                                  "--start-epoch", type=int)
+                                  "--start-epoch", "--start_epoch", type=int)
 
 
 @dataclass
@@ -113,6 +133,15 @@ class ImportConfig:
     model: str = opt("", "reference checkpoint to convert (e.g. EB-30-35.pth.tar, pruned.pth.tar, model_best.pth.tar)",
                      "--model")
     dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes)")
+
+
+@dataclass
+class ModelCheck:
+    """--arch/--depth on commands that read the architecture from a checkpoint: checked against it,
+    so the reference scripts' commands, which pass them, keep working and stay honest."""
+
+    arch: str | None = opt(None, "expected architecture of --model (checked; the checkpoint names it)")
+    depth: int | None = opt(None, "expected depth of --model (checked)", type=int)
 
 
 @dataclass
@@ -154,6 +183,9 @@ def config_from_args(cls, ns: argparse.Namespace):
 def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, detect: DetectConfig | None = None) -> None:
     """Range checks that argparse cannot express; each failure says which flag to change."""
     if data is not None:
+        from .data.transforms import InputTransform
+
+        InputTransform(data.filter, data.sigma, data.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
         if data.workers < 0:
             raise ConfigError(f"--workers {data.workers} must not be negative (0: decode in the main process)")
         for flag, value in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):

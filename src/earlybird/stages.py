@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                     RetrainConfig, RuntimeConfig, validate, validate_lowp, validate_prune, validate_runtime)
+from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelCheck, ModelConfig,
+                     OptimConfig, PruneConfig, PruneOptions, RetrainConfig, RuntimeConfig, validate, validate_lowp,
+                     validate_prune, validate_runtime)
 from .cost import count_macs, count_params, inference_throughput, training_macs
-from .data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, dataset_info, load_dataset
+from .data import (BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, dataset_info,
+                   load_dataset)
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, RunDirError
 from .masks import bn_gammas, channel_mask, check_ratio, prunable_bns
@@ -30,7 +32,8 @@ from .train import distributed, evaluate, load_checkpoint, lr_at, model_from_che
 from .train.checkpoint import load_weights
 
 SUMMARY = "summary.json"
-LAST = "last.pth"
+LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
+BEST = "model_best.pth"
 
 
 # ----------------------------------------------------------------------------- runtime helpers
@@ -52,6 +55,20 @@ def resolve_device(name: str) -> torch.device:
 DEFAULT_DATASET = "fashion-mnist"
 
 
+def check_expected(check: ModelCheck | None, spec: ModelSpec, path) -> None:
+    """--arch/--depth given to a command that reads the model from a checkpoint must match it."""
+    if check is None or (check.arch is None and check.depth is None):
+        return
+    arch, depth = resolve_arch(check.arch or spec.arch, check.depth if check.depth is not None else spec.depth)
+    if (arch, depth if _uses_depth(arch) else spec.depth) != (spec.arch, spec.depth):
+        raise CheckpointError(f"{path} holds {spec.describe()}, not {arch}{depth or ''}: drop --arch/--depth (the "
+                              "checkpoint names its architecture) or pass the right checkpoint")
+
+
+def _uses_depth(arch: str) -> bool:
+    return resolve_arch(arch, 1)[1] != 0
+
+
 def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
     """The dataset a checkpoint was trained on; an explicit, different --dataset is an error."""
     name = ckpt.get("dataset")
@@ -62,6 +79,9 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
     validate_runtime(rt)
+    if rt.gpu_ids:  # one id: that GPU; several: this is one of the workers launch_on_gpus started
+        ids = distributed.parse_gpu_ids(rt.gpu_ids) if "WORLD_SIZE" not in os.environ else []
+        rt = replace(rt, device=f"cuda:{ids[0]}" if len(ids) == 1 else "auto")
     wants_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
     distributed.init_from_env(wants_cuda)
     device = resolve_device(rt.device)
@@ -81,7 +101,7 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
 
 
 def _artifacts(save: Path) -> list[Path]:
-    names = [SUMMARY, LAST, "best.pth", "pruned.pth", "metrics.jsonl", "summary.txt"]
+    names = [SUMMARY, LAST, BEST, "swa.pth", "pruned.pth", "metrics.jsonl", "summary.txt"]
     return [save / n for n in names if (save / n).exists()] + sorted(save.glob("EB-*.pth"))
 
 
@@ -152,18 +172,19 @@ def write_summary(save: Path, summary: dict) -> None:
 
 def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
     w = distributed.world()
+    transform = InputTransform(data.filter, data.sigma, data.sparsify_gt)
     for flag, size in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
         if size % w.size:
             raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
     if isinstance(dataset, FolderDataset):
         return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers, w.rank,
-                                  w.size)
+                                  w.size, transform)
                      for split, bs, train in ((dataset.train, data.batch_size, True),
                                               (dataset.test, data.test_batch_size, False)))
     train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
-                        channels_last, w.rank, w.size)
+                        channels_last, w.rank, w.size, transform)
     test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
-                       channels_last, w.rank, w.size)
+                       channels_last, w.rank, w.size, transform)
     return train, test
 
 
@@ -379,7 +400,7 @@ def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
 
 
 def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
-          reporter: Reporter, dataset: Dataset | None = None) -> dict:
+          reporter: Reporter, dataset: Dataset | None = None, check: ModelCheck | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
     validate_prune(options)
     if not cfg.model:
@@ -392,6 +413,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     save = Path(save or rt.save or Path(cfg.model).parent / f"pruned-{round(ratio * 100)}")
     prepare_save_dir(save, rt.force)
     dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
     dense = dense.to(device).eval()
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     _, test = make_loaders(dataset, data, device, rt.seed, False)
@@ -464,13 +486,15 @@ def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: R
 
 # ----------------------------------------------------------------------------- eval
 
-def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter) -> dict:
+def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter,
+                        check: ModelCheck | None = None) -> dict:
     """Top-1/top-5, parameters and MACs of any earlybird checkpoint on its dataset's test split."""
     if not cfg.model:
-        raise ConfigError("--model is required: pass any checkpoint earlybird wrote (EB-*.pth, pruned.pth, best.pth)")
+        raise ConfigError("--model is required: pass any checkpoint earlybird wrote (EB-*.pth, pruned.pth, model_best.pth)")
     device = setup_runtime(rt)
     ckpt = load_checkpoint(cfg.model)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
     model = model.to(device)
     dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
@@ -493,7 +517,8 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
 # ----------------------------------------------------------------------------- retrain
 
 def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig, reporter: Reporter,
-            dataset: Dataset | None = None, save: Path | None = None, lowp: LowPrecisionConfig | None = None) -> dict:
+            dataset: Dataset | None = None, save: Path | None = None, lowp: LowPrecisionConfig | None = None,
+            check: ModelCheck | None = None) -> dict:
     """Train a pruned network to full accuracy: fine-tune the ticket (default) or re-initialize it."""
     validate(data, optim)
     if not cfg.model:
@@ -505,6 +530,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         raise CheckpointError(f"{cfg.model} is a dense network: prune it first (earlybird prune --model ...)")
     resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
     if cfg.reinit:
         # Same pruned architecture, fresh weights (and zero folds): "EB Train (re-init)".
         model = apply_plan(create_model(spec), plan)
@@ -546,7 +572,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     def on_epoch_end(epoch, record, scaler):
         if record["test_acc"] > best["test_acc"]:
             best.update(test_acc=record["test_acc"], epoch=epoch)
-            save_checkpoint(save / "best.pth", "retrain", spec, model, plan, epoch=epoch, test_acc=record["test_acc"], **meta)
+            save_checkpoint(save / BEST, "retrain", spec, model, plan, epoch=epoch, test_acc=record["test_acc"], **meta)
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
                         scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(), **meta)
@@ -570,7 +596,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     }
     write_summary(save, summary)
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best['test_acc']:.2f}% "
-                  f"(epoch {best['epoch']}) -> {save / 'best.pth'}")
+                  f"(epoch {best['epoch']}) -> {save / BEST}")
     return summary
 
 

@@ -11,6 +11,7 @@ from .cifar import load_cifar
 from .fashion_mnist import load_fashion_mnist
 from .imagenet import FolderSplit, class_folders, load_imagenet
 from .loader import BatchLoader, FolderLoader
+from .transforms import FILTERS, InputTransform
 
 
 @dataclass(frozen=True)
@@ -97,5 +98,5 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
     return Dataset(info, xtr, ytr, xte, yte)
 
 
-__all__ = ["BatchLoader", "DATASETS", "Dataset", "DatasetInfo", "FolderDataset", "FolderLoader", "dataset_info",
+__all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset", "FolderLoader", "dataset_info",
            "load_dataset"]

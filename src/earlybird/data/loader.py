@@ -29,7 +29,8 @@ class BatchLoader:
     augmented exactly as one process would (the random draws cover the whole global batch)."""
 
     def __init__(self, images, labels, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
-                 channels_last: bool = False, rank: int = 0, world: int = 1):
+                 channels_last: bool = False, rank: int = 0, world: int = 1, transform=None):
+        self.transform = transform if transform is not None and transform.active else None
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -90,8 +91,8 @@ class BatchLoader:
             x = self.images[idx]
             if self.train:
                 x = self._augment(x, gen, stop - start, slice(lo - start, hi - start))
-            x = (x.float() * self._scale + self._shift).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[idx]
+            x = x.float() if self.transform is None else self.transform(x.float())
+            yield (x * self._scale + self._shift).contiguous(memory_format=self.memory_format), self.labels[idx]
 
 
 class FolderLoader:
@@ -101,9 +102,10 @@ class FolderLoader:
     """
 
     def __init__(self, split, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
-                 channels_last: bool = False, workers: int = 2, rank: int = 0, world: int = 1):
+                 channels_last: bool = False, workers: int = 2, rank: int = 0, world: int = 1, transform=None):
         from .imagenet import ImageFolderSet
 
+        self.transform = transform if transform is not None and transform.active else None
         self.dataset = ImageFolderSet(split, train, seed)
         self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
         self.rank, self.world = rank, world
@@ -145,7 +147,8 @@ class FolderLoader:
                                              pin_memory=self.device.type == "cuda")
         try:
             for x, y in loader:
-                x = x.to(self.device, non_blocking=True).float() * self._scale + self._shift
+                x = x.to(self.device, non_blocking=True).float()
+                x = (x if self.transform is None else self.transform(x)) * self._scale + self._shift
                 yield x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
         except DataError as exc:  # raised in a worker: keep its own one-line message
             raise DataError(str(exc).strip().splitlines()[-1].removeprefix("earlybird.errors.DataError: ")) from None

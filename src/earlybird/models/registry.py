@@ -62,8 +62,13 @@ def available_models() -> list[str]:
         "module:function (your own model)", "torchvision:NAME", "timm:NAME"]
 
 
+# the reference scripts' names for the standard ResNet-50 (dense and pruned)
+ALIASES = {"resnet50_official": "resnet50", "resnet50_prune": "resnet50"}
+
+
 def resolve_arch(arch: str, depth: int) -> tuple[str, int]:
     """``resnet18`` -> (``resnet``, 18); an architecture without a depth gets depth 0."""
+    arch = ALIASES.get(arch, arch)
     match = re.fullmatch(r"([a-z_]+?)(\d+)", arch)
     if arch not in _REGISTRY and match and _DEPTHS.get(match.group(1)):
         return match.group(1), int(match.group(2))

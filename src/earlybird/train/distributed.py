@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -166,3 +167,34 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def parse_gpu_ids(text: str) -> list[int]:
+    """``--gpu-ids 0,2`` -> [0, 2], checked against the GPUs this machine has."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--gpu-ids {text}: give GPU numbers separated by commas, e.g. --gpu-ids 0,1") from None
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ConfigError(f"--gpu-ids {text}: give distinct GPU numbers, e.g. --gpu-ids 0,1")
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu-ids: no CUDA GPU is available here; drop --gpu-ids to run on the CPU")
+    count = torch.cuda.device_count()
+    if max(ids) >= count:
+        raise ConfigError(f"--gpu-ids {text}: this machine has {count} GPU(s), numbered 0..{count - 1}")
+    return ids
+
+
+def launch_on_gpus(ids: list[int], argv: list[str], port: int | None = None) -> int:
+    """One DDP worker per GPU through PyTorch's own launcher (what torchrun runs), on this node."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))  # worker k uses the k-th listed GPU
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=len(ids), run_id=f"earlybird-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"localhost:{port or 0}", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "earlybird", *argv)
+    except ChildFailedError:
+        return 1  # the failing worker printed its own error
+    return 0

@@ -1,0 +1,119 @@
+"""Our trainer against a reference-style loop, side by side in one run, same model, batch and data.
+
+Reference style (the original scripts): every image decoded to PIL and augmented in Python (pad 4,
+random 32x32 crop, flip), a one-worker DataLoader, fp32, the L1 term added by a Python loop over
+modules, evaluation with autograd on. Ours: the uint8 split held on the device, crop/flip/normalize
+batched there, evaluation under inference_mode.
+
+    python benchmarks/trainer_vs_reference.py [--depth 16] [--width 1.0] [--images 1024] [--batch 128]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from earlybird import ModelSpec, create_model
+from earlybird.data import BatchLoader, dataset_info
+from earlybird.train import evaluate, train_epoch
+
+INFO = dataset_info("cifar10")
+
+
+class ReferenceStyle(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool):
+        self.images, self.labels, self.train = images, labels, train
+        self.mean = np.array(INFO.mean, dtype=np.float32)[:, None, None]
+        self.std = np.array(INFO.std, dtype=np.float32)[:, None, None]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        if self.train:
+            img = ImageOps.expand(img, border=4, fill=0)
+            x, y = random.randint(0, 8), random.randint(0, 8)
+            img = img.crop((x, y, x + 32, y + 32))
+            if random.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((arr - self.mean) / self.std), int(self.labels[i])
+
+
+def reference_epoch(model, loader, optimizer, s):
+    model.train()
+    start, seen = time.perf_counter(), 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        for m in model.modules():  # the reference's updateBN
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.grad.data.add_(s * torch.sign(m.weight.data))
+        optimizer.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def reference_eval(model, loader):
+    model.eval()
+    start, seen, correct = time.perf_counter(), 0, 0
+    for x, y in loader:  # autograd stays on, as in the reference's test()
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.images)
+    spec = ModelSpec("vgg", args.depth, args.width, 3, 10, 32)
+    rows = {}
+
+    torch.manual_seed(0)
+    model = create_model(spec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    train = torch.utils.data.DataLoader(ReferenceStyle(images, labels, True), args.batch, shuffle=True, num_workers=1)
+    test = torch.utils.data.DataLoader(ReferenceStyle(images, labels, False), 256, num_workers=1)
+    reference_epoch(model, train, opt, 1e-4)  # warm-up
+    rows["reference style"] = (reference_epoch(model, train, opt, 1e-4), reference_eval(model, test))
+
+    for name, channels_last in (("earlybird", False), ("earlybird, channels-last", True)):
+        torch.manual_seed(0)
+        model = create_model(spec)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        y = torch.from_numpy(labels)
+        train = BatchLoader(x, y, args.batch, INFO, True, channels_last=channels_last)
+        test = BatchLoader(x, y, 256, INFO, False, channels_last=channels_last)
+        train_epoch(model, train, opt, l1=1e-4)  # warm-up
+        result = train_epoch(model, train, opt, l1=1e-4)
+        start = time.perf_counter()
+        evaluate(model, test)
+        rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
+
+    print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads")
+    print("trainer | train img/s | train ratio | eval img/s | eval ratio")
+    base = rows["reference style"]
+    for name, (tr, ev) in rows.items():
+        print(f"{name} | {tr:.0f} | {tr / base[0]:.2f}x | {ev:.0f} | {ev / base[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""The `earlybird` command line: search, prune, retrain, run (all three), eval, import-reference, models.
+"""The `earlybird` command line: search, prune, retrain, run (all three), eval, report, import-reference, models.
 
 The only place that parses flags, prints errors and exits. A user-facing failure
 (EarlyBirdError) becomes one line on stderr and exit code 2.
@@ -11,7 +11,7 @@ import sys
 
 from . import __version__
 from .config import (DataConfig, DetectConfig, EvalConfig, ImportConfig, LowPrecisionConfig, ModelCheck, ModelConfig,
-                     OptimConfig, PruneConfig, PruneOptions, RetrainConfig, RuntimeConfig, add_config_args,
+                     OptimConfig, PruneConfig, PruneOptions, ReportConfig, RetrainConfig, RuntimeConfig, add_config_args,
                      config_from_args)
 from .errors import EarlyBirdError
 from .models import available_models
@@ -55,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                 (LowPrecisionConfig, LOWP), (RuntimeConfig, "run"))
     p.add_argument("--reinit", action="store_true", help="retrain re-initialized tickets (EB Train re-init) instead "
                    "of fine-tuning them")
+    p.add_argument("--baseline", action="store_true", help="also run train-prune-retrain (dense training over the "
+                   "whole schedule, prune at the end, fine-tune) with the same schedule and seed, and compare")
     command("eval", "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained checkpoint",
             (EvalConfig, "eval"), (ModelCheck, "model check"), (DataConfig, "data"), (RuntimeConfig, "run"))
     command("import-reference", "convert a checkpoint of the reference implementation (full unpickling: only files "
             "you trust) to an earlybird checkpoint", (ImportConfig, "import"), (ModelConfig, "model"),
             (RuntimeConfig, "run"))
+    command("report", "figures (mask-distance heat-map, curves, gamma histograms, kept channels) and a Markdown page "
+            "of a run", (ReportConfig, None))
     sub.add_parser("models", help="list the registered architectures")
     return parser
 
@@ -69,6 +73,12 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
 
     if args.command == "models":
         reporter.line("\n".join(available_models()))
+        return
+    if args.command == "report":
+        from .report import write_report
+
+        cfg = config_from_args(ReportConfig, args)
+        reporter.line(f"report -> {write_report(cfg.run, cfg.out)}")
         return
     rt = config_from_args(RuntimeConfig, args)
     if args.command == "import-reference":
@@ -91,7 +101,7 @@ def _dispatch(args: argparse.Namespace, reporter: Reporter) -> None:
     elif args.command == "run":
         stages.run_pipeline(data, config_from_args(ModelConfig, args), config_from_args(OptimConfig, args),
                             config_from_args(DetectConfig, args), config_from_args(PruneOptions, args), rt, args.reinit,
-                            reporter, config_from_args(LowPrecisionConfig, args))
+                            reporter, config_from_args(LowPrecisionConfig, args), args.baseline)
 
 
 def _gpu_ids(args) -> list[int] | None:

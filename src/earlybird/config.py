@@ -116,6 +116,8 @@ class RuntimeConfig:
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the whole global batch (as one process "
                                "computes them) instead of each worker's part", action="store_true")
     force: bool = opt(False, "overwrite a finished run in --save", action="store_true")
+    tensorboard: bool = opt(False, "also write the metrics as TensorBoard scalars (--save/tensorboard/)",
+                            action="store_true")
     resume: str | None = opt(None, "continue an interrupted run from this checkpoint (default: --save/checkpoint.pth; running the same command again does it too)",
                              nargs="?", const="")
 
@@ -133,6 +135,12 @@ class ImportConfig:
     model: str = opt("", "reference checkpoint to convert (e.g. EB-30-35.pth.tar, pruned.pth.tar, model_best.pth.tar)",
                      "--model")
     dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes)")
+
+
+@dataclass
+class ReportConfig:
+    run: str = opt("", "the --save directory of an `earlybird run` (or of a search)", "run", metavar="RUN_DIR")
+    out: str | None = opt(None, "where the figures and report.md go (default: RUN_DIR/report)")
 
 
 @dataclass
@@ -173,7 +181,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = No
         default = f.default if f.default is not MISSING else f.default_factory()
         kwargs = dict(meta["argparse"])
         help_text = meta["help"] + ("" if default in (None, "", False) or kwargs.get("action") else f" (default: {default})")
-        group.add_argument(*flags, dest=f.name, default=default, help=help_text, **kwargs)
+        if flags[0].startswith("-"):
+            kwargs["dest"] = f.name
+        group.add_argument(*flags, default=default, help=help_text, **kwargs)
 
 
 def config_from_args(cls, ns: argparse.Namespace):

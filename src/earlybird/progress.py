@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .train.distributed import is_main
 
 
@@ -44,11 +44,19 @@ class Reporter:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; survives resumes (it appends)."""
+    """Appends one JSON object per line (it survives resumes); with ``tensorboard`` also writes every
+    numeric field as a TensorBoard scalar (tag ``stage/field``, step = epoch) in ``tensorboard/``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard: bool = False):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard and is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
 
     def write(self, **record) -> None:
         if not is_main():
@@ -60,3 +68,9 @@ class MetricsLog:
         except OSError as exc:
             raise RunDirError(f"could not write {self.path} ({exc.strerror or exc}): free disk space, then run the "
                               "same command again (the epoch's checkpoint is saved)") from None
+        if self.writer is not None:
+            stage, step = record.get("stage", "train"), record.get("epoch", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "time"):
+                    self.writer.add_scalar(f"{stage}/{key}", value, step)
+            self.writer.flush()

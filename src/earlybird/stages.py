@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -320,7 +321,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                   f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
     meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
             "layers": layers, "keep_streams": detect.keep_streams}
-    log = MetricsLog(save / "metrics.jsonl")
+    log = MetricsLog(save / "metrics.jsonl", rt.tensorboard)
 
     def on_epoch_end(epoch, record, scaler):
         distributed.check_agree(bn_gammas(detector._bns), "the BN scales")
@@ -565,7 +566,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     mode = "re-initialized" if cfg.reinit else f"fine-tuned from the ticket (epoch {ckpt.get('epoch')})"
     reporter.line(f"retrain: pruned {spec.describe()} p={ckpt.get('ratio')}, {count_params(model):,} params, "
                   f"{macs / 1e6:.2f} M MACs/image, {mode}, epochs {start + 1}..{optim.epochs}")
-    log = MetricsLog(save / "metrics.jsonl")
+    log = MetricsLog(save / "metrics.jsonl", rt.tensorboard)
     meta = {"ratio": ckpt.get("ratio"), "dataset": dataset.info.name, "input_shape": shape}
     first_epoch = start
 
@@ -617,7 +618,7 @@ def _done(stage_dir: Path) -> dict:
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
                  options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter,
-                 lowp: LowPrecisionConfig | None = None) -> dict:
+                 lowp: LowPrecisionConfig | None = None, baseline: bool = False) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     validate(data, optim, detect)
     lowp = lowp or LowPrecisionConfig()
@@ -674,26 +675,70 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
             "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
             "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
             "compute_vs_dense_only": round(eb_compute / (optim.epochs * dense_epoch), 4),
-            "retrain_wall_s": rr["wall_s"],
+            "retrain_wall_s": rr["wall_s"], "retrain_train_s": rr["train_s"],
         })
     spent = found["epochs_trained"] * dense_epoch + sum(
         row["retrain_epochs"] * training_macs(row["macs"]["after"], images, 1) for row in rows if row["eb_epoch"])
+    train_s = found["train_s"] + sum(row["retrain_train_s"] for row in rows if row["eb_epoch"])
     summary = {
         "dataset": data.dataset, "spec": found["spec"], "schedule_epochs": optim.epochs,
         "search_epochs": found["epochs_trained"], "search_final_test_acc": found["final_test_acc"],
         "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
         "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(time.perf_counter() - t0, 1),
+        "train_s": round(train_s, 1),
         "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
         "number_formats": found.get("number_formats"),
         "arithmetic_cost_vs_fp32": round(LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error,
                                                       lowp.wl_momentum).relative_arithmetic_cost(), 4),
     }
+    if baseline:
+        summary["baseline"] = _baseline(save, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
+                                        found)
     write_summary(save, summary)
     table = summary_table(summary)
     if distributed.is_main():
         (save / "summary.txt").write_text(table + "\n")
     reporter.line(table)
     return summary
+
+
+def _baseline(save: Path, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp, found) -> dict:
+    """Train-prune-retrain, measured: dense training over the whole schedule, each ratio pruned at
+    the end and fine-tuned over the whole schedule again (network slimming), same seed. The dense
+    training continues the EB search's checkpoint: with the same seed its first epochs are the same
+    computation, so their time is the search's."""
+    base = save / "baseline"
+    search_dir = base / "search"
+    if (search_dir / SUMMARY).exists():
+        dense = _done(search_dir)
+    else:
+        if not (search_dir / LAST).exists() and distributed.is_main():
+            search_dir.mkdir(parents=True, exist_ok=True)
+            for name in (LAST, "metrics.jsonl"):
+                shutil.copy2(save / "search" / name, search_dir / name)
+        distributed.barrier()
+        reporter.line(f"--- baseline: dense training continues to epoch {optim.epochs}, then prune and fine-tune")
+        dense = search(data, model_cfg, optim, replace(detect, full=True), replace(rt, resume="", force=False),
+                       reporter, dataset, search_dir, lowp)
+    dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
+    out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
+           "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
+    for r in found["ratios"]:
+        tag = round(r * 100)
+        prune_dir, retrain_dir = base / f"pruned-{tag}", base / f"retrain-{tag}"
+        pr = _done(prune_dir) if (prune_dir / SUMMARY).exists() else prune(
+            PruneConfig(str(search_dir / LAST), r, detect.min_channels), options, prune_dir, data,
+            replace(rt, resume=None, force=True), reporter, dataset)
+        stage_rt = _stage_runtime(replace(rt, resume=""), retrain_dir)
+        rr = _done(retrain_dir) if stage_rt is None else retrain(
+            RetrainConfig(model=str(prune_dir / "pruned.pth"), start_epoch=0), data, optim, stage_rt, reporter,
+            dataset, retrain_dir, lowp)
+        out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
+                                 "params": pr["params"]["after"], "macs": pr["macs"]["after"]}
+        out["train_s"] += rr["train_s"]
+        out["train_macs"] += rr["epochs_trained"] * training_macs(pr["macs"]["after"], dense["train_images"], 1)
+    out["train_s"] = round(out["train_s"], 1)
+    return out
 
 
 def summary_table(summary: dict) -> str:
@@ -719,6 +764,14 @@ def summary_table(summary: dict) -> str:
     if any(v != "fp32" for k, v in formats.items() if k != "rounding"):
         lines.append("number formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()) + "; arithmetic cost "
                      f"(bits x operations) {summary['arithmetic_cost_vs_fp32']:.2f} of fp32")
+    base = summary.get("baseline")
+    if base:
+        lines.append(f"measured train-prune-retrain (same schedule and seed): training {format_seconds(base['train_s'])} "
+                     f"vs EB Train {format_seconds(summary['train_s'])} ({summary['train_s'] / base['train_s']:.2f}), "
+                     f"training MACs {summary['total_train_macs'] / base['train_macs']:.2f} of it; retrained accuracy "
+                     + ", ".join(f"p={r} {b['final']:.2f}% (EB Train {row['acc_retrained']:.2f}%)"
+                                 for r, b in base["ratios"].items() for row in summary["ratios"]
+                                 if str(row["ratio"]) == r and row.get("eb_epoch") is not None))
     swa = [r for r in summary["ratios"] if r.get("acc_retrained_swa") is not None]
     if swa:
         lines.append("SWA (averaged weights) accuracy: " + ", ".join(

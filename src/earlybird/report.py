@@ -1,0 +1,257 @@
+"""`earlybird report RUN_DIR`: the pictures of an Early-Bird run and a Markdown page around them.
+
+* heatmap.png: the epoch x epoch mask-distance matrix, one panel per ratio, EB epochs marked;
+* distances.png: the distance of each epoch's mask to the previous one, and the largest distance in
+  the detection window, against the threshold;
+* curves.png: train/test accuracy and loss of the search and of every retrain;
+* gammas.png: the |gamma| histogram at a few epochs;
+* channels.png: kept channels per layer of each ticket;
+* report.md: the tickets, accuracies, sizes and the cost table, with the figures.
+
+Works on a `run` directory or on a single `search` directory (headless matplotlib). The heat-map
+covers the epochs the search trained: use `search --full`, or `run --baseline`, whose dense
+training continues the search over the whole schedule (the report then draws from it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import RunDirError
+from .masks import channel_mask, distance_matrix
+from .progress import format_seconds
+from .train import load_checkpoint
+
+
+@dataclass
+class RunData:
+    root: Path
+    search_dir: Path
+    gammas: torch.Tensor  # (epochs + 1) x channels: the initial scales, then after every epoch
+    layer_sizes: list[int]
+    layer_names: list[str]
+    ratios: list[float]
+    min_channels: int
+    threshold: float
+    window: int
+    emerged: dict[float, int]
+    search_metrics: list[dict]
+    retrain_metrics: dict[float, list[dict]] = field(default_factory=dict)
+    pruned: dict[float, dict] = field(default_factory=dict)
+    summary: dict | None = None
+
+    @property
+    def epochs(self) -> int:
+        return self.gammas.shape[0] - 1
+
+    def masks(self, ratio: float) -> list[torch.Tensor]:
+        """The mask of every epoch (1..epochs) at ``ratio``."""
+        return [channel_mask(g, ratio, self.layer_sizes, self.min_channels) for g in self.gammas[1:]]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def load_run(root: str | Path) -> RunData:
+    root = Path(root)
+    search_dir = root / "search" if (root / "search").is_dir() else root
+    if (root / "baseline" / "search" / "checkpoint.pth").exists():
+        search_dir = root / "baseline" / "search"  # the same training carried through the whole schedule
+    ckpt_path = search_dir / "checkpoint.pth"
+    if not ckpt_path.exists():
+        raise RunDirError(f"{root} holds no search (no {ckpt_path.name}): pass the --save directory of a run or search")
+    ckpt = load_checkpoint(ckpt_path, ("search",))
+    det = ckpt["detector"]
+    data = RunData(
+        root=root, search_dir=search_dir, gammas=ckpt["gammas"].float(), layer_sizes=list(det["layer_sizes"]),
+        layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
+        ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),
+        threshold=float(det["threshold"]), window=int(det["window"]),
+        emerged={float(r): int(e) for r, e in det["emerged"].items()},
+        search_metrics=[m for m in _jsonl(search_dir / "metrics.jsonl") if m.get("stage") == "search"],
+    )
+    for r in data.ratios:
+        tag = round(r * 100)
+        data.retrain_metrics[r] = _jsonl(root / f"retrain-{tag}" / "metrics.jsonl")
+        if (root / f"pruned-{tag}" / "summary.json").exists():
+            data.pruned[r] = json.loads((root / f"pruned-{tag}" / "summary.json").read_text())
+    if (root / "summary.json").exists() and root != search_dir:
+        data.summary = json.loads((root / "summary.json").read_text())
+    return data
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(data: RunData, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(data.ratios), figsize=(4.2 * len(data.ratios), 3.8), squeeze=False)
+    for ax, r in zip(axes[0], data.ratios):
+        d = distance_matrix(data.masks(r)).numpy()
+        im = ax.imshow(d, cmap="viridis", origin="upper", extent=(0.5, data.epochs + 0.5, data.epochs + 0.5, 0.5))
+        if r in data.emerged:
+            e = data.emerged[r]
+            ax.axvline(e, color="red", lw=1)
+            ax.axhline(e, color="red", lw=1)
+            ax.set_title(f"p = {r:g}: EB ticket at epoch {e}")
+        else:
+            ax.set_title(f"p = {r:g}: no ticket")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("epoch")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="mask distance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def distances(data: RunData, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = list(range(1, data.epochs + 1))
+    for r in data.ratios:
+        masks = data.masks(r)
+        steps = [float("nan")] + [float((a != b).float().mean()) for a, b in zip(masks[1:], masks[:-1])]
+        line, = ax.plot(epochs, steps, marker="o", ms=3, label=f"p={r:g}: to the previous epoch")
+        window = [max(m["distances"][str(r)]) if m.get("distances", {}).get(str(r)) else float("nan")
+                  for m in data.search_metrics]
+        ax.plot([m["epoch"] for m in data.search_metrics], window, ls="--", color=line.get_color(),
+                label=f"p={r:g}: largest in the window")
+        if r in data.emerged:
+            ax.axvline(data.emerged[r], color=line.get_color(), lw=0.8, ls=":")
+    ax.axhline(data.threshold, color="black", lw=1, label=f"threshold {data.threshold:g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("normalized Hamming distance")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves(data: RunData, path: Path) -> None:
+    plt = _plt()
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    series = [("search", data.search_metrics)] + [(f"retrain p={r:g}", m) for r, m in data.retrain_metrics.items() if m]
+    for name, metrics in series:
+        x = [m["epoch"] for m in metrics]
+        line, = acc.plot(x, [m["test_acc"] for m in metrics], label=f"{name} test")
+        acc.plot(x, [m["train_acc"] for m in metrics], ls="--", color=line.get_color(), label=f"{name} train")
+        loss.plot(x, [m["test_loss"] for m in metrics], color=line.get_color(), label=f"{name} test")
+        loss.plot(x, [m["train_loss"] for m in metrics], ls="--", color=line.get_color(), label=f"{name} train")
+    for ax, label in ((acc, "accuracy (%)"), (loss, "loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    loss.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gamma_histograms(data: RunData, path: Path) -> None:
+    plt = _plt()
+    picks = sorted({1, *data.emerged.values(), data.epochs})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = float(data.gammas[1:].max())
+    for e in picks:
+        ax.hist(data.gammas[e].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3, label=f"epoch {e}")
+    ax.set_xlabel("|gamma|")
+    ax.set_ylabel("channels")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kept_channels(data: RunData, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(data.layer_names)), 4))
+    x = torch.arange(len(data.layer_names)).float()
+    ax.bar(x, data.layer_sizes, color="lightgray", label="dense")
+    width = 0.8 / max(1, len(data.ratios))
+    for k, r in enumerate(data.ratios):
+        if r not in data.emerged:
+            continue
+        mask = data.masks(r)[data.emerged[r] - 1]
+        kept = [int(m.sum()) for m in torch.split(mask, data.layer_sizes)]
+        ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width, label=f"ticket p={r:g} (epoch {data.emerged[r]})")
+    ax.set_xticks(x.tolist(), data.layer_names, rotation=90, fontsize=6)
+    ax.set_ylabel("channels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(data: RunData, figures: list[str]) -> str:
+    lines = [f"# Early-Bird report: {data.root}", ""]
+    lines += ["| ratio | EB epoch | of the schedule |", "|---|---|---|"]
+    total = (data.summary or {}).get("schedule_epochs") or data.epochs
+    for r in data.ratios:
+        e = data.emerged.get(r)
+        lines.append(f"| {r:g} | {e if e else 'none'} | {f'{e / total:.0%}' if e else '-'} |")
+    s = data.summary
+    if s:
+        lines += ["", "| ratio | dense at ticket | masked | pruned | retrained (final / best) | params | MACs | "
+                  "training MACs vs train-prune-retrain | vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in s["ratios"]:
+            if row.get("eb_epoch") is None:
+                continue
+            p, m = row["params"], row["macs"]
+            lines.append(f"| {row['ratio']:g} | {row['acc_dense_at_ticket']:.2f}% | {row['acc_masked']:.2f}% | "
+                         f"{row['acc_pruned']:.2f}% | {row['acc_retrained']:.2f}% / {row['acc_retrained_best']:.2f}% | "
+                         f"{p['before']:,} → {p['after']:,} | {m['before'] / 1e6:.2f}M → {m['after'] / 1e6:.2f}M | "
+                         f"{row['compute_vs_train_prune_retrain']:.2f} | {row['compute_vs_dense_only']:.2f} |")
+        dense_epoch = next((row["train_macs"]["dense_only"] / s["schedule_epochs"] for row in s["ratios"]
+                            if row.get("eb_epoch") is not None), 0.0)
+        lines += ["", "**Cost** (training MACs = 3 x forward MACs x images x epochs).", "",
+                  "| | epochs | training MACs | wall time |", "|---|---|---|---|",
+                  f"| search (dense) | {s['search_epochs']} of {s['schedule_epochs']} | "
+                  f"{s['search_epochs'] * dense_epoch:.3g} | {format_seconds(s['search_wall_s'])} |"]
+        for row in s["ratios"]:
+            if row.get("eb_epoch") is not None:
+                lines.append(f"| retrain p={row['ratio']:g} | {row['retrain_epochs']} | "
+                             f"{row['train_macs']['eb'] - row['eb_epoch'] * dense_epoch:.3g} | "
+                             f"{format_seconds(row['retrain_wall_s'])} |")
+        lines.append(f"| **whole run** | | {s['total_train_macs']:.3g} | {format_seconds(s['wall_s'])} |")
+        base = s.get("baseline")
+        if base:
+            lines += ["", f"**Measured baseline** (train-prune-retrain, same schedule and seed): training time "
+                      f"{format_seconds(base['train_s'])}, training MACs {base['train_macs']:.3g}; EB Train used "
+                      f"{s['total_train_macs'] / base['train_macs']:.2f} of its compute and "
+                      f"{s['train_s'] / base['train_s']:.2f} of its training time."]
+            lines += ["", "| ratio | baseline retrained (final / best) | EB Train retrained (final / best) |",
+                      "|---|---|---|"]
+            for row in s["ratios"]:
+                b = base["ratios"].get(str(row["ratio"]))
+                if b and row.get("eb_epoch") is not None:
+                    lines.append(f"| {row['ratio']:g} | {b['final']:.2f}% / {b['best']:.2f}% | "
+                                 f"{row['acc_retrained']:.2f}% / {row['acc_retrained_best']:.2f}% |")
+    lines += [""] + [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+FIGURES = {"heatmap.png": heatmap, "distances.png": distances, "curves.png": curves, "gammas.png": gamma_histograms,
+           "channels.png": kept_channels}
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """Render every figure and report.md into ``out`` (default: RUN_DIR/report); returns the page."""
+    data = load_run(root)
+    out = Path(out) if out else Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, draw in FIGURES.items():
+        draw(data, out / name)
+    page = out / "report.md"
+    page.write_text(_markdown(data, list(FIGURES)))
+    return page

@@ -1,0 +1,140 @@
+"""Early-Bird on Fashion-MNIST, reproduced: for each seed, dense training, EB Train and EB Train
+(re-init) at p = 0.3 and 0.5, and train-prune-retrain with the same schedule, with a VGG sized for a
+2-core CPU. Writes table.md (network-slimming style: one row per stage, mean +- std over seeds),
+results.json, the run directories (metrics, summaries), logs/, and the figures of the first seed.
+
+    python experiments/fashion-mnist/reproduce.py [--seeds 1 2 3] [--out experiments/fashion-mnist/runs]
+
+Every step is an `earlybird` command (the log of each is kept); a finished step is not run again,
+so an interrupted reproduction continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODEL = ["--dataset", "fashion-mnist", "--arch", "vgg", "--depth", "11", "--width", "0.25"]
+SCHEDULE = ["--epochs", "20", "--schedule", "5", "14", "--batch-size", "256"]
+RATIOS = ["0.3", "0.5"]
+
+
+def earlybird(log: Path, *argv: str) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, "-m", "earlybird", *argv], stdout=f, stderr=subprocess.STDOUT)
+    print(f"  {' '.join(argv[:1])} ... -> {log.name}: exit {code}, {time.time() - start:.0f}s", flush=True)
+    if code:
+        sys.exit(f"{log} ended with exit code {code}")
+
+
+def run_seed(out: Path, logs: Path, seed: int) -> None:
+    s = ["--seed", str(seed)]
+    run = out / f"eb-seed{seed}"
+    if not (run / "summary.json").exists():  # EB Train (fine-tune) + measured train-prune-retrain
+        earlybird(logs / f"eb-seed{seed}.log", "run", *MODEL, *SCHEDULE, *s, "--ratios", *RATIOS, "--baseline",
+                  "--latency-batches", "--save", str(run))
+    for r in RATIOS:
+        tag = round(float(r) * 100)
+        reinit = out / f"reinit-{tag}-seed{seed}"
+        if not (reinit / "summary.json").exists():  # EB Train (re-init): the ticket's architecture from scratch
+            earlybird(logs / f"reinit-{tag}-seed{seed}.log", "retrain", *SCHEDULE, *s, "--reinit", "--model",
+                      str(run / f"pruned-{tag}" / "pruned.pth"), "--save", str(reinit), "--force")
+    dense = out / f"dense-seed{seed}"
+    if not (dense / "summary.json").exists():  # plain dense training, no sparsity: the accuracy to match
+        earlybird(logs / f"dense-seed{seed}.log", "search", *MODEL, *SCHEDULE, *s, "--no-sparsity-regularization",
+                  "--full", "--ratios", *RATIOS, "--save", str(dense), "--force")
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def collect(out: Path, seeds: list[int]) -> dict:
+    rows: dict[str, dict[str, list]] = {}
+
+    def add(stage: str, **values):
+        for k, v in values.items():
+            rows.setdefault(stage, {}).setdefault(k, []).append(v)
+
+    for seed in seeds:
+        run = out / f"eb-seed{seed}"
+        summary = load(run / "summary.json")
+        dense = load(out / f"dense-seed{seed}" / "summary.json")
+        base = summary["baseline"]
+        dense_macs, images = summary["dense_macs"], load(run / "search" / "summary.json")["train_images"]
+        epoch_macs = 3 * dense_macs * images
+        n = summary["schedule_epochs"]
+        add("Dense baseline (no sparsity)", acc=dense["final_test_acc"], params=summary["dense_params"],
+            macs=dense_macs, train_macs=n * epoch_macs, eb_epoch=None)
+        add("Trained with sparsity (L1 on BN scales)", acc=base["dense_final_test_acc"],
+            params=summary["dense_params"], macs=dense_macs, train_macs=n * epoch_macs, eb_epoch=None)
+        for row in summary["ratios"]:
+            r, tag = row["ratio"], round(row["ratio"] * 100)
+            b = base["ratios"][str(r)]
+            pr = load(run / "baseline" / f"pruned-{tag}" / "summary.json")
+            add(f"p={r:g}: pruned at the end, before fine-tuning", acc=pr["test_acc"]["pruned"], params=b["params"],
+                macs=b["macs"], train_macs=n * epoch_macs, eb_epoch=None)
+            add(f"p={r:g}: train-prune-retrain (fine-tuned)", acc=b["final"], params=b["params"], macs=b["macs"],
+                train_macs=n * epoch_macs + n * 3 * b["macs"] * images, eb_epoch=None)
+            if row.get("eb_epoch") is None:
+                continue
+            add(f"p={r:g}: EB ticket, pruned, before retraining", acc=row["acc_pruned"], params=row["params"]["after"],
+                macs=row["macs"]["after"], train_macs=row["eb_epoch"] * epoch_macs, eb_epoch=row["eb_epoch"])
+            add(f"p={r:g}: EB Train (fine-tuned)", acc=row["acc_retrained"], params=row["params"]["after"],
+                macs=row["macs"]["after"], train_macs=row["train_macs"]["eb"], eb_epoch=row["eb_epoch"])
+            reinit = load(out / f"reinit-{tag}-seed{seed}" / "summary.json")
+            add(f"p={r:g}: EB Train (re-init)", acc=reinit["final_test_acc"], params=row["params"]["after"],
+                macs=row["macs"]["after"], train_macs=row["eb_epoch"] * epoch_macs + n * 3 * row["macs"]["after"] * images,
+                eb_epoch=row["eb_epoch"])
+    return rows
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: dict, seeds: list[int]) -> str:
+    head = ["stage", "test accuracy (%)", "params", "MACs / image", "training MACs", "EB epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, v in rows.items():
+        lines.append(f"| {stage} | {mean_std(v['acc'])} (n={len(v['acc'])}) | {statistics.mean(v['params']):,.0f} | "
+                     f"{statistics.mean(v['macs']) / 1e6:.2f} M | {statistics.mean(v['train_macs']):.3g} | "
+                     f"{mean_std(v['eb_epoch'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default=str(HERE / "runs"))
+    args = p.parse_args()
+    out = Path(args.out)
+    logs = HERE / "logs"
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        run_seed(out, logs, seed)
+    done = [s for s in args.seeds if (out / f"eb-seed{s}" / "summary.json").exists()]
+    rows = collect(out, done)
+    (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (HERE / "table.md").write_text(table(rows, done) + "\n")
+    first = out / f"eb-seed{done[0]}"
+    subprocess.check_call([sys.executable, "-m", "earlybird", "report", str(first), "--out", str(HERE / "figures")])
+    shutil.copy2(first / "summary.txt", HERE / f"summary-seed{done[0]}.txt")
+    print(table(rows, done))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,12 @@ def run_seed(out: Path, logs: Path, seed: int) -> None:
                   "--full", "--ratios", *RATIOS, "--save", str(dense), "--force")
 
 
+def complete(out: Path, seed: int) -> bool:
+    """Every run of ``seed`` finished (the table uses only complete seeds)."""
+    parts = [f"eb-seed{seed}", f"dense-seed{seed}"] + [f"reinit-{round(float(r) * 100)}-seed{seed}" for r in RATIOS]
+    return all((out / p / "summary.json").exists() for p in parts)
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -120,13 +126,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out", default=str(HERE / "runs"))
+    p.add_argument("--table-only", action="store_true", help="only collect the seeds that are complete")
     args = p.parse_args()
     out = Path(args.out)
     logs = HERE / "logs"
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         print(f"seed {seed}", flush=True)
         run_seed(out, logs, seed)
-    done = [s for s in args.seeds if (out / f"eb-seed{s}" / "summary.json").exists()]
+    done = [s for s in args.seeds if complete(out, s)]
     rows = collect(out, done)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     (HERE / "table.md").write_text(table(rows, done) + "\n")

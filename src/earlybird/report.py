@@ -108,6 +108,8 @@ def heatmap(data: RunData, path: Path) -> None:
             ax.set_title(f"p = {r:g}: no ticket")
         ax.set_xlabel("epoch")
         ax.set_ylabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         fig.colorbar(im, ax=ax, fraction=0.046, label="mask distance")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -103,23 +103,41 @@ def collect(out: Path, seeds: list[int]) -> dict:
     return rows
 
 
-def mean_std(values: list) -> str:
+def mean_std(values: list, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(rows: dict, seeds: list[int]) -> str:
-    head = ["stage", "test accuracy (%)", "params", "MACs / image", "training MACs", "EB epoch"]
+def table(rows: dict) -> str:
+    dense = statistics.mean(rows["Dense baseline (no sparsity)"]["train_macs"])
+    head = ["stage", "test accuracy (%)", "params", "MACs / image", "training MACs", "× dense training", "EB epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage, v in rows.items():
+        macs = statistics.mean(v["train_macs"])
         lines.append(f"| {stage} | {mean_std(v['acc'])} (n={len(v['acc'])}) | {statistics.mean(v['params']):,.0f} | "
-                     f"{statistics.mean(v['macs']) / 1e6:.2f} M | {statistics.mean(v['train_macs']):.3g} | "
-                     f"{mean_std(v['eb_epoch'])} |")
+                     f"{statistics.mean(v['macs']) / 1e6:.2f} M | {macs:.3g} | {macs / dense:.2f} | "
+                     f"{mean_std(v['eb_epoch'], 1)} |")
     return "\n".join(lines)
+
+
+def verdict(rows: dict) -> str:
+    """The goals of the issue, answered from the numbers."""
+    dense = statistics.mean(rows["Dense baseline (no sparsity)"]["acc"])
+    out = []
+    for r in RATIOS:
+        eb, tpr = rows.get(f"p={float(r):g}: EB Train (fine-tuned)"), rows.get(f"p={float(r):g}: train-prune-retrain (fine-tuned)")
+        if not eb or not tpr:
+            continue
+        gap = statistics.mean(eb["acc"]) - dense
+        saving = statistics.mean(tpr["train_macs"]) / statistics.mean(eb["train_macs"])
+        out.append(f"- p = {float(r):g}: EB Train is {gap:+.2f} points from the dense baseline "
+                   f"({'within' if abs(gap) <= 0.3 else 'outside'} 0.3) and {statistics.mean(eb['acc']) - statistics.mean(tpr['acc']):+.2f} "
+                   f"from train-prune-retrain, with {saving:.2f}x less training compute than train-prune-retrain.")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -136,11 +154,12 @@ def main() -> None:
     done = [s for s in args.seeds if complete(out, s)]
     rows = collect(out, done)
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (HERE / "table.md").write_text(table(rows, done) + "\n")
+    (HERE / "table.md").write_text(table(rows) + "\n\n" + verdict(rows) + "\n")
     first = out / f"eb-seed{done[0]}"
     subprocess.check_call([sys.executable, "-m", "earlybird", "report", str(first), "--out", str(HERE / "figures")])
     shutil.copy2(first / "summary.txt", HERE / f"summary-seed{done[0]}.txt")
-    print(table(rows, done))
+    print(table(rows))
+    print(verdict(rows))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def heatmap(data: RunData, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(data.ratios), figsize=(4.2 * len(data.ratios), 3.8), squeeze=False)
@@ -111,9 +117,7 @@ def heatmap(data: RunData, path: Path) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.yaxis.get_major_locator().set_params(integer=True)
         fig.colorbar(im, ax=ax, fraction=0.046, label="mask distance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def distances(data: RunData, path: Path) -> None:
@@ -134,9 +138,7 @@ def distances(data: RunData, path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("normalized Hamming distance")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def curves(data: RunData, path: Path) -> None:
@@ -154,9 +156,7 @@ def curves(data: RunData, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     loss.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def gamma_histograms(data: RunData, path: Path) -> None:
@@ -170,9 +170,7 @@ def gamma_histograms(data: RunData, path: Path) -> None:
     ax.set_ylabel("channels")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def kept_channels(data: RunData, path: Path) -> None:
@@ -190,9 +188,7 @@ def kept_channels(data: RunData, path: Path) -> None:
     ax.set_xticks(x.tolist(), data.layer_names, rotation=90, fontsize=6)
     ax.set_ylabel("channels")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _markdown(data: RunData, figures: list[str]) -> str:

@@ -60,14 +60,11 @@ def check_expected(check: ModelCheck | None, spec: ModelSpec, path) -> None:
     """--arch/--depth given to a command that reads the model from a checkpoint must match it."""
     if check is None or (check.arch is None and check.depth is None):
         return
+    # resolve_arch gives depth 0 to architectures without one, as model_spec did for the checkpoint
     arch, depth = resolve_arch(check.arch or spec.arch, check.depth if check.depth is not None else spec.depth)
-    if (arch, depth if _uses_depth(arch) else spec.depth) != (spec.arch, spec.depth):
+    if (arch, depth) != (spec.arch, spec.depth):
         raise CheckpointError(f"{path} holds {spec.describe()}, not {arch}{depth or ''}: drop --arch/--depth (the "
                               "checkpoint names its architecture) or pass the right checkpoint")
-
-
-def _uses_depth(arch: str) -> bool:
-    return resolve_arch(arch, 1)[1] != 0
 
 
 def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
@@ -196,16 +193,19 @@ def for_workers(model, rt: RuntimeConfig, device):
     return model
 
 
+def low_precision(lowp: LowPrecisionConfig) -> LowPrecision:
+    return LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error, lowp.wl_momentum, lowp.rounding)
+
+
 def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: RuntimeConfig, model, device,
-                   input_shape) -> Precision:
+                   spec: ModelSpec) -> Precision:
     """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
     lowp = lowp or LowPrecisionConfig()
     validate_lowp(lowp, optim)
-    lp = LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error, lowp.wl_momentum, lowp.rounding)
+    lp = low_precision(lowp)
     if lp.active and rt.amp:
         raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
-    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-    return Precision(lp, model, device, rt.seed, example, lowp.swa, lowp.swa_start)
+    return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
@@ -293,7 +293,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    precision = make_precision(lowp, optim, rt, model, device, (info.in_channels, info.image_size, info.image_size))
+    precision = make_precision(lowp, optim, rt, model, device, spec)
     optimizer = precision.optimizer(make_optimizer(model, optim))
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
     gammas = [bn_gammas(detector._bns)]
@@ -434,8 +434,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
         "keep_streams": keep_streams, "round_to": options.round_to,
         "channels": {"before": sum(before.values()), "after": sum(after.values()), "prunable": prunable,
-                     "requested": asked, "removed": sum(before.values()) - sum(after.values()),
-                     "select_layers": len(plan.selects)},
+                     "requested": asked, "removed": sum(before.values()) - sum(after.values())},
         "layers": {n: [before[n], after[n]] for n in before},
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
@@ -541,7 +540,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     model = for_workers(model.to(device), rt, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    precision = make_precision(lowp, optim, rt, model, device, ckpt["input_shape"])
+    precision = make_precision(lowp, optim, rt, model, device, spec)
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
     optimizer = precision.optimizer(make_optimizer(model, optim))
     best = {"test_acc": -1.0, "epoch": None}
@@ -688,8 +687,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         "train_s": round(train_s, 1),
         "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
         "number_formats": found.get("number_formats"),
-        "arithmetic_cost_vs_fp32": round(LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error,
-                                                      lowp.wl_momentum).relative_arithmetic_cost(), 4),
+        "arithmetic_cost_vs_fp32": round(low_precision(lowp).relative_arithmetic_cost(), 4),
     }
     if baseline:
         summary["baseline"] = _baseline(save, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,

@@ -18,6 +18,15 @@ def normalizer(info, device) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 / (255.0 * std), -mean / std
 
 
+def global_batches(n: int, batch_size: int, train: bool, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of every global batch; a last training batch too small to give every worker a
+    sample is left out (on every worker, so they stay in step)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if train and bounds and bounds[-1][1] - bounds[-1][0] < world:
+        bounds.pop()
+    return bounds
+
+
 def shard(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
     """This worker's part of the global batch [start, stop): equal parts, the first ones one larger."""
     bounds = torch.tensor_split(torch.arange(start, stop), world)[rank]
@@ -43,15 +52,8 @@ class BatchLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, device)
 
-    def _starts(self) -> range:
-        n = len(self.images)
-        last = (n - 1) // self.batch_size * self.batch_size
-        # a training batch too small to give every worker a sample is left out (on every worker)
-        end = last if self.train and n - last < self.world else n
-        return range(0, end, self.batch_size)
-
     def __len__(self) -> int:
-        return len(self._starts())
+        return len(global_batches(len(self.images), self.batch_size, self.train, self.world))
 
     @property
     def num_samples(self) -> int:
@@ -82,8 +84,7 @@ class BatchLoader:
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.images)
         order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
-        for start in self._starts():
-            stop = min(start + self.batch_size, n)
+        for start, stop in global_batches(n, self.batch_size, self.train, self.world):
             lo, hi = shard(start, stop, self.rank, self.world)
             if lo == hi:  # a last evaluation batch smaller than the number of workers
                 continue
@@ -115,15 +116,9 @@ class FolderLoader:
         self._scale, self._shift = normalizer(info, self.device)
 
     def _batches(self, order: list[int]) -> list[list[int]]:
-        """This worker's part of every global batch (too small a last training batch is left out)."""
-        out = []
-        for start in range(0, len(order), self.batch_size):
-            stop = min(start + self.batch_size, len(order))
-            if self.train and stop - start < self.world:
-                break
-            lo, hi = shard(start, stop, self.rank, self.world)
-            out.append(order[lo:hi])
-        return out
+        """This worker's part of every global batch."""
+        return [order[slice(*shard(start, stop, self.rank, self.world))]
+                for start, stop in global_batches(len(order), self.batch_size, self.train, self.world)]
 
     def __len__(self) -> int:
         return len(self._batches(list(range(len(self.dataset)))))

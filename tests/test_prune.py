@@ -85,6 +85,7 @@ class Mixed(nn.Module):
 def test_folds_are_exact_for_every_consumer_kind():
     torch.manual_seed(1)
     model = randomize_bn(Mixed(), seed=3).eval()
+    model.b1.bias.data.abs_()  # removed channels must reach c2 through the ReLU as non-zero constants
     mask = channel_masks(model, [0.4])[0.4]
     x = torch.randn(5, 2, 8, 8)
     pruned, plan = prune_model(model, mask, x)
@@ -97,6 +98,35 @@ def test_folds_are_exact_for_every_consumer_kind():
         # and at another input size: the fold map follows the image size
         y = torch.randn(2, 2, 8, 8)
         assert torch.allclose(pruned(y), apply_mask(model, mask).eval()(y), atol=1e-5, rtol=1e-4)
+
+
+def test_channels_that_reach_a_layer_as_zeros_leave_it_plain():
+    """A ReLU after a non-positive BN shift makes a removed channel a zero: nothing to fold, no extra pass."""
+    model = randomize_bn(Mixed(), seed=3).eval()
+    model.b1.bias.data = -model.b1.bias.data.abs()
+    mask = channel_masks(model, [0.4])[0.4]
+    x = torch.randn(5, 2, 8, 8)
+    pruned, plan = prune_model(model, mask, x)
+    assert pruned.c2.in_channels < 8 and "c2" not in plan.folds and type(pruned.c2) is nn.Conv2d
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), apply_mask(model, mask).eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_fold_map_gradients_equal_the_masked_networks():
+    """The fold is added in place to the convolution's output: gradients must not notice."""
+    torch.manual_seed(1)
+    model = randomize_bn(Mixed(), seed=3).eval()
+    model.b1.bias.data.abs_()
+    mask = channel_masks(model, [0.4])[0.4]
+    x = torch.randn(5, 2, 8, 8)
+    pruned, plan = prune_model(model, mask, x)
+    masked = apply_mask(model, plan.masks(model)).eval()
+    assert isinstance(pruned.c4, ConstantFoldConv2d)
+    pruned.eval()(x).square().sum().backward()
+    masked(x).square().sum().backward()
+    kept = torch.tensor(plan.keep["b4"])
+    assert torch.allclose(pruned.b4.weight.grad, masked.b4.weight.grad[kept], atol=1e-4, rtol=1e-3)
+    assert torch.allclose(pruned.fc.bias.grad, masked.fc.bias.grad, atol=1e-4, rtol=1e-3)
 
 
 def test_pruned_model_trains():

@@ -31,6 +31,7 @@ from .reference import import_reference, read_reference
 from .prune import apply_mask, apply_plan, prunable_layers, prune_model
 from .train import distributed, evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
 from .train.checkpoint import load_weights
+from .train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -89,6 +90,8 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
         raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
     if rt.threads:
         torch.set_num_threads(rt.threads)
+    if rt.keep_memory and device.type == "cpu":
+        keep_freed_memory()
     if rt.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)
@@ -208,6 +211,27 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
     return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
 
+def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter) -> bool:
+    """Whether to train in channels-last: as --channels-last says, or (auto) whichever format is faster here."""
+    hazards = channels_last_hazards(model) if device.type == "cpu" else []
+    if rt.channels_last == "on" and hazards:
+        raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
+                          "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
+                          "use --channels-last off")
+    if rt.channels_last != "auto":
+        return rt.channels_last == "on"
+    if rt.deterministic:  # a timing can come out either way, and the two formats round differently
+        return False
+    if hazards:
+        reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
+        return False
+    faster, speedup = faster_memory_format(model, (spec.in_channels, spec.image_size, spec.image_size),
+                                           spec.num_classes, batch_size, device)
+    reporter.line(f"memory format: {'channels-last' if faster else 'contiguous'} (channels-last trains at {speedup:.2f}x "
+                  "the speed of contiguous on this device; --channels-last on/off fixes it)")
+    return faster
+
+
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
@@ -291,7 +315,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
     model = for_workers(model.to(device), rt, device)
-    if rt.channels_last:
+    channels_last = choose_memory_format(rt, model, spec, data.batch_size, device, reporter)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = make_precision(lowp, optim, rt, model, device, spec)
     optimizer = precision.optimizer(make_optimizer(model, optim))
@@ -313,7 +338,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         progress.update(epoch=start, test_acc=ckpt["test_acc"])
         torch.set_rng_state(ckpt["rng"])
         reporter.line(f"resuming search from {resume_path} after epoch {start}")
-    train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    train, test = make_loaders(dataset, data, device, rt.seed, channels_last)
     macs = count_macs(model, (info.in_channels, info.image_size, info.image_size))
     total = sum(m.weight.numel() for _, m in prunable_bns(model))
     reporter.line(f"search: {spec.describe()}, {count_params(model):,} params, {macs / 1e6:.1f} M MACs/image, "
@@ -495,13 +520,14 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     ckpt = load_checkpoint(cfg.model)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
-    model = model.to(device)
+    channels_last = rt.channels_last == "on"  # evaluation is too short to pay for timing both formats
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
                               f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
-    _, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    _, test = make_loaders(dataset, data, device, rt.seed, channels_last)
     result = evaluate(model, test)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,
@@ -538,7 +564,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if not 0 <= start < optim.epochs:
         raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
     model = for_workers(model.to(device), rt, device)
-    if rt.channels_last:
+    channels_last = choose_memory_format(rt, model, spec, data.batch_size, device, reporter)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = make_precision(lowp, optim, rt, model, device, spec)
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
@@ -559,7 +586,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         reporter.line(f"resuming retrain from {resume_path} after epoch {start}")
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download, data.train_subset,
                                       rt.seed)
-    train, test = make_loaders(dataset, data, device, rt.seed, rt.channels_last)
+    train, test = make_loaders(dataset, data, device, rt.seed, channels_last)
     shape = ckpt["input_shape"]
     macs = count_macs(model, shape)
     mode = "re-initialized" if cfg.reinit else f"fine-tuned from the ticket (epoch {ckpt.get('epoch')})"

@@ -473,7 +473,8 @@ def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_strea
         if not bool(constant.all()):
             raise PruneError(f"removed channels do not reach layer '{name}' as constants, so they cannot be "
                              "removed exactly: the model has a structure the engine does not handle")
-        folds[name] = _fold_into(name, dense[name], idxs, value)
+        if bool(value.any()):  # zeros (a ReLU after a non-positive shift) add nothing: the layer stays plain
+            folds[name] = _fold_into(name, dense[name], idxs, value)
 
     pruned = copy.deepcopy(model)
     plan.folds = {name: kind for name, (kind, _) in folds.items()}

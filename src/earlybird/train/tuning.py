@@ -1,0 +1,86 @@
+"""Per-device speed settings, chosen by measurement rather than assumed.
+
+Two things decide much of a CPU run's speed and neither is the same everywhere:
+
+- The allocator. glibc serves each large tensor (an activation of a CIFAR batch is tens of MB) with
+  a fresh ``mmap`` and returns it on free, so every step page-faults its activations in again.
+  Keeping freed memory in the process (``keep_freed_memory``) made VGG training ~1.3x faster on a
+  2-core CPU (benchmarks/README.md).
+- The memory format. channels-last convolutions are faster on most hardware, but CPU batch norm in
+  channels-last is several times slower when a layer's width is not a multiple of the vector width,
+  which is what pruning leaves. ``faster_memory_format`` times both formats on the model itself.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    Large allocations then come from the heap, and the heap is never trimmed, so the resident
+    size stays at the peak of a step. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def channels_last_hazards(model: nn.Module) -> list[str]:
+    """Convolutions that channels-last breaks on CPUs: oneDNN's 1x1 strided weight gradient overruns
+    its workspace when a layer has fewer input channels than its block of 16 (oneDNN issue 6035:
+    a crash, or silently wrong gradients on some machines). Narrow and pruned ResNets have them."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < 16]
+
+
+def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward and backward pass (after one warm-up)."""
+    times = []
+    for _ in range(repeats + 1):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
+                         repeats: int = 3, max_batch: int = 64) -> tuple[bool, float]:
+    """(use channels-last?, its speed-up over contiguous) for training ``model`` on ``device``.
+
+    Times forward + backward on a copy (the model's weights, statistics and format are left as
+    they are), at ``min(batch_size, max_batch)`` to keep the measurement to a few seconds. With
+    several workers, every worker takes the first worker's answer so that all run the same code.
+    """
+    probe = copy.deepcopy(model).to(device).train()
+    n = max(1, min(batch_size, max_batch))
+    x = torch.randn(n, *input_shape, device=device)
+    y = torch.randint(0, num_classes, (n,), device=device)
+    contiguous = _step_seconds(probe.to(memory_format=torch.contiguous_format), x, y, repeats)
+    last = _step_seconds(probe.to(memory_format=torch.channels_last),
+                         x.contiguous(memory_format=torch.channels_last), y, repeats)
+    speedup = contiguous / last
+    agreed = distributed.all_reduce_sum(torch.tensor([speedup if distributed.is_main() else 0.0], device=device))
+    speedup = float(agreed.item())
+    return speedup > 1.0, speedup

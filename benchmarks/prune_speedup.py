@@ -1,6 +1,10 @@
 """Dense vs physically pruned network, measured side by side in one run: the MAC ratio next to the
 measured ratio of inference latency and training throughput (pruning must give a real speed-up).
 
+Each model runs in the memory format the CLI would pick for it (``--channels-last auto`` times both),
+with the CLI's allocator setting on CPUs, and the models' timings are interleaved repeat by repeat so
+that a slow moment of a shared machine falls on all of them alike.
+
     python benchmarks/prune_speedup.py [--arch vgg] [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7]
     python benchmarks/prune_speedup.py --arch resnet50 --width 1 --ratios 0.5 --image-size 32
 """
@@ -14,23 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
-from earlybird.prune import prunable_layers
 from earlybird.cost import count_macs
+from earlybird.prune import prunable_layers
+from earlybird.train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
 
 
-def timed(fn, repeats: int, device) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+def seconds(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -45,9 +45,13 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--no-keep-memory", action="store_true", help="leave the C allocator as it is")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.no_keep_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
     arch, depth = resolve_arch(args.arch, args.depth)
     size = args.image_size
@@ -65,39 +69,56 @@ def main() -> None:
         mask = detector.layer_masks(r, detector.mask(r))
         models[f"p={r:g}"] = prune_model(dense, mask, example, args.keep_streams, args.round_to)[0]
 
-    def infer(model, bs):
-        x = torch.randn(bs, 3, size, size, device=device)
-        return lambda: model(x)
-
-    def train_step(model):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x = torch.randn(args.train_batch, 3, size, size, device=device)
+    runs = {}
+    for name, model in models.items():
+        macs = count_macs(model, (3, size, size))
+        model = model.to(device)
+        if args.channels_last == "auto":
+            hazard = device.type == "cpu" and channels_last_hazards(model)
+            cl = not hazard and faster_memory_format(model, (3, size, size), 10, args.train_batch, device)[0]
+        else:
+            cl = args.channels_last == "on"
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        xs = {b: torch.randn(b, 3, size, size, device=device).contiguous(memory_format=fmt) for b in args.batch_sizes}
+        x = torch.randn(args.train_batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (args.train_batch,), device=device)
 
-        def step():
+        def infer(b, model=model, xs=xs):
+            model.eval()
+            with torch.no_grad():
+                model(xs[b])
+
+        def step(model=model, opt=opt, x=x, y=y):
+            model.train()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-        return step
 
-    print(f"{spec.describe()} on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
-    header = ["model", "MACs", "MAC ratio"] + [f"infer bs{b} ratio" for b in args.batch_sizes] + ["train img/s", "train ratio"]
-    print(" | ".join(header))
-    base = {}
-    for name, model in models.items():
-        model = model.to(device)
-        macs = count_macs(model, (3, size, size))
-        row = [name, f"{macs / 1e6:.1f}M"]
-        model.eval()
-        with torch.no_grad():
-            lat = {b: timed(infer(model, b), args.repeats, device) for b in args.batch_sizes}
-        model.train()
-        step = timed(train_step(model), args.repeats, device)
-        if name == "dense":
-            base = {"macs": macs, "lat": lat, "step": step}
-        row.append(f"{base['macs'] / macs:.2f}x")
-        row += [f"{base['lat'][b] / lat[b]:.2f}x" for b in args.batch_sizes]
-        row += [f"{args.train_batch / step:.0f}", f"{base['step'] / step:.2f}x"]
+        for b in args.batch_sizes:  # warm-up
+            infer(b)
+        step()
+        runs[name] = {"macs": macs, "format": "channels-last" if cl else "contiguous", "infer": infer, "step": step,
+                      "lat": {b: [] for b in args.batch_sizes}, "train": []}
+    for _ in range(args.repeats):
+        for run in runs.values():
+            for b in args.batch_sizes:
+                run["lat"][b].append(seconds(lambda: run["infer"](b), device))
+            run["train"].append(seconds(run["step"], device))
+
+    print(f"{spec.describe()} on {device} ({torch.get_num_threads()} threads), round-to {args.round_to}, "
+          f"median of {args.repeats} interleaved repeats")
+    print(" | ".join(["model", "format", "MACs", "MAC ratio"] + [f"infer bs{b}" for b in args.batch_sizes]
+                     + [f"train img/s (bs{args.train_batch})", "train ratio", "train ratio / MAC ratio"]))
+    base = runs["dense"]
+    med = statistics.median
+    for name, run in runs.items():
+        mac_ratio = base["macs"] / run["macs"]
+        train_ratio = med(base["train"]) / med(run["train"])
+        row = [name, run["format"], f"{run['macs'] / 1e6:.1f} M", f"{mac_ratio:.2f}x"]
+        row += [f"{med(base['lat'][b]) / med(run['lat'][b]):.2f}x" for b in args.batch_sizes]
+        row += [f"{args.train_batch / med(run['train']):,.0f}", f"{train_ratio:.2f}x", f"{train_ratio / mac_ratio:.2f}"]
         print(" | ".join(row))
 
 

@@ -40,7 +40,7 @@ def run_seed(out: Path, logs: Path, seed: int) -> None:
     run = out / f"eb-seed{seed}"
     if not (run / "summary.json").exists():  # EB Train (fine-tune) + measured train-prune-retrain
         earlybird(logs / f"eb-seed{seed}.log", "run", *MODEL, *SCHEDULE, *s, "--ratios", *RATIOS, "--baseline",
-                  "--latency-batches", "--save", str(run))
+                  "--round-to", "1", "--latency-batches", "--save", str(run))  # the paper's exact ratios
     for r in RATIOS:
         tag = round(float(r) * 100)
         reinit = out / f"reinit-{tag}-seed{seed}"

@@ -111,8 +111,8 @@ class RuntimeConfig:
                                      "leaves); on (the bare flag) or off fix it; --deterministic makes auto mean off", nargs="?", const="on",
                              choices=["auto", "on", "off"])
     keep_memory: bool = opt(True, "on CPUs, keep freed memory in the process for reuse (glibc) instead of returning "
-                                  "it to the OS each step: ~1.3x faster training for a resident size at the step's "
-                                  "peak", action=argparse.BooleanOptionalAction)
+                                  "it to the OS each step: 1.1-1.4x faster training measured, for a resident "
+                                  "size at the step's peak", action=argparse.BooleanOptionalAction)
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
     deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "
                                      "slower)", action="store_true")
@@ -174,8 +174,9 @@ class PruneConfig:
 
 @dataclass
 class PruneOptions:
-    round_to: int = opt(1, "keep a multiple of this many channels per layer where it can (e.g. 8: odd widths are "
-                           "slow on GPUs)", type=int)
+    round_to: int = opt(8, "keep a multiple of this many channels per layer where it can, giving back its largest-|γ| "
+                           "pruned channels: odd widths are slow on GPUs and in CPU batch norm (a pruned VGG trained "
+                           "1.6x faster on a CPU with 8 than with 1); 1 prunes exactly the ratio's channels", type=int)
     latency_batches: list = opt([1, 32, 128], "batch sizes at which dense and pruned inference are timed (none: skip)",
                                 type=int, nargs="*")
 

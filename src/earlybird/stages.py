@@ -225,8 +225,9 @@ def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: 
     if hazards:
         reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
         return False
+    per_worker = max(1, batch_size // distributed.world().size)
     faster, speedup = faster_memory_format(model, (spec.in_channels, spec.image_size, spec.image_size),
-                                           spec.num_classes, batch_size, device)
+                                           spec.num_classes, per_worker, device)
     reporter.line(f"memory format: {'channels-last' if faster else 'contiguous'} (channels-last trains at {speedup:.2f}x "
                   "the speed of contiguous on this device; --channels-last on/off fixes it)")
     return faster
@@ -475,8 +476,9 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     write_summary(save, report)
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
     reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
-                  f"{c['removed']} (coupled channels stay when any member keeps them), channels {c['before']} -> "
-                  f"{c['after']}")
+                  f"{c['removed']} (coupled channels stay when any member keeps them"
+                  + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
+                  + f"), channels {c['before']} -> {c['after']}")
     reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "
                   f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x less)")
     for b, row in report["throughput"].items():

@@ -66,17 +66,17 @@ def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: i
 
 
 def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                         repeats: int = 3, max_batch: int = 64) -> tuple[bool, float]:
+                         repeats: int = 3) -> tuple[bool, float]:
     """(use channels-last?, its speed-up over contiguous) for training ``model`` on ``device``.
 
     Times forward + backward on a copy (the model's weights, statistics and format are left as
-    they are), at ``min(batch_size, max_batch)`` to keep the measurement to a few seconds. With
-    several workers, every worker takes the first worker's answer so that all run the same code.
+    they are) at the training batch size: a smaller one can rank the formats the other way (a
+    pruned VGG on a CPU: channels-last 1.16x faster at batch 64, 0.77x at 256). With several
+    workers, every worker takes the first worker's answer so that all run the same code.
     """
     probe = copy.deepcopy(model).to(device).train()
-    n = max(1, min(batch_size, max_batch))
-    x = torch.randn(n, *input_shape, device=device)
-    y = torch.randint(0, num_classes, (n,), device=device)
+    x = torch.randn(batch_size, *input_shape, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
     contiguous = _step_seconds(probe.to(memory_format=torch.contiguous_format), x, y, repeats)
     last = _step_seconds(probe.to(memory_format=torch.channels_last),
                          x.contiguous(memory_format=torch.channels_last), y, repeats)

@@ -7,6 +7,7 @@ device, crop/flip/normalize batched there, evaluation under inference_mode, in b
 without and with the allocator setting the CLI makes on CPUs (``--keep-memory``).
 
     python benchmarks/trainer_vs_reference.py [--depth 16] [--width 1.0] [--images 1024] [--batch 128]
+    python benchmarks/trainer_vs_reference.py --device cuda --amp --images 16384 --batch 256
 """
 from __future__ import annotations
 
@@ -48,10 +49,16 @@ class ReferenceStyle(torch.utils.data.Dataset):
         return torch.from_numpy((arr - self.mean) / self.std), int(self.labels[i])
 
 
-def reference_epoch(model, loader, optimizer, s):
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_epoch(model, loader, optimizer, s, device):
     model.train()
     start, seen = time.perf_counter(), 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)  # the reference's data.cuda()
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -60,13 +67,15 @@ def reference_epoch(model, loader, optimizer, s):
                 m.weight.grad.data.add_(s * torch.sign(m.weight.data))
         optimizer.step()
         seen += len(y)
+    sync(device)
     return seen / (time.perf_counter() - start)
 
 
-def reference_eval(model, loader):
+def reference_eval(model, loader, device):
     model.eval()
     start, seen, correct = time.perf_counter(), 0, 0
     for x, y in loader:  # autograd stays on, as in the reference's test()
+        x, y = x.to(device), y.to(device)
         correct += int((model(x).argmax(1) == y).sum())
         seen += len(y)
     return seen / (time.perf_counter() - start)
@@ -78,7 +87,11 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="ours in bfloat16 autocast (GPUs; the reference stays fp32)")
     args = p.parse_args()
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.amp else None
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images)
@@ -86,44 +99,45 @@ def main() -> None:
     rows = {}
 
     torch.manual_seed(0)
-    model = create_model(spec)
+    model = create_model(spec).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    train = torch.utils.data.DataLoader(ReferenceStyle(images, labels, True), args.batch, shuffle=True, num_workers=1)
-    test = torch.utils.data.DataLoader(ReferenceStyle(images, labels, False), 256, num_workers=1)
-    reference_epoch(model, train, opt, 1e-4)  # warm-up
-    rows["reference style"] = (reference_epoch(model, train, opt, 1e-4), reference_eval(model, test))
+    pin = device.type == "cuda"  # the reference's kwargs: one worker, pinned memory on GPUs
+    train = torch.utils.data.DataLoader(ReferenceStyle(images, labels, True), args.batch, shuffle=True, num_workers=1,
+                                        pin_memory=pin)
+    test = torch.utils.data.DataLoader(ReferenceStyle(images, labels, False), 256, num_workers=1, pin_memory=pin)
+    reference_epoch(model, train, opt, 1e-4, device)  # warm-up
+    rows["reference style"] = (reference_epoch(model, train, opt, 1e-4, device), reference_eval(model, test, device))
 
     # The allocator setting is process-wide and cannot be undone: our rows without it come first.
-    for keep_memory in (False, True):
+    for keep_memory in (False, True) if device.type == "cpu" else (False,):
         if keep_memory:
             keep_freed_memory()
         for channels_last in (False, True):
             torch.manual_seed(0)
-            model = create_model(spec)
+            model = create_model(spec).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
             x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
             y = torch.from_numpy(labels)
-            train = BatchLoader(x, y, args.batch, INFO, True, channels_last=channels_last)
-            test = BatchLoader(x, y, 256, INFO, False, channels_last=channels_last)
-            train_epoch(model, train, opt, l1=1e-4)  # warm-up
-            result = train_epoch(model, train, opt, l1=1e-4)
+            train = BatchLoader(x, y, args.batch, INFO, True, device, channels_last=channels_last)
+            test = BatchLoader(x, y, 256, INFO, False, device, channels_last=channels_last)
+            train_epoch(model, train, opt, l1=1e-4, amp_dtype=amp_dtype)  # warm-up
+            result = train_epoch(model, train, opt, l1=1e-4, amp_dtype=amp_dtype)
             start = time.perf_counter()
-            evaluate(model, test)
+            evaluate(model, test, amp_dtype)
             name = f"earlybird, {'channels-last' if channels_last else 'contiguous'}" + (", keep memory" if keep_memory else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
-    faster, speedup = faster_memory_format(create_model(spec), (3, 32, 32), 10, args.batch, torch.device("cpu"))
-    default = f"earlybird, {'channels-last' if faster else 'contiguous'}, keep memory"
+    faster, speedup = faster_memory_format(create_model(spec), (3, 32, 32), 10, args.batch, device)
+    default = f"earlybird, {'channels-last' if faster else 'contiguous'}" + (", keep memory" if device.type == "cpu" else "")
 
-    print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}"
+          + (" (ours in bf16 autocast)" if args.amp else "") + f", {torch.get_num_threads()} CPU threads")
     print("trainer | train img/s | train ratio | eval img/s | eval ratio")
     base = rows["reference style"]
     for name, (tr, ev) in rows.items():
         print(f"{name} | {tr:.0f} | {tr / base[0]:.2f}x | {ev:.0f} | {ev / base[1]:.2f}x")
-    print(f"the CLI's default (--keep-memory, --channels-last auto: channels-last measured {speedup:.2f}x) is the row "
-          f"'{default}'")
+    print(f"the CLI's default (--channels-last auto measured channels-last at {speedup:.2f}x) is the row '{default}'")
 
 
 if __name__ == "__main__":

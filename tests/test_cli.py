@@ -99,6 +99,15 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
                          cifar10_root, "--save", tmp_path / "p")
     assert code == 0, err
     assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
+    # by default every layer keeps a multiple of 8 channels (or all it has); --round-to 1 removes exactly the ratio's
+    rounded = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert all(after % 8 == 0 or after == before for before, after in rounded["layers"].values())
+    assert 0 < rounded["channels"]["removed"] < rounded["channels"]["requested"]
+    code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--percent", 0.4, "--round-to",
+                         1, "--data", cifar10_root, "--save", tmp_path / "p1")
+    assert code == 0, err
+    exact = json.loads((tmp_path / "p1" / "summary.json").read_text())["channels"]
+    assert exact["removed"] == exact["requested"] == rounded["channels"]["requested"]
     # without --save the pruned network goes next to its source, named by the ratio
     assert cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--data", cifar10_root)[0] == 0
     assert (tmp_path / "s" / "pruned-50" / "pruned.pth").exists()

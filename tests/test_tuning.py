@@ -59,3 +59,15 @@ def test_auto_reports_the_measured_choice(capsys, tmp_path, cifar10_root):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_takes_effect_on_glibc():
     assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("flag,calls", [([], 1), (["--no-keep-memory"], 0)])
+def test_the_allocator_setting_follows_the_flag(capsys, tmp_path, cifar10_root, monkeypatch, flag, calls):
+    from earlybird import stages
+    made = []
+    monkeypatch.setattr(stages, "keep_freed_memory", lambda: made.append(1) or True)
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg", "--depth",
+                         "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1",
+                         "--ratios", "0.5", "--channels-last", "off", *flag, "--save", tmp_path / "run")
+    assert code == 0, err
+    assert len(made) == calls

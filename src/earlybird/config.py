@@ -108,8 +108,8 @@ class RuntimeConfig:
     channels_last: str = opt("auto", "memory format for training: auto times a few steps of the model in both formats "
                                      "on this device and keeps the faster (channels-last convolutions are faster on "
                                      "most hardware, but CPU batch norm is slow in it at the odd widths pruning "
-                                     "leaves); on (the bare flag) or off fix it; --deterministic makes auto mean off", nargs="?", const="on",
-                             choices=["auto", "on", "off"])
+                                     "leaves); on (the bare flag) or off fix it; --deterministic makes auto mean off",
+                             nargs="?", const="on", choices=["auto", "on", "off"])
     keep_memory: bool = opt(True, "on CPUs, keep freed memory in the process for reuse (glibc) instead of returning "
                                   "it to the OS each step: 1.1-1.4x faster training measured, for a resident "
                                   "size at the step's peak", action=argparse.BooleanOptionalAction)

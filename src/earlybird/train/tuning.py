@@ -4,8 +4,8 @@ Two things decide much of a CPU run's speed and neither is the same everywhere:
 
 - The allocator. glibc serves each large tensor (an activation of a CIFAR batch is tens of MB) with
   a fresh ``mmap`` and returns it on free, so every step page-faults its activations in again.
-  Keeping freed memory in the process (``keep_freed_memory``) made VGG training ~1.3x faster on a
-  2-core CPU (benchmarks/README.md).
+  Keeping freed memory in the process (``keep_freed_memory``) made VGG training 1.1-1.4x faster on
+  a 2-core CPU (benchmarks/README.md).
 - The memory format. channels-last convolutions are faster on most hardware, but CPU batch norm in
   channels-last is several times slower when a layer's width is not a multiple of the vector width,
   which is what pruning leaves. ``faster_memory_format`` times both formats on the model itself.

@@ -101,6 +101,10 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
     # by default every layer keeps a multiple of 8 channels (or all it has); --round-to 1 removes exactly the ratio's
     rounded = json.loads((tmp_path / "p" / "summary.json").read_text())
+    train = rounded["training_throughput"]  # measured at --batch-size, each network in its faster format
+    assert train["batch"] == 256 and train["dense"]["format"] in ("contiguous", "channels-last")
+    assert train["speedup"] == pytest.approx(train["pruned"]["images_per_s"] / train["dense"]["images_per_s"], rel=1e-2)
+    assert "training on cpu, batch 256: dense" in out
     assert all(after % 8 == 0 or after == before for before, after in rounded["layers"].values())
     assert 0 < rounded["channels"]["removed"] < rounded["channels"]["requested"]
     code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--percent", 0.4, "--round-to",

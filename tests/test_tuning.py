@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
+from earlybird.train.tuning import channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory
 
 from test_cli import assert_one_line_error, cli
 
@@ -20,6 +20,15 @@ def test_narrow_strided_1x1_convs_are_hazards_and_wide_ones_are_not():
     assert channels_last_hazards(narrow) == ["layer2.0.downsample.0", "layer3.0.downsample.0"]
     assert channels_last_hazards(create_model(ModelSpec("resnet", 18, 0.25, 3, 10, 32))) == []
     assert channels_last_hazards(create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))) == []
+
+
+def test_only_safe_formats_are_timed():
+    cpu = torch.device("cpu")
+    narrow = create_model(ModelSpec("resnet", 18, 0.0625, 3, 10, 32))
+    assert list(format_timings(narrow, (3, 32, 32), 10, 4, cpu, repeats=1)) == [False]  # it would crash otherwise
+    vgg = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
+    timings = format_timings(vgg, (3, 32, 32), 10, 4, cpu, repeats=1)
+    assert sorted(timings) == [False, True] and all(t > 0 for t in timings.values())
 
 
 def test_timing_the_formats_leaves_the_model_as_it_was():

@@ -177,7 +177,8 @@ class PruneOptions:
     round_to: int = opt(8, "keep a multiple of this many channels per layer where it can, giving back its largest-|γ| "
                            "pruned channels: odd widths are slow on GPUs and in CPU batch norm (a pruned VGG trained "
                            "1.6x faster on a CPU with 8 than with 1); 1 prunes exactly the ratio's channels", type=int)
-    latency_batches: list = opt([1, 32, 128], "batch sizes at which dense and pruned inference are timed (none: skip)",
+    latency_batches: list = opt([1, 32, 128], "batch sizes at which dense and pruned inference are timed; training "
+                                              "is timed at --batch-size (none: skip the timings)",
                                 type=int, nargs="*")
 
 

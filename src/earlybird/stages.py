@@ -31,7 +31,7 @@ from .reference import import_reference, read_reference
 from .prune import apply_mask, apply_plan, prunable_layers, prune_model
 from .train import distributed, evaluate, load_checkpoint, lr_at, model_from_checkpoint, save_checkpoint, train_epoch
 from .train.checkpoint import load_weights
-from .train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
+from .train.tuning import channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -426,6 +426,19 @@ def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
     return rows
 
 
+def training_table(dense, pruned, shape, num_classes: int, batch_size: int, device) -> dict:
+    """Measured training images/s of the dense and the pruned network at ``batch_size``, each in its
+    faster memory format: what the retrain gains per image, which fewer MACs only promise."""
+    rows = {"batch": batch_size}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        seconds = format_timings(model, shape, num_classes, batch_size, device)
+        channels_last = min(seconds, key=seconds.get)
+        rows[name] = {"images_per_s": round(batch_size / seconds[channels_last], 1),
+                      "format": "channels-last" if channels_last else "contiguous"}
+    rows["speedup"] = round(rows["pruned"]["images_per_s"] / rows["dense"]["images_per_s"], 3)
+    return rows
+
+
 def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
           reporter: Reporter, dataset: Dataset | None = None, check: ModelCheck | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
@@ -469,6 +482,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "max_output_diff_pruned_vs_masked": out_diff,
         "folds": plan.folds, "selects": plan.selects,
         "throughput": latency_table(dense, pruned, shape, options.latency_batches, device),
+        "training_throughput": (training_table(dense, pruned, shape, spec.num_classes, data.batch_size, device)
+                                if options.latency_batches else None),
         "device": str(device),
     }
     save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
@@ -484,6 +499,12 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     for b, row in report["throughput"].items():
         reporter.line(f"  inference on {device}, batch {b}: dense {row['dense']:.0f} img/s, pruned {row['pruned']:.0f} "
                       f"img/s ({row['speedup']:.2f}x)")
+    train = report["training_throughput"]
+    if train:
+        d, q = train["dense"], train["pruned"]
+        reporter.line(f"  training on {device}, batch {train['batch']}: dense {d['images_per_s']:.0f} img/s ({d['format']}), "
+                      f"pruned {q['images_per_s']:.0f} img/s ({q['format']}): {train['speedup']:.2f}x for "
+                      f"{m['before'] / m['after']:.2f}x fewer MACs")
     reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
                   f"(max |pruned - masked| output {out_diff:.1e}) -> {save / 'pruned.pth'}")
     return report

@@ -50,36 +50,45 @@ def channels_last_hazards(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < 16]
 
 
-def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward and backward pass (after one warm-up)."""
+def train_step_seconds(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
+                       channels_last: bool, repeats: int = 3) -> float:
+    """Median seconds of one forward + backward pass (after a warm-up) of a copy of ``model`` in
+    train mode, in the given memory format; the model itself is left as it is."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    probe = copy.deepcopy(model).to(device, memory_format=fmt).train()
+    x = torch.randn(batch_size, *input_shape, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
     times = []
     for _ in range(repeats + 1):
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
+        F.cross_entropy(probe(x), y).backward()
+        probe.zero_grad(set_to_none=True)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[repeats // 2]
 
 
+def format_timings(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
+                   repeats: int = 3) -> dict[bool, float]:
+    """Seconds per training step in each memory format that is safe on ``device`` (key: channels-last?)."""
+    safe = [False] + ([] if torch.device(device).type == "cpu" and channels_last_hazards(model) else [True])
+    return {cl: train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, repeats) for cl in safe}
+
+
 def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
                          repeats: int = 3) -> tuple[bool, float]:
     """(use channels-last?, its speed-up over contiguous) for training ``model`` on ``device``.
 
-    Times forward + backward on a copy (the model's weights, statistics and format are left as
-    they are) at the training batch size: a smaller one can rank the formats the other way (a
-    pruned VGG on a CPU: channels-last 1.16x faster at batch 64, 0.77x at 256). With several
-    workers, every worker takes the first worker's answer so that all run the same code.
+    Timed at the training batch size: a smaller one can rank the formats the other way (a pruned
+    VGG on a CPU: channels-last 1.16x faster at batch 64, 0.77x at 256). The caller rules out
+    ``channels_last_hazards``. With several workers, every worker takes the first worker's answer
+    so that all run the same code.
     """
-    probe = copy.deepcopy(model).to(device).train()
-    x = torch.randn(batch_size, *input_shape, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    contiguous = _step_seconds(probe.to(memory_format=torch.contiguous_format), x, y, repeats)
-    last = _step_seconds(probe.to(memory_format=torch.channels_last),
-                         x.contiguous(memory_format=torch.channels_last), y, repeats)
+    contiguous, last = (train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, repeats)
+                        for cl in (False, True))
     speedup = contiguous / last
     agreed = distributed.all_reduce_sum(torch.tensor([speedup if distributed.is_main() else 0.0], device=device))
     speedup = float(agreed.item())

@@ -71,7 +71,7 @@ def main() -> None:
     model = create_model(spec).to(device)
     macs = count_macs(model, (3, 32, 32))
     if args.channels_last == "auto":
-        channels_last = faster_memory_format(model, (3, 32, 32), 10, args.batch, device)[0]
+        channels_last = faster_memory_format(model, (3, 32, 32), 10, args.batch, device, dtype if args.amp else None)[0]
     else:
         channels_last = args.channels_last == "on"
     if channels_last:

@@ -128,7 +128,7 @@ def main() -> None:
             evaluate(model, test, amp_dtype)
             name = f"earlybird, {'channels-last' if channels_last else 'contiguous'}" + (", keep memory" if keep_memory else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
-    faster, speedup = faster_memory_format(create_model(spec), (3, 32, 32), 10, args.batch, device)
+    faster, speedup = faster_memory_format(create_model(spec), (3, 32, 32), 10, args.batch, device, amp_dtype)
     default = f"earlybird, {'channels-last' if faster else 'contiguous'}" + (", keep memory" if device.type == "cpu" else "")
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.train.tuning import channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory
+from earlybird.train.tuning import (channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory,
+                                    train_step_seconds)
 
 from test_cli import assert_one_line_error, cli
 
@@ -29,6 +30,16 @@ def test_only_safe_formats_are_timed():
     vgg = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
     timings = format_timings(vgg, (3, 32, 32), 10, 4, cpu, repeats=1)
     assert sorted(timings) == [False, True] and all(t > 0 for t in timings.values())
+
+
+def test_steps_are_timed_in_the_training_precision():
+    """Under --amp the formats are compared in the autocast type the training will use."""
+    model = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
+    seen = []
+    model.features[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))  # copied along with the model
+    train_step_seconds(model, (3, 32, 32), 10, 2, torch.device("cpu"), False, torch.bfloat16, repeats=1)
+    train_step_seconds(model, (3, 32, 32), 10, 2, torch.device("cpu"), True, None, repeats=1)
+    assert seen == [torch.bfloat16] * 2 + [torch.float32] * 2
 
 
 def test_timing_the_formats_leaves_the_model_as_it_was():

@@ -51,9 +51,9 @@ def channels_last_hazards(model: nn.Module) -> list[str]:
 
 
 def train_step_seconds(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                       channels_last: bool, repeats: int = 3) -> float:
+                       channels_last: bool, amp_dtype: torch.dtype | None = None, repeats: int = 3) -> float:
     """Median seconds of one forward + backward pass (after a warm-up) of a copy of ``model`` in
-    train mode, in the given memory format; the model itself is left as it is."""
+    train mode, in the given memory format and autocast type; the model itself is left as it is."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     probe = copy.deepcopy(model).to(device, memory_format=fmt).train()
     x = torch.randn(batch_size, *input_shape, device=device).contiguous(memory_format=fmt)
@@ -63,7 +63,9 @@ def train_step_seconds(model: nn.Module, input_shape, num_classes: int, batch_si
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        F.cross_entropy(probe(x), y).backward()
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(probe(x), y)
+        loss.backward()
         probe.zero_grad(set_to_none=True)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
@@ -72,14 +74,15 @@ def train_step_seconds(model: nn.Module, input_shape, num_classes: int, batch_si
 
 
 def format_timings(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                   repeats: int = 3) -> dict[bool, float]:
+                   amp_dtype: torch.dtype | None = None, repeats: int = 3) -> dict[bool, float]:
     """Seconds per training step in each memory format that is safe on ``device`` (key: channels-last?)."""
     safe = [False] + ([] if torch.device(device).type == "cpu" and channels_last_hazards(model) else [True])
-    return {cl: train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, repeats) for cl in safe}
+    return {cl: train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, amp_dtype, repeats)
+            for cl in safe}
 
 
 def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                         repeats: int = 3) -> tuple[bool, float]:
+                         amp_dtype: torch.dtype | None = None, repeats: int = 3) -> tuple[bool, float]:
     """(use channels-last?, its speed-up over contiguous) for training ``model`` on ``device``.
 
     Timed at the training batch size: a smaller one can rank the formats the other way (a pruned
@@ -87,8 +90,8 @@ def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_
     ``channels_last_hazards``. With several workers, every worker takes the first worker's answer
     so that all run the same code.
     """
-    contiguous, last = (train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, repeats)
-                        for cl in (False, True))
+    contiguous, last = (train_step_seconds(model, input_shape, num_classes, batch_size, device, channels_last,
+                                           amp_dtype, repeats) for channels_last in (False, True))
     speedup = contiguous / last
     agreed = distributed.all_reduce_sum(torch.tensor([speedup if distributed.is_main() else 0.0], device=device))
     speedup = float(agreed.item())

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.train.tuning import (channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory,
-                                    train_step_seconds)
+from earlybird.train.tuning import channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory
 
 from test_cli import assert_one_line_error, cli
 
@@ -37,8 +36,8 @@ def test_steps_are_timed_in_the_training_precision():
     model = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
     seen = []
     model.features[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))  # copied along with the model
-    train_step_seconds(model, (3, 32, 32), 10, 2, torch.device("cpu"), False, torch.bfloat16, repeats=1)
-    train_step_seconds(model, (3, 32, 32), 10, 2, torch.device("cpu"), True, None, repeats=1)
+    format_timings(model, (3, 32, 32), 10, 2, torch.device("cpu"), torch.bfloat16, repeats=1, formats=[False])
+    format_timings(model, (3, 32, 32), 10, 2, torch.device("cpu"), None, repeats=1, formats=[True])
     assert seen == [torch.bfloat16] * 2 + [torch.float32] * 2
 
 

@@ -47,38 +47,44 @@ def channels_last_hazards(model: nn.Module) -> list[str]:
     its workspace when a layer has fewer input channels than its block of 16 (oneDNN issue 6035:
     a crash, or silently wrong gradients on some machines). Narrow and pruned ResNets have them."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < 16]
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and m.in_channels // m.groups < 16]
 
 
-def train_step_seconds(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                       channels_last: bool, amp_dtype: torch.dtype | None = None, repeats: int = 3) -> float:
-    """Median seconds of one forward + backward pass (after a warm-up) of a copy of ``model`` in
-    train mode, in the given memory format and autocast type; the model itself is left as it is."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    probe = copy.deepcopy(model).to(device, memory_format=fmt).train()
-    x = torch.randn(batch_size, *input_shape, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    times = []
-    for _ in range(repeats + 1):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(probe(x), y)
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+def _timed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
 
 
 def format_timings(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
-                   amp_dtype: torch.dtype | None = None, repeats: int = 3) -> dict[bool, float]:
-    """Seconds per training step in each memory format that is safe on ``device`` (key: channels-last?)."""
-    safe = [False] + ([] if torch.device(device).type == "cpu" and channels_last_hazards(model) else [True])
-    return {cl: train_step_seconds(model, input_shape, num_classes, batch_size, device, cl, amp_dtype, repeats)
-            for cl in safe}
+                   amp_dtype: torch.dtype | None = None, repeats: int = 3, formats=None) -> dict[bool, float]:
+    """Median seconds of one forward + backward pass in train mode (after a warm-up), per memory
+    format (key: channels-last?), in the given autocast type, on copies of ``model`` (it is left as
+    it is). ``formats`` defaults to those safe on ``device``; their steps alternate, so that a slow
+    moment of a shared machine falls on all of them alike."""
+    device = torch.device(device)
+    if formats is None:
+        formats = [False] + ([] if device.type == "cpu" and channels_last_hazards(model) else [True])
+    x = torch.randn(batch_size, *input_shape, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    probes = {}
+    for channels_last in formats:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        probe = copy.deepcopy(model).to(device, memory_format=fmt).train()
+        probes[channels_last] = probe, x.contiguous(memory_format=fmt)
+    times = {channels_last: [] for channels_last in formats}
+    for _ in range(repeats + 1):
+        for channels_last, (probe, inputs) in probes.items():
+            times[channels_last].append(_timed_step(probe, inputs, y, amp_dtype))
+    return {cl: sorted(t[1:])[repeats // 2] for cl, t in times.items()}
 
 
 def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_size: int, device,
@@ -90,9 +96,8 @@ def faster_memory_format(model: nn.Module, input_shape, num_classes: int, batch_
     ``channels_last_hazards``. With several workers, every worker takes the first worker's answer
     so that all run the same code.
     """
-    contiguous, last = (train_step_seconds(model, input_shape, num_classes, batch_size, device, channels_last,
-                                           amp_dtype, repeats) for channels_last in (False, True))
-    speedup = contiguous / last
+    seconds = format_timings(model, input_shape, num_classes, batch_size, device, amp_dtype, repeats, (False, True))
+    speedup = seconds[False] / seconds[True]
     agreed = distributed.all_reduce_sum(torch.tensor([speedup if distributed.is_main() else 0.0], device=device))
     speedup = float(agreed.item())
     return speedup > 1.0, speedup

@@ -50,10 +50,11 @@ def test_run_end_to_end(capsys, tmp_path, cifar10_root):
         assert retrain["start_epoch"] == epoch and retrain["epochs_trained"] == 8 - epoch
         assert (save / f"retrain-{tag}" / "model_best.pth").exists() and (save / f"retrain-{tag}" / "checkpoint.pth").exists()
         assert row["compute_vs_train_prune_retrain"] < 1
+        assert row["train_speedup_measured"] == pruned["training_throughput"]["speedup"] > 0
     lines = (save / "search" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == search["epochs_trained"]
     assert set(json.loads(lines[-1])["distances"]) == {"0.3", "0.5"}
-    assert "EB ticket p=0.3" in out and "compute vs TPR" in out
+    assert "EB ticket p=0.3" in out and "compute vs TPR" in out and "train speed" in out
 
     # a finished run is never overwritten without --force
     before = (save / "summary.json").read_bytes()

@@ -1,5 +1,6 @@
 """Per-device speed settings: the memory-format choice, its hazards, and the allocator setting."""
 import copy
+import json
 import platform
 
 import pytest
@@ -68,6 +69,8 @@ def test_auto_reports_the_measured_choice(capsys, tmp_path, cifar10_root):
                          "--save", tmp_path / "run")
     assert code == 0, err
     assert "memory format: " in out and "x the speed of contiguous on this device" in out
+    chosen = json.loads((tmp_path / "run" / "summary.json").read_text())["memory_format"]
+    assert f"memory format: {chosen} (" in out
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg",
                          "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1", "--ratios", "0.5",
                          "--deterministic", "--save", tmp_path / "det")

@@ -211,6 +211,10 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
     return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
 
+def _format_name(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "contiguous"
+
+
 def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter) -> bool:
     """Whether to train in channels-last: as --channels-last says, or (auto) whichever format is faster here."""
     hazards = channels_last_hazards(model) if device.type == "cpu" else []
@@ -228,7 +232,7 @@ def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: 
     per_worker = max(1, batch_size // distributed.world().size)
     faster, speedup = faster_memory_format(model, (spec.in_channels, spec.image_size, spec.image_size),
                                            spec.num_classes, per_worker, device, autocast_dtype(rt))
-    reporter.line(f"memory format: {'channels-last' if faster else 'contiguous'} (channels-last trains at {speedup:.2f}x "
+    reporter.line(f"memory format: {_format_name(faster)} (channels-last trains at {speedup:.2f}x "
                   "the speed of contiguous on this device; --channels-last on/off fixes it)")
     return faster
 
@@ -392,7 +396,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
         "train_images": train.num_samples, "wall_s": round(time.perf_counter() - t0, 1),
-        "train_s": round(train_seconds, 1),
+        "train_s": round(train_seconds, 1), "memory_format": _format_name(channels_last),
     }
     write_summary(save, summary)
     for r in detector.ratios:
@@ -437,7 +441,7 @@ def training_table(dense, pruned, shape, num_classes: int, batch_size: int, devi
         seconds = format_timings(model, shape, num_classes, batch_size, device)
         channels_last = min(seconds, key=seconds.get)
         rows[name] = {"images_per_s": round(batch_size / seconds[channels_last], 1),
-                      "format": "channels-last" if channels_last else "contiguous"}
+                      "format": _format_name(channels_last)}
     rows["speedup"] = round(rows["pruned"]["images_per_s"] / rows["dense"]["images_per_s"], 3)
     return rows
 
@@ -646,6 +650,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         "swa_test_acc": progress.get("swa_test_acc"), "number_formats": precision.lp.describe(),
         "params": count_params(model), "macs": macs, "train_images": train.num_samples,
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
+        "memory_format": _format_name(channels_last),
     }
     write_summary(save, summary)
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best['test_acc']:.2f}% "
@@ -723,6 +728,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
             "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
             "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
             "params": pr["params"], "macs": pr["macs"],
+            "train_speedup_measured": (pr.get("training_throughput") or {}).get("speedup"),
             "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
             "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
             "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
@@ -792,12 +798,17 @@ def _baseline(save: Path, data, model_cfg, optim, detect, options, rt, reporter,
     return out
 
 
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def summary_table(summary: dict) -> str:
     n = summary["schedule_epochs"]
     head = (f"Early-Bird run: {ModelSpec.from_dict(summary['spec']).describe()} on {summary['dataset']}, "
             f"schedule {n} epochs, search stopped after {summary['search_epochs']} "
             f"(dense {summary['search_final_test_acc']:.2f}%), wall {format_seconds(summary['wall_s'])}")
-    cols = ["p", "EB epoch", "masked", "pruned", "retrained", "best", "params", "MACs", "compute vs TPR", "vs dense"]
+    cols = ["p", "EB epoch", "masked", "pruned", "retrained", "best", "params", "MACs", "train speed", "compute vs TPR",
+            "vs dense"]
     lines = [head, "  ".join(f"{c:>10}" for c in cols)]
     for row in summary["ratios"]:
         if row["eb_epoch"] is None:
@@ -806,10 +817,12 @@ def summary_table(summary: dict) -> str:
         p, m = row["params"], row["macs"]
         cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
                  f"{row['acc_retrained']:.2f}%", f"{row['acc_retrained_best']:.2f}%", f"{p['before'] / p['after']:.2f}x less",
-                 f"{m['before'] / m['after']:.2f}x less", f"{row['compute_vs_train_prune_retrain']:.2f}",
+                 f"{m['before'] / m['after']:.2f}x less", _times(row.get("train_speedup_measured")),
+                 f"{row['compute_vs_train_prune_retrain']:.2f}",
                  f"{row['compute_vs_dense_only']:.2f}"]
         lines.append("  ".join(f"{c:>10}" for c in cells))
-    lines.append("compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
+    lines.append("train speed = measured training images/s of the pruned network over the dense one's (at prune time); "
+                 "compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
                  "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")
     formats = summary.get("number_formats") or {}
     if any(v != "fp32" for k, v in formats.items() if k != "rounding"):

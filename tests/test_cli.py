@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from earlybird import stages
+from earlybird.stages import common, pipeline
 from earlybird.cli import main
 from earlybird.train import load_checkpoint
 
@@ -71,7 +72,7 @@ def _search(capsys, root, save, *extra):
 def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
     assert _search(capsys, cifar10_root, tmp_path / "a")[0] == 0
     calls = {"n": 0}
-    real = stages.train_epoch
+    real = common.train_epoch
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -79,7 +80,7 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "train_epoch", crash_on_third)
+    monkeypatch.setattr(common, "train_epoch", crash_on_third)
     code, _, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 130 and "--resume" in err
     # the same command again continues the unfinished run (as --resume does)
@@ -210,15 +211,15 @@ def test_help_documents_every_flag(capsys):
 def test_run_resume_skips_finished_stages(capsys, tmp_path, cifar10_root, monkeypatch):
     args = ["run", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 6, "--schedule", 3,
             "--ratios", 0.5, "--eb-window", 2, "--eb-threshold", 0.5, "--channels-last", "--save", tmp_path / "run"]
-    real = stages.retrain
+    real = pipeline.retrain
 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages, "retrain", crash)
+    monkeypatch.setattr(pipeline, "retrain", crash)
     assert cli(capsys, *args)[0] == 130
     search_summary = (tmp_path / "run" / "search" / "summary.json").read_bytes()
-    monkeypatch.setattr(stages, "retrain", real)
+    monkeypatch.setattr(pipeline, "retrain", real)
     code, out, err = cli(capsys, *args, "--resume")
     assert code == 0, err
     assert "search epoch" not in out  # the finished search is not repeated

@@ -85,9 +85,9 @@ def test_keep_freed_memory_takes_effect_on_glibc():
 
 @pytest.mark.parametrize("flag,calls", [([], 1), (["--no-keep-memory"], 0)])
 def test_the_allocator_setting_follows_the_flag(capsys, tmp_path, cifar10_root, monkeypatch, flag, calls):
-    from earlybird import stages
+    from earlybird.stages import common
     made = []
-    monkeypatch.setattr(stages, "keep_freed_memory", lambda: made.append(1) or True)
+    monkeypatch.setattr(common, "keep_freed_memory", lambda: made.append(1) or True)
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg", "--depth",
                          "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1",
                          "--ratios", "0.5", "--channels-last", "off", *flag, "--save", tmp_path / "run")

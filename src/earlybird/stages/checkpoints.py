@@ -1,0 +1,65 @@
+"""The commands that read a checkpoint without training it: import-reference and eval."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig, EvalConfig, ImportConfig, ModelCheck, ModelConfig, RuntimeConfig
+from ..cost import count_macs, count_params
+from ..data import dataset_info, load_dataset
+from ..errors import CheckpointError, ConfigError, RunDirError
+from ..progress import Reporter
+from ..reference import import_reference, read_reference
+from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .common import check_expected, checkpoint_dataset, make_loaders, model_spec, setup_runtime
+
+
+def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
+                                warn) -> Path:
+    """Convert a reference-implementation checkpoint (full unpickling, after ``warn``) to earlybird's format."""
+    if not cfg.model:
+        raise ConfigError("--model is required: pass the reference checkpoint (.pth.tar) to convert")
+    spec = model_spec(model_cfg, dataset_info(cfg.dataset))
+    out = Path(rt.save) if rt.save else Path(cfg.model).with_name(Path(cfg.model).name.split(".")[0] + ".earlybird.pth")
+    if out.exists() and not rt.force:
+        raise RunDirError(f"{out} exists: choose another --save or pass --force to overwrite it")
+    warn(f"warning: unpickling {cfg.model} in full: a pickle can run code, so import only files you trust")
+    obj = read_reference(cfg.model)
+    model, plan = import_reference(obj, spec, str(cfg.model))
+    shape = [spec.in_channels, spec.image_size, spec.image_size]
+    save_checkpoint(out, "imported", spec, model, plan, source=str(cfg.model), epoch=obj.get("epoch"),
+                    test_acc=obj.get("best_prec1"), dataset=cfg.dataset, input_shape=shape)
+    reporter.line(f"imported {cfg.model} as {'a pruned' if plan else 'a dense'} {spec.describe()} "
+                  f"({count_params(model):,} params, epoch {obj.get('epoch')}) -> {out}")
+    return out
+
+
+def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter,
+                        check: ModelCheck | None = None) -> dict:
+    """Top-1/top-5, parameters and MACs of any earlybird checkpoint on its dataset's test split."""
+    if not cfg.model:
+        raise ConfigError("--model is required: pass any checkpoint earlybird wrote (EB-*.pth, pruned.pth, model_best.pth)")
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(cfg.model)
+    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
+    channels_last = rt.channels_last == "on"  # evaluation is too short to pay for timing both formats
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
+    if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
+        raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
+                              f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
+                              "pass the --data it was trained on")
+    _, test = make_loaders(dataset, data, device, rt.seed, channels_last)
+    result = evaluate(model, test)
+    shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
+    summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,
+               "test_images": test.num_samples, "top1": result.top1, "top5": result.top5, "loss": result.loss,
+               "params": count_params(model), "macs": count_macs(model, shape)}
+    reporter.line(f"{cfg.model} ({ckpt['kind']}{', pruned' if plan else ''} {spec.describe()}) on {dataset.info.name} "
+                  f"test ({summary['test_images']:,} images): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+                  f"loss {result.loss:.4f}  {summary['params']:,} params  {summary['macs'] / 1e6:.2f} M MACs")
+    reporter.line(json.dumps(summary))
+    return summary

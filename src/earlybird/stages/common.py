@@ -1,0 +1,299 @@
+"""What every stage shares: the runtime (device, threads, memory format), save directories,
+loaders, optimizer and the epoch loop."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig,
+                      validate_lowp, validate_runtime)
+from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
+from ..errors import CheckpointError, ConfigError, RunDirError
+from ..lowp import LowPrecision, Precision
+from ..models import ModelSpec, resolve_arch
+from ..progress import MetricsLog, Reporter, format_seconds
+from ..train import distributed, evaluate, lr_at, train_epoch
+from ..train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
+
+SUMMARY = "summary.json"
+LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
+BEST = "model_best.pth"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", distributed.world().local_rank)  # torchrun: one GPU per process
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+DEFAULT_DATASET = "fashion-mnist"
+
+
+def check_expected(check: ModelCheck | None, spec: ModelSpec, path) -> None:
+    """--arch/--depth given to a command that reads the model from a checkpoint must match it."""
+    if check is None or (check.arch is None and check.depth is None):
+        return
+    # resolve_arch gives depth 0 to architectures without one, as model_spec did for the checkpoint
+    arch, depth = resolve_arch(check.arch or spec.arch, check.depth if check.depth is not None else spec.depth)
+    if (arch, depth) != (spec.arch, spec.depth):
+        raise CheckpointError(f"{path} holds {spec.describe()}, not {arch}{depth or ''}: drop --arch/--depth (the "
+                              "checkpoint names its architecture) or pass the right checkpoint")
+
+
+def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
+    """The dataset a checkpoint was trained on; an explicit, different --dataset is an error."""
+    name = ckpt.get("dataset")
+    if name and data.dataset and data.dataset != name:
+        raise CheckpointError(f"{path} was trained on {name}, not {data.dataset}: drop --dataset or pass --dataset {name}")
+    return name or data.dataset or DEFAULT_DATASET
+
+
+def setup_runtime(rt: RuntimeConfig) -> torch.device:
+    validate_runtime(rt)
+    if rt.gpu_ids:  # one id: that GPU; several: this is one of the workers launch_on_gpus started
+        ids = distributed.parse_gpu_ids(rt.gpu_ids) if "WORLD_SIZE" not in os.environ else []
+        rt = replace(rt, device=f"cuda:{ids[0]}" if len(ids) == 1 else "auto")
+    wants_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env(wants_cuda)
+    device = resolve_device(rt.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if rt.amp and device.type != "cuda":
+        raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    if rt.keep_memory and device.type == "cpu":
+        keep_freed_memory()
+    if rt.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    random.seed(rt.seed)
+    torch.manual_seed(rt.seed)
+    return device
+
+
+def _artifacts(save: Path) -> list[Path]:
+    names = [SUMMARY, LAST, BEST, "swa.pth", "pruned.pth", "metrics.jsonl", "summary.txt"]
+    return [save / n for n in names if (save / n).exists()] + sorted(save.glob("EB-*.pth"))
+
+
+def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporter: Reporter | None = None) -> Path | None:
+    """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
+    unfinished run in ``save`` is continued (as with --resume) unless --force starts it over."""
+    if distributed.is_main() and save.is_dir():
+        for stale in save.glob(".*.tmp"):  # a write cut short by a kill; the file it meant to replace is intact
+            stale.unlink(missing_ok=True)
+    if resume is not None:
+        path = Path(resume) if resume else save / LAST
+        if (save / SUMMARY).exists() and not resume:
+            raise RunDirError(f"{save} holds a finished run: nothing to resume (use --force to start it over)")
+        if not path.is_file():
+            raise RunDirError(f"no checkpoint to resume at {path}: start without --resume")
+        return path
+    if save.exists() and not save.is_dir():
+        raise RunDirError(f"--save {save} is a file, not a directory: choose another --save")
+    finished = (save / SUMMARY).exists() or (save / "pruned.pth").exists()
+    if finished and not force:
+        raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
+    if (save / LAST).exists() and not force:
+        if reporter:
+            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
+        return save / LAST
+    if distributed.is_main():
+        try:
+            if force:
+                for p in _artifacts(save):
+                    p.unlink()
+            save.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot write in --save {save} ({exc.strerror or exc}): choose another --save") from None
+    distributed.barrier()
+    return None
+
+
+def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
+    """The dense network of a run: the model flags plus the dataset's input and class counts."""
+    arch, depth = resolve_arch(model_cfg.arch, model_cfg.depth)
+    return ModelSpec(arch, depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size)
+
+
+def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
+    """Random inputs of the model's shape for tracing its graph (a private generator: the run's
+    random stream stays as the seed made it)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, spec.in_channels, spec.image_size, spec.image_size, generator=g)
+
+
+def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
+    return Path("runs") / f"{data.dataset or DEFAULT_DATASET}-{model_cfg.arch}{model_cfg.depth}"
+
+
+def write_summary(save: Path, summary: dict) -> None:
+    """Mark a stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
+    if distributed.is_main():
+        tmp = save / f".{SUMMARY}.tmp"
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, save / SUMMARY)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RunDirError(f"could not write {save / SUMMARY} ({exc.strerror or exc}): free disk space, then run "
+                              "the same command again") from None
+    distributed.barrier()
+
+
+def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+    w = distributed.world()
+    transform = InputTransform(data.filter, data.sigma, data.sparsify_gt)
+    for flag, size in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
+        if size % w.size:
+            raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
+    if isinstance(dataset, FolderDataset):
+        return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers, w.rank,
+                                  w.size, transform)
+                     for split, bs, train in ((dataset.train, data.batch_size, True),
+                                              (dataset.test, data.test_batch_size, False)))
+    train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
+                        channels_last, w.rank, w.size, transform)
+    test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
+                       channels_last, w.rank, w.size, transform)
+    return train, test
+
+
+def for_workers(model, rt: RuntimeConfig, device):
+    """With several workers and --sync-bn, batch statistics over the whole global batch."""
+    if rt.sync_bn and distributed.world().active:
+        return distributed.sync_batchnorm(model, device)
+    return model
+
+
+def low_precision(lowp: LowPrecisionConfig) -> LowPrecision:
+    return LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error, lowp.wl_momentum, lowp.rounding)
+
+
+def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: RuntimeConfig, model, device,
+                   spec: ModelSpec) -> Precision:
+    """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
+    lowp = lowp or LowPrecisionConfig()
+    validate_lowp(lowp, optim)
+    lp = low_precision(lowp)
+    if lp.active and rt.amp:
+        raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
+    return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
+
+
+def format_name(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "contiguous"
+
+
+def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter) -> bool:
+    """Whether to train in channels-last: as --channels-last says, or (auto) whichever format is faster here."""
+    hazards = channels_last_hazards(model) if device.type == "cpu" else []
+    if rt.channels_last == "on" and hazards:
+        raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
+                          "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
+                          "use --channels-last off")
+    if rt.channels_last != "auto":
+        return rt.channels_last == "on"
+    if rt.deterministic:  # a timing can come out either way, and the two formats round differently
+        return False
+    if hazards:
+        reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
+        return False
+    per_worker = max(1, batch_size // distributed.world().size)
+    faster, speedup = faster_memory_format(model, (spec.in_channels, spec.image_size, spec.image_size),
+                                           spec.num_classes, per_worker, device, autocast_dtype(rt))
+    reporter.line(f"memory format: {format_name(faster)} (channels-last trains at {speedup:.2f}x "
+                  "the speed of contiguous on this device; --channels-last on/off fixes it)")
+    return faster
+
+
+def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
+                     lowp: LowPrecisionConfig | None, device, reporter: Reporter):
+    """(model, channels_last, precision, optimizer) of a training stage: the model on its device and
+    workers, in its memory format, with its number formats and a fresh optimizer."""
+    model = for_workers(model.to(device), rt, device)
+    channels_last = choose_memory_format(rt, model, spec, data.batch_size, device, reporter)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    precision = make_precision(lowp, optim, rt, model, device, spec)
+    return model, channels_last, precision, precision.optimizer(make_optimizer(model, optim))
+
+
+def autocast_dtype(rt: RuntimeConfig) -> torch.dtype | None:
+    if not rt.amp:
+        return None
+    bf16 = rt.amp_dtype == "bf16" or (rt.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def _amp(rt: RuntimeConfig, device):
+    """(GradScaler or None, autocast dtype or None): bf16 needs no loss scaling, fp16 does."""
+    dtype = autocast_dtype(rt)
+    return (torch.amp.GradScaler(device.type) if dtype == torch.float16 else None), dtype
+
+
+def fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
+         log: MetricsLog, stage: str, on_epoch_end, precision: Precision, scaler_state=None) -> float:
+    """The epoch loop of every stage. ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)``
+    saves what the stage keeps, may stop early, and adds a note to the epoch's line."""
+    scaler, amp_dtype = _amp(rt, device)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    l1 = optim.s if optim.sparsity_regularization else 0.0
+    net = distributed.wrap(model, device)  # DDP with several workers; evaluation needs no wrapper
+    if rt.compile:
+        net = torch.compile(net)
+    wall = 0.0
+    for epoch in range(start, optim.epochs):
+        lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train.set_epoch(epoch)
+        update, close = reporter.epoch_bar(len(train), f"{stage} {epoch + 1}/{optim.epochs}")
+        try:
+            result = train_epoch(net, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
+        finally:
+            close()
+        result_test = evaluate(model, test, amp_dtype)
+        test_loss, test_acc = result_test.loss, result_test.top1
+        wall += result.seconds
+        record = {
+            "stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": round(result.loss, 5),
+            "train_acc": round(result.accuracy, 3), "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 3),
+            "images_per_s": round(result.images_per_second, 1), "epoch_s": round(result.seconds, 2),
+        }
+        averaged = precision.average(epoch + 1, model, train)
+        if averaged is not None:
+            record["swa_test_acc"] = round(evaluate(averaged, test).top1, 3)
+        stop, note = on_epoch_end(epoch + 1, record, scaler)
+        if averaged is not None:
+            note = f"  swa {record['swa_test_acc']:.2f}%" + note
+        left = (optim.epochs - epoch - 1) * wall / (epoch + 1 - start)
+        log.write(**record)
+        reporter.line(
+            f"{stage} epoch {epoch + 1}/{optim.epochs}  lr {lr:.3g}  loss {result.loss:.3f}  "
+            f"train {result.accuracy:.1f}%  test {test_acc:.2f}%  {result.images_per_second:.0f} img/s  "
+            f"{result.seconds:.0f}s{'' if stop else f'  ~{format_seconds(left)} left'}{note}"
+        )
+        if stop:
+            break
+    return wall

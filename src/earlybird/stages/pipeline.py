@@ -1,0 +1,205 @@
+"""The whole pipeline (search -> prune -> retrain per ratio), its measured baseline and its table."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+                      RetrainConfig, RuntimeConfig, validate, validate_lowp, validate_prune)
+from ..cost import training_macs
+from ..data import dataset_info, load_dataset
+from ..errors import RunDirError
+from ..models import ModelSpec, create_model
+from ..progress import Reporter, format_seconds
+from ..train import distributed
+from .common import (DEFAULT_DATASET, LAST, SUMMARY, default_save, low_precision, model_spec, setup_runtime,
+                     write_summary)
+from .prune import prune
+from .retrain import retrain
+from .search import search
+
+
+def _stage_runtime(rt: RuntimeConfig, stage_dir: Path) -> RuntimeConfig | None:
+    """Runtime of one stage of `earlybird run`; None when --resume finds the stage already done."""
+    if rt.resume is None:
+        return replace(rt, resume=None)
+    if (stage_dir / SUMMARY).exists():
+        return None
+    return replace(rt, resume="" if (stage_dir / LAST).exists() else None, force=False)
+
+
+def _done(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / SUMMARY).read_text())
+
+
+def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
+                 options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter,
+                 lowp: LowPrecisionConfig | None = None, baseline: bool = False) -> dict:
+    """Search until the tickets, prune each, retrain each, and account for the compute spent."""
+    validate(data, optim, detect)
+    lowp = lowp or LowPrecisionConfig()
+    validate_lowp(lowp, optim)
+    validate_prune(options)
+    data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
+    save = Path(rt.save or default_save(data, model_cfg))
+    if rt.resume is None and not rt.force:
+        if (save / SUMMARY).exists():
+            raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
+        if (save / "search").exists():
+            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
+            rt = replace(rt, resume="")
+    if rt.force and (save / SUMMARY).exists() and distributed.is_main():
+        (save / SUMMARY).unlink()
+    t0 = time.perf_counter()
+    setup_runtime(rt)
+    create_model(model_spec(model_cfg, dataset_info(data.dataset, data.data)))  # fail on a bad model before loading data
+    dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
+
+    stage_rt = _stage_runtime(rt, save / "search")
+    found = _done(save / "search") if stage_rt is None else search(
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, save / "search", lowp)
+    images = found["train_images"]
+    dense_epoch = training_macs(found["macs"], images, 1)
+    rows = []
+    for r in found["ratios"]:
+        ticket = found["tickets"].get(str(r))
+        if ticket is None:
+            rows.append({"ratio": r, "eb_epoch": None})
+            continue
+        tag = f"{round(r * 100)}"
+        prune_dir, retrain_dir = save / f"pruned-{tag}", save / f"retrain-{tag}"
+        reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
+        if _stage_runtime(rt, prune_dir) is None:
+            pr = _done(prune_dir)
+        else:
+            pr = prune(PruneConfig(str(save / "search" / ticket["path"]), None, detect.min_channels), options,
+                       prune_dir, data, replace(rt, resume=None, force=True), reporter, dataset)
+        stage_rt = _stage_runtime(rt, retrain_dir)
+        rt_cfg = RetrainConfig(model=str(prune_dir / "pruned.pth"), reinit=reinit)
+        rr = _done(retrain_dir) if stage_rt is None else retrain(rt_cfg, data, optim, stage_rt, reporter, dataset,
+                                                                 retrain_dir, lowp)
+        pruned_epoch = training_macs(pr["macs"]["after"], images, 1)
+        eb_compute = ticket["epoch"] * dense_epoch + rr["epochs_trained"] * pruned_epoch
+        standard = optim.epochs * dense_epoch + optim.epochs * pruned_epoch
+        rows.append({
+            "ratio": r, "eb_epoch": ticket["epoch"], "eb_fraction": round(ticket["epoch"] / optim.epochs, 4),
+            "acc_dense_at_ticket": pr["test_acc"]["dense"], "acc_masked": pr["test_acc"]["masked"],
+            "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
+            "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
+            "params": pr["params"], "macs": pr["macs"],
+            "train_speedup_measured": (pr.get("training_throughput") or {}).get("speedup"),
+            "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
+            "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
+            "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
+            "compute_vs_dense_only": round(eb_compute / (optim.epochs * dense_epoch), 4),
+            "retrain_wall_s": rr["wall_s"], "retrain_train_s": rr["train_s"],
+        })
+    spent = found["epochs_trained"] * dense_epoch + sum(
+        row["retrain_epochs"] * training_macs(row["macs"]["after"], images, 1) for row in rows if row["eb_epoch"])
+    train_s = found["train_s"] + sum(row["retrain_train_s"] for row in rows if row["eb_epoch"])
+    summary = {
+        "dataset": data.dataset, "spec": found["spec"], "schedule_epochs": optim.epochs,
+        "search_epochs": found["epochs_trained"], "search_final_test_acc": found["final_test_acc"],
+        "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
+        "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(time.perf_counter() - t0, 1),
+        "train_s": round(train_s, 1),
+        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
+        "number_formats": found.get("number_formats"),
+        "arithmetic_cost_vs_fp32": round(low_precision(lowp).relative_arithmetic_cost(), 4),
+    }
+    if baseline:
+        summary["baseline"] = _baseline(save, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
+                                        found)
+    write_summary(save, summary)
+    table = summary_table(summary)
+    if distributed.is_main():
+        (save / "summary.txt").write_text(table + "\n")
+    reporter.line(table)
+    return summary
+
+
+def _baseline(save: Path, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp, found) -> dict:
+    """Train-prune-retrain, measured: dense training over the whole schedule, each ratio pruned at
+    the end and fine-tuned over the whole schedule again (network slimming), same seed. The dense
+    training continues the EB search's checkpoint: with the same seed its first epochs are the same
+    computation, so their time is the search's."""
+    base = save / "baseline"
+    search_dir = base / "search"
+    if (search_dir / SUMMARY).exists():
+        dense = _done(search_dir)
+    else:
+        if not (search_dir / LAST).exists() and distributed.is_main():
+            search_dir.mkdir(parents=True, exist_ok=True)
+            for name in (LAST, "metrics.jsonl"):
+                shutil.copy2(save / "search" / name, search_dir / name)
+        distributed.barrier()
+        reporter.line(f"--- baseline: dense training continues to epoch {optim.epochs}, then prune and fine-tune")
+        dense = search(data, model_cfg, optim, replace(detect, full=True), replace(rt, resume="", force=False),
+                       reporter, dataset, search_dir, lowp)
+    dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
+    out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
+           "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
+    for r in found["ratios"]:
+        tag = round(r * 100)
+        prune_dir, retrain_dir = base / f"pruned-{tag}", base / f"retrain-{tag}"
+        pr = _done(prune_dir) if (prune_dir / SUMMARY).exists() else prune(
+            PruneConfig(str(search_dir / LAST), r, detect.min_channels), options, prune_dir, data,
+            replace(rt, resume=None, force=True), reporter, dataset)
+        stage_rt = _stage_runtime(replace(rt, resume=""), retrain_dir)
+        rr = _done(retrain_dir) if stage_rt is None else retrain(
+            RetrainConfig(model=str(prune_dir / "pruned.pth"), start_epoch=0), data, optim, stage_rt, reporter,
+            dataset, retrain_dir, lowp)
+        out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
+                                 "params": pr["params"]["after"], "macs": pr["macs"]["after"]}
+        out["train_s"] += rr["train_s"]
+        out["train_macs"] += rr["epochs_trained"] * training_macs(pr["macs"]["after"], dense["train_images"], 1)
+    out["train_s"] = round(out["train_s"], 1)
+    return out
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def summary_table(summary: dict) -> str:
+    n = summary["schedule_epochs"]
+    head = (f"Early-Bird run: {ModelSpec.from_dict(summary['spec']).describe()} on {summary['dataset']}, "
+            f"schedule {n} epochs, search stopped after {summary['search_epochs']} "
+            f"(dense {summary['search_final_test_acc']:.2f}%), wall {format_seconds(summary['wall_s'])}")
+    cols = ["p", "EB epoch", "masked", "pruned", "retrained", "best", "params", "MACs", "train speed", "compute vs TPR",
+            "vs dense"]
+    lines = [head, "  ".join(f"{c:>10}" for c in cols)]
+    for row in summary["ratios"]:
+        if row["eb_epoch"] is None:
+            lines.append(f"{row['ratio']:>10g}  no ticket within the search")
+            continue
+        p, m = row["params"], row["macs"]
+        cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
+                 f"{row['acc_retrained']:.2f}%", f"{row['acc_retrained_best']:.2f}%", f"{p['before'] / p['after']:.2f}x less",
+                 f"{m['before'] / m['after']:.2f}x less", _times(row.get("train_speedup_measured")),
+                 f"{row['compute_vs_train_prune_retrain']:.2f}",
+                 f"{row['compute_vs_dense_only']:.2f}"]
+        lines.append("  ".join(f"{c:>10}" for c in cells))
+    lines.append("train speed = measured training images/s of the pruned network over the dense one's (at prune time); "
+                 "compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
+                 "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")
+    formats = summary.get("number_formats") or {}
+    if any(v != "fp32" for k, v in formats.items() if k != "rounding"):
+        lines.append("number formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()) + "; arithmetic cost "
+                     f"(bits x operations) {summary['arithmetic_cost_vs_fp32']:.2f} of fp32")
+    base = summary.get("baseline")
+    if base:
+        lines.append(f"measured train-prune-retrain (same schedule and seed): training {format_seconds(base['train_s'])} "
+                     f"vs EB Train {format_seconds(summary['train_s'])} ({summary['train_s'] / base['train_s']:.2f}), "
+                     f"training MACs {summary['total_train_macs'] / base['train_macs']:.2f} of it; retrained accuracy "
+                     + ", ".join(f"p={r} {b['final']:.2f}% (EB Train {row['acc_retrained']:.2f}%)"
+                                 for r, b in base["ratios"].items() for row in summary["ratios"]
+                                 if str(row["ratio"]) == r and row.get("eb_epoch") is not None))
+    swa = [r for r in summary["ratios"] if r.get("acc_retrained_swa") is not None]
+    if swa:
+        lines.append("SWA (averaged weights) accuracy: " + ", ".join(
+            f"p={r['ratio']:g} {r['acc_retrained_swa']:.2f}%" for r in swa))
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Prune: physically remove a ticket's channels and measure what that gives."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig, validate_prune
+from ..cost import count_macs, count_params, inference_throughput
+from ..data import Dataset, load_dataset
+from ..errors import CheckpointError, ConfigError
+from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
+from ..progress import Reporter
+from ..prune import apply_mask, prunable_layers, prune_model
+from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..train.tuning import format_timings
+from .common import (check_expected, checkpoint_dataset, format_name, make_loaders, prepare_save_dir, setup_runtime,
+                     write_summary)
+
+
+def _per_layer_channels(model) -> dict[str, int]:
+    return {n: m.weight.numel() for n, m in prunable_bns(model)}
+
+
+def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example) -> dict[str, torch.Tensor]:
+    """The ticket's own mask, or one recomputed at ``percent`` over the same prunable layers."""
+    layers = ckpt.get("layers") or prunable_layers(dense, example, ckpt.get("keep_streams", False))
+    bns = dict(prunable_bns(dense))
+    if percent is None and "mask" in ckpt:
+        mask = ckpt["mask"]
+    else:
+        mask = channel_mask(bn_gammas([bns[n] for n in layers]), check_ratio(percent or ckpt.get("ratio", 0.5)),
+                            [bns[n].weight.numel() for n in layers], min_channels)
+    return dict(zip(layers, torch.split(mask, [bns[n].weight.numel() for n in layers])))
+
+
+def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
+    """Measured inference images/s of the dense and the pruned network, side by side."""
+    rows = {}
+    for b in batch_sizes:
+        d, p = (inference_throughput(m, shape, b, device) for m in (dense, pruned))
+        rows[str(b)] = {"dense": round(d, 1), "pruned": round(p, 1), "speedup": round(p / d, 3)}
+    return rows
+
+
+def training_table(dense, pruned, shape, num_classes: int, batch_size: int, device) -> dict:
+    """Measured training images/s of the dense and the pruned network at ``batch_size``, each in its
+    faster memory format: what the retrain gains per image, which fewer MACs only promise."""
+    rows = {"batch": batch_size}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        seconds = format_timings(model, shape, num_classes, batch_size, device)
+        channels_last = min(seconds, key=seconds.get)
+        rows[name] = {"images_per_s": round(batch_size / seconds[channels_last], 1),
+                      "format": format_name(channels_last)}
+    rows["speedup"] = round(rows["pruned"]["images_per_s"] / rows["dense"]["images_per_s"], 3)
+    return rows
+
+
+def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
+          reporter: Reporter, dataset: Dataset | None = None, check: ModelCheck | None = None) -> dict:
+    """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
+    validate_prune(options)
+    if not cfg.model:
+        raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
+    device = setup_runtime(rt)
+    ckpt = load_checkpoint(cfg.model, ("ticket", "search", "imported"))
+    if ckpt.get("plan"):
+        raise CheckpointError(f"{cfg.model} is already pruned: retrain it, or prune its dense ticket")
+    ratio = check_ratio(cfg.percent if cfg.percent is not None else ckpt.get("ratio", 0.5))
+    save = Path(save or rt.save or Path(cfg.model).parent / f"pruned-{round(ratio * 100)}")
+    prepare_save_dir(save, rt.force)
+    dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
+    dense = dense.to(device).eval()
+    dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
+    _, test = make_loaders(dataset, data, device, rt.seed, False)
+    example = next(iter(test))[0][:8]
+    requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
+    keep_streams = bool(ckpt.get("keep_streams", False))
+    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to)
+    masked = apply_mask(dense, plan.masks(dense))
+    with torch.no_grad():
+        out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
+    shape = ckpt.get("input_shape", list(example.shape[1:]))
+    before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
+    prunable = sum(int(m.numel()) for m in requested.values())
+    asked = sum(int((~m).sum()) for m in requested.values())
+    results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
+    report = {
+        "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
+        "keep_streams": keep_streams, "round_to": options.round_to,
+        "channels": {"before": sum(before.values()), "after": sum(after.values()), "prunable": prunable,
+                     "requested": asked, "removed": sum(before.values()) - sum(after.values())},
+        "layers": {n: [before[n], after[n]] for n in before},
+        "params": {"before": count_params(dense), "after": count_params(pruned)},
+        "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
+        "test_acc": {k: r.top1 for k, r in results.items()},
+        "test_top5": {k: r.top5 for k, r in results.items()},
+        "max_output_diff_pruned_vs_masked": out_diff,
+        "folds": plan.folds, "selects": plan.selects,
+        "throughput": latency_table(dense, pruned, shape, options.latency_batches, device),
+        "training_throughput": (training_table(dense, pruned, shape, spec.num_classes, data.batch_size, device)
+                                if options.latency_batches else None),
+        "device": str(device),
+    }
+    save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
+                    dataset=dataset.info.name, input_shape=shape, test_acc=report["test_acc"]["pruned"])
+    write_summary(save, report)
+    p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
+    reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
+                  f"{c['removed']} (coupled channels stay when any member keeps them"
+                  + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
+                  + f"), channels {c['before']} -> {c['after']}")
+    reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "
+                  f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x less)")
+    for b, row in report["throughput"].items():
+        reporter.line(f"  inference on {device}, batch {b}: dense {row['dense']:.0f} img/s, pruned {row['pruned']:.0f} "
+                      f"img/s ({row['speedup']:.2f}x)")
+    train = report["training_throughput"]
+    if train:
+        d, q = train["dense"], train["pruned"]
+        reporter.line(f"  training on {device}, batch {train['batch']}: dense {d['images_per_s']:.0f} img/s ({d['format']}), "
+                      f"pruned {q['images_per_s']:.0f} img/s ({q['format']}): {train['speedup']:.2f}x for "
+                      f"{m['before'] / m['after']:.2f}x fewer MACs")
+    reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
+                  f"(max |pruned - masked| output {out_diff:.1e}) -> {save / 'pruned.pth'}")
+    return report

@@ -30,6 +30,10 @@ def test_baseline_and_report(capsys, tmp_path, cifar10_root):
     assert code == 0, err
     page = (save / "report" / "report.md").read_text()
     assert "Measured baseline" in page and "| 0.3 |" in page
+    # --latency-batches (none) skipped the prune stage's timings: the speed-up column says so
+    assert summary["ratios"][0]["train_speedup_measured"] is None and "training speed (measured)" in page
+    row = next(line for line in page.splitlines() if line.startswith("| 0.3 | ") and "→" in line)
+    assert " | - | " in row
     for name in ("heatmap", "distances", "curves", "gammas", "channels"):
         path = save / "report" / f"{name}.png"
         assert f"![{name}.png]" in page

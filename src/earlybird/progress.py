@@ -19,6 +19,11 @@ def format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_ratio(ratio: float | None) -> str:
+    """'1.35x', or '-' for a ratio that was not measured."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 class Reporter:
     """Prints lines to stdout; draws tqdm bars on stderr only when it is a terminal."""
 

@@ -22,7 +22,7 @@ import torch
 
 from .errors import RunDirError
 from .masks import channel_mask, distance_matrix
-from .progress import format_seconds
+from .progress import format_ratio, format_seconds
 from .train import load_checkpoint
 
 
@@ -201,7 +201,8 @@ def _markdown(data: RunData, figures: list[str]) -> str:
     s = data.summary
     if s:
         lines += ["", "| ratio | dense at ticket | masked | pruned | retrained (final / best) | params | MACs | "
-                  "training MACs vs train-prune-retrain | vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+                  "training speed (measured) | training MACs vs train-prune-retrain | vs dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in s["ratios"]:
             if row.get("eb_epoch") is None:
                 continue
@@ -209,6 +210,7 @@ def _markdown(data: RunData, figures: list[str]) -> str:
             lines.append(f"| {row['ratio']:g} | {row['acc_dense_at_ticket']:.2f}% | {row['acc_masked']:.2f}% | "
                          f"{row['acc_pruned']:.2f}% | {row['acc_retrained']:.2f}% / {row['acc_retrained_best']:.2f}% | "
                          f"{p['before']:,} → {p['after']:,} | {m['before'] / 1e6:.2f}M → {m['after'] / 1e6:.2f}M | "
+                         f"{format_ratio(row.get('train_speedup_measured'))} | "
                          f"{row['compute_vs_train_prune_retrain']:.2f} | {row['compute_vs_dense_only']:.2f} |")
         dense_epoch = next((row["train_macs"]["dense_only"] / s["schedule_epochs"] for row in s["ratios"]
                             if row.get("eb_epoch") is not None), 0.0)

@@ -13,7 +13,7 @@ from ..cost import training_macs
 from ..data import dataset_info, load_dataset
 from ..errors import RunDirError
 from ..models import ModelSpec, create_model
-from ..progress import Reporter, format_seconds
+from ..progress import Reporter, format_ratio, format_seconds
 from ..train import distributed
 from .common import (DEFAULT_DATASET, LAST, SUMMARY, default_save, low_precision, model_spec, setup_runtime,
                      write_summary)
@@ -160,10 +160,6 @@ def _baseline(save: Path, data, model_cfg, optim, detect, options, rt, reporter,
     return out
 
 
-def _times(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.2f}x"
-
-
 def summary_table(summary: dict) -> str:
     n = summary["schedule_epochs"]
     head = (f"Early-Bird run: {ModelSpec.from_dict(summary['spec']).describe()} on {summary['dataset']}, "
@@ -179,7 +175,7 @@ def summary_table(summary: dict) -> str:
         p, m = row["params"], row["macs"]
         cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
                  f"{row['acc_retrained']:.2f}%", f"{row['acc_retrained_best']:.2f}%", f"{p['before'] / p['after']:.2f}x less",
-                 f"{m['before'] / m['after']:.2f}x less", _times(row.get("train_speedup_measured")),
+                 f"{m['before'] / m['after']:.2f}x less", format_ratio(row.get("train_speedup_measured")),
                  f"{row['compute_vs_train_prune_retrain']:.2f}",
                  f"{row['compute_vs_dense_only']:.2f}"]
         lines.append("  ".join(f"{c:>10}" for c in cells))

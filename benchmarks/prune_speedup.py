@@ -1,9 +1,10 @@
 """Dense vs physically pruned network, measured side by side in one run: the MAC ratio next to the
 measured ratio of inference latency and training throughput (pruning must give a real speed-up).
 
-Each model runs in the memory format the CLI would pick for it (``--channels-last auto`` times both),
-with the CLI's allocator setting on CPUs, and the models' timings are interleaved repeat by repeat so
-that a slow moment of a shared machine falls on all of them alike.
+Each model runs in the setting the CLI would pick to train it (``--channels-last auto --amp auto``
+time the memory formats with and without autocast), with the CLI's allocator setting on CPUs, and
+the models' timings are interleaved repeat by repeat so that a slow moment of a shared machine
+falls on all of them alike.
 
     python benchmarks/prune_speedup.py [--arch vgg] [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7]
     python benchmarks/prune_speedup.py --arch resnet50 --width 1 --ratios 0.5 --image-size 32
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
 from earlybird.cost import count_macs
 from earlybird.prune import prunable_layers
-from earlybird.train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
+from earlybird.train.tuning import fastest_setting, keep_freed_memory, safe_formats, setting_name
 
 
 def seconds(fn, device) -> float:
@@ -39,17 +40,19 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=16)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--keep-streams", action="store_true")
-    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="autocast (bf16 where the device has it)")
     p.add_argument("--no-keep-memory", action="store_true", help="leave the C allocator as it is")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
+    amp = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     if device.type == "cpu" and not args.no_keep_memory:
         keep_freed_memory()
     torch.manual_seed(0)
@@ -73,11 +76,11 @@ def main() -> None:
     for name, model in models.items():
         macs = count_macs(model, (3, size, size))
         model = model.to(device)
-        if args.channels_last == "auto":
-            hazard = device.type == "cpu" and channels_last_hazards(model)
-            cl = not hazard and faster_memory_format(model, (3, size, size), 10, args.train_batch, device)[0]
-        else:
-            cl = args.channels_last == "on"
+        formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
+        dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
+        setting = fastest_setting(model, (3, size, size), 10, args.train_batch, device,
+                                  [(f, d) for f in formats for d in dtypes])[0]
+        cl, amp_dtype = setting
         fmt = torch.channels_last if cl else torch.contiguous_format
         model = model.to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -85,21 +88,26 @@ def main() -> None:
         x = torch.randn(args.train_batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (args.train_batch,), device=device)
 
-        def infer(b, model=model, xs=xs):
+        def autocast(amp_dtype=amp_dtype):
+            return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+        def infer(b, model=model, xs=xs, autocast=autocast):
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(xs[b])
 
-        def step(model=model, opt=opt, x=x, y=y):
+        def step(model=model, opt=opt, x=x, y=y, autocast=autocast):
             model.train()
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            with autocast():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
 
         for b in args.batch_sizes:  # warm-up
             infer(b)
         step()
-        runs[name] = {"macs": macs, "format": "channels-last" if cl else "contiguous", "infer": infer, "step": step,
+        runs[name] = {"macs": macs, "setting": setting_name(setting), "infer": infer, "step": step,
                       "lat": {b: [] for b in args.batch_sizes}, "train": []}
     for _ in range(args.repeats):
         for run in runs.values():
@@ -109,14 +117,14 @@ def main() -> None:
 
     print(f"{spec.describe()} on {device} ({torch.get_num_threads()} threads), round-to {args.round_to}, "
           f"median of {args.repeats} interleaved repeats")
-    print(" | ".join(["model", "format", "MACs", "MAC ratio"] + [f"infer bs{b}" for b in args.batch_sizes]
+    print(" | ".join(["model", "setting", "MACs", "MAC ratio"] + [f"infer bs{b}" for b in args.batch_sizes]
                      + [f"train img/s (bs{args.train_batch})", "train ratio", "train ratio / MAC ratio"]))
     base = runs["dense"]
     med = statistics.median
     for name, run in runs.items():
         mac_ratio = base["macs"] / run["macs"]
         train_ratio = med(base["train"]) / med(run["train"])
-        row = [name, run["format"], f"{run['macs'] / 1e6:.1f} M", f"{mac_ratio:.2f}x"]
+        row = [name, run["setting"], f"{run['macs'] / 1e6:.1f} M", f"{mac_ratio:.2f}x"]
         row += [f"{med(base['lat'][b]) / med(run['lat'][b]):.2f}x" for b in args.batch_sizes]
         row += [f"{args.train_batch / med(run['train']):,.0f}", f"{train_ratio:.2f}x", f"{train_ratio / mac_ratio:.2f}"]
         print(" | ".join(row))

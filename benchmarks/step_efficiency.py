@@ -4,7 +4,7 @@ matrix-multiply rate, measured in the same run. The fraction is the arithmetic o
 (3 forward passes' MACs x 2 FLOPs x images/s) over the rate of a large square matrix product in the
 same precision: bf16 with --amp (GPUs), fp32 without.
 
-    python benchmarks/step_efficiency.py                                  # CPU: fp32, VGG16, batch 256
+    python benchmarks/step_efficiency.py [--amp]                          # CPU: VGG16, batch 256
     python benchmarks/step_efficiency.py --device cuda --amp --images 50000 [--compile]
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from earlybird import ModelSpec, create_model
 from earlybird.cost import TRAIN_PASSES, count_macs
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.train import train_epoch
-from earlybird.train.tuning import faster_memory_format, keep_freed_memory
+from earlybird.train.tuning import fastest_setting, keep_freed_memory
 
 
 def _rate(fn, flops: float, device: torch.device, seconds: float) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2048, help="training images per timed epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast, against the bf16 matmul rate")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast, against the bf16 matrix rate")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--matmul-size", type=int, default=None, help="a multiple of 128; default: 8192 on GPUs, 2048 on CPUs")
@@ -70,10 +70,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model(spec).to(device)
     macs = count_macs(model, (3, 32, 32))
-    if args.channels_last == "auto":
-        channels_last = faster_memory_format(model, (3, 32, 32), 10, args.batch, device, dtype if args.amp else None)[0]
-    else:
-        channels_last = args.channels_last == "on"
+    formats = [False, True] if args.channels_last == "auto" else [args.channels_last == "on"]
+    amp_dtype = dtype if args.amp else None
+    channels_last = fastest_setting(model, (3, 32, 32), 10, args.batch, device, [(f, amp_dtype) for f in formats])[0][0]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
@@ -81,8 +80,8 @@ def main() -> None:
     loader = BatchLoader(images, labels, args.batch, info, True, device, channels_last=channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     net = torch.compile(model) if args.compile else model
-    train_epoch(net, loader, opt, l1=1e-4, amp_dtype=dtype if args.amp else None)  # warm-up (and compilation)
-    result = train_epoch(net, loader, opt, l1=1e-4, amp_dtype=dtype if args.amp else None)
+    train_epoch(net, loader, opt, l1=1e-4, amp_dtype=amp_dtype)  # warm-up (and compilation)
+    result = train_epoch(net, loader, opt, l1=1e-4, amp_dtype=amp_dtype)
     achieved = result.images_per_second * TRAIN_PASSES * 2 * macs
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -2,12 +2,13 @@
 
 Reference style (the original scripts): every image decoded to PIL and augmented in Python (pad 4,
 random 32x32 crop, flip), a one-worker DataLoader, fp32, the L1 term added by a Python loop over
-modules, evaluation with autograd on, the C allocator as it comes. Ours: the uint8 split held on the
-device, crop/flip/normalize batched there, evaluation under inference_mode, in both memory formats,
-without and with the allocator setting the CLI makes on CPUs (``--keep-memory``).
+modules, evaluation with autograd on, fp32, the C allocator as it comes. Ours: the uint8 split held
+on the device, crop/flip/normalize batched there, evaluation under inference_mode, in both memory
+formats, in fp32 and under autocast, without and with the allocator setting the CLI makes on CPUs
+(``--keep-memory``).
 
     python benchmarks/trainer_vs_reference.py [--depth 16] [--width 1.0] [--images 1024] [--batch 128]
-    python benchmarks/trainer_vs_reference.py --device cuda --amp --images 16384 --batch 256
+    python benchmarks/trainer_vs_reference.py --device cuda --images 16384 --batch 256
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageOps
 from earlybird import ModelSpec, create_model
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import faster_memory_format, keep_freed_memory
+from earlybird.train.tuning import fastest_setting, keep_freed_memory, setting_name
 
 INFO = dataset_info("cifar10")
 
@@ -88,10 +89,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="ours in bfloat16 autocast (GPUs; the reference stays fp32)")
     args = p.parse_args()
     device = torch.device(args.device)
-    amp_dtype = torch.bfloat16 if args.amp else None
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images)
@@ -109,35 +108,40 @@ def main() -> None:
     rows["reference style"] = (reference_epoch(model, train, opt, 1e-4, device), reference_eval(model, test, device))
 
     # The allocator setting is process-wide and cannot be undone: our rows without it come first.
+    amp = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     for keep_memory in (False, True) if device.type == "cpu" else (False,):
         if keep_memory:
             keep_freed_memory()
-        for channels_last in (False, True):
+        last_pass = keep_memory or device.type == "cuda"  # autocast rows once, with the CLI's allocator setting
+        for setting in ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass else ()):
+            channels_last, amp_dtype = setting
             torch.manual_seed(0)
             model = create_model(spec).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+            scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
             x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
             y = torch.from_numpy(labels)
             train = BatchLoader(x, y, args.batch, INFO, True, device, channels_last=channels_last)
             test = BatchLoader(x, y, 256, INFO, False, device, channels_last=channels_last)
-            train_epoch(model, train, opt, l1=1e-4, amp_dtype=amp_dtype)  # warm-up
-            result = train_epoch(model, train, opt, l1=1e-4, amp_dtype=amp_dtype)
+            train_epoch(model, train, opt, l1=1e-4, scaler=scaler, amp_dtype=amp_dtype)  # warm-up
+            result = train_epoch(model, train, opt, l1=1e-4, scaler=scaler, amp_dtype=amp_dtype)
             start = time.perf_counter()
             evaluate(model, test, amp_dtype)
-            name = f"earlybird, {'channels-last' if channels_last else 'contiguous'}" + (", keep memory" if keep_memory else "")
+            name = f"earlybird, {setting_name(setting)}" + (", keep memory" if keep_memory else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
-    faster, speedup = faster_memory_format(create_model(spec), (3, 32, 32), 10, args.batch, device, amp_dtype)
-    default = f"earlybird, {'channels-last' if faster else 'contiguous'}" + (", keep memory" if device.type == "cpu" else "")
+    settings = [(cl, dtype) for cl in (False, True) for dtype in (None, amp)]
+    best, _ = fastest_setting(create_model(spec), (3, 32, 32), 10, args.batch, device, settings)
+    default = f"earlybird, {setting_name(best)}" + (", keep memory" if device.type == "cpu" else "")
 
-    print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}"
-          + (" (ours in bf16 autocast)" if args.amp else "") + f", {torch.get_num_threads()} CPU threads")
+    print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
+          f"{torch.get_num_threads()} CPU threads")
     print("trainer | train img/s | train ratio | eval img/s | eval ratio")
     base = rows["reference style"]
     for name, (tr, ev) in rows.items():
         print(f"{name} | {tr:.0f} | {tr / base[0]:.2f}x | {ev:.0f} | {ev / base[1]:.2f}x")
-    print(f"the CLI's default (--channels-last auto measured channels-last at {speedup:.2f}x) is the row '{default}'")
+    print(f"the CLI's default (--channels-last auto --amp auto: the fastest setting, timed) is the row '{default}'")
 
 
 if __name__ == "__main__":

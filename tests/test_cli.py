@@ -104,7 +104,7 @@ def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     # by default every layer keeps a multiple of 8 channels (or all it has); --round-to 1 removes exactly the ratio's
     rounded = json.loads((tmp_path / "p" / "summary.json").read_text())
     train = rounded["training_throughput"]  # measured at --batch-size, each network in its faster format
-    assert train["batch"] == 256 and train["dense"]["format"] in ("contiguous", "channels-last")
+    assert train["batch"] == 256 and train["dense"]["setting"].split()[0] in ("contiguous", "channels-last")
     assert train["speedup"] == pytest.approx(train["pruned"]["images_per_s"] / train["dense"]["images_per_s"], rel=1e-2)
     assert "training on cpu, batch 256: dense" in out
     assert all(after % 8 == 0 or after == before for before, after in rounded["layers"].values())

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.train.tuning import channels_last_hazards, faster_memory_format, format_timings, keep_freed_memory
+from earlybird.train.tuning import (channels_last_hazards, fastest_setting, keep_freed_memory, safe_formats,
+                                    step_timings)
 
 from test_cli import assert_one_line_error, cli
 
@@ -23,30 +24,29 @@ def test_narrow_strided_1x1_convs_are_hazards_and_wide_ones_are_not():
     assert channels_last_hazards(create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))) == []
 
 
-def test_only_safe_formats_are_timed():
+def test_only_safe_formats_are_offered():
     cpu = torch.device("cpu")
-    narrow = create_model(ModelSpec("resnet", 18, 0.0625, 3, 10, 32))
-    assert list(format_timings(narrow, (3, 32, 32), 10, 4, cpu, repeats=1)) == [False]  # it would crash otherwise
-    vgg = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
-    timings = format_timings(vgg, (3, 32, 32), 10, 4, cpu, repeats=1)
-    assert sorted(timings) == [False, True] and all(t > 0 for t in timings.values())
+    assert safe_formats(create_model(ModelSpec("resnet", 18, 0.0625, 3, 10, 32)), cpu) == [False]  # it would crash
+    assert safe_formats(create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32)), cpu) == [False, True]
 
 
-def test_steps_are_timed_in_the_training_precision():
-    """Under --amp the formats are compared in the autocast type the training will use."""
+def test_each_setting_is_timed_in_its_format_and_precision():
     model = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
-    seen = []
-    model.features[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))  # copied along with the model
-    format_timings(model, (3, 32, 32), 10, 2, torch.device("cpu"), torch.bfloat16, repeats=1, formats=[False])
-    format_timings(model, (3, 32, 32), 10, 2, torch.device("cpu"), None, repeats=1, formats=[True])
-    assert seen == [torch.bfloat16] * 2 + [torch.float32] * 2
+    seen = []  # the hook is copied along with the model into the probes
+    model.features[0].register_forward_hook(lambda m, i, out: seen.append((out.is_contiguous(), out.dtype)))
+    settings = [(False, None), (True, torch.bfloat16)]
+    timings = step_timings(model, (3, 32, 32), 10, 2, torch.device("cpu"), settings, repeats=1)
+    assert list(timings) == settings and all(t > 0 for t in timings.values())
+    # alternating, warm-up included: contiguous fp32, then channels-last bf16
+    assert seen == [(True, torch.float32), (False, torch.bfloat16)] * 2
 
 
-def test_timing_the_formats_leaves_the_model_as_it_was():
+def test_timing_leaves_the_model_as_it_was_and_picks_the_fastest():
     model = create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32)).train()
     before = copy.deepcopy(model.state_dict())
-    faster, speedup = faster_memory_format(model, (3, 32, 32), 10, 8, torch.device("cpu"), repeats=1)
-    assert isinstance(faster, bool) and speedup > 0 and faster == (speedup > 1.0)
+    best, timings = fastest_setting(model, (3, 32, 32), 10, 8, torch.device("cpu"), [(False, None), (True, None)],
+                                    repeats=1)
+    assert timings[best] == min(timings.values())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None and p.is_contiguous() for p in model.parameters())
@@ -61,21 +61,44 @@ def test_channels_last_on_a_hazard_is_refused_and_auto_avoids_it(capsys, tmp_pat
                          "--save", tmp_path / "auto")
     assert code == 0, err
     assert "memory format: contiguous (channels-last would break layer 'layer2.0.downsample.0'" in out
+    assert "channels-last fp32" not in out  # only the safe format was timed (with and without autocast)
 
 
-def test_auto_reports_the_measured_choice(capsys, tmp_path, cifar10_root):
-    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg",
-                         "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1", "--ratios", "0.5",
+TINY_VGG = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule",
+            "1", "--ratios", "0.5"]
+
+
+def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_root):
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--save", tmp_path / "run")
     assert code == 0, err
-    assert "memory format: " in out and "x the speed of contiguous on this device" in out
-    chosen = json.loads((tmp_path / "run" / "summary.json").read_text())["memory_format"]
-    assert f"memory format: {chosen} (" in out
-    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg",
-                         "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1", "--ratios", "0.5",
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    line = next(line for line in out.splitlines() if line.startswith("training in "))
+    assert line.startswith(f"training in {summary['memory_format']} {summary['precision']}, the fastest of: ")
+    for name in ("contiguous fp32", "channels-last fp32", "contiguous bf16 autocast", "channels-last bf16 autocast"):
+        assert name in line
+    # deterministic runs do not let a timing pick their rounding
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--deterministic", "--save", tmp_path / "det")
     assert code == 0, err
-    assert "memory format" not in out  # deterministic runs do not let a timing pick their rounding
+    summary = json.loads((tmp_path / "det" / "summary.json").read_text())
+    assert "training in" not in out and (summary["memory_format"], summary["precision"]) == ("contiguous", "fp32")
+
+
+def test_amp_on_a_cpu_trains_in_bf16_and_refuses_the_low_precision_formats(capsys, tmp_path, cifar10_root):
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG, "--amp",
+                         "--channels-last", "off", "--save", tmp_path / "bf16")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert summary["precision"] == "bf16 autocast" and 0 <= summary["final_test_acc"] <= 100  # a NaN loss would fail
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG, "--amp", "on",
+                       "--wl-weight", "8", "--save", tmp_path / "lp")
+    assert_one_line_error(code, err, "--amp", "do not mix")
+    # auto with the low-precision formats simply stays in fp32
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG, "--wl-weight",
+                         "8", "--channels-last", "off", "--save", tmp_path / "lp-auto")
+    assert code == 0, err
+    assert json.loads((tmp_path / "lp-auto" / "summary.json").read_text())["precision"] == "fp32"
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")

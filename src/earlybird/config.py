@@ -99,10 +99,13 @@ class RuntimeConfig:
                                  "next to the input checkpoint for prune and retrain)")
     seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    amp: bool = opt(False, "mixed precision on GPUs: bfloat16 autocast where the GPU has it, else float16 with "
-                           "loss scaling (on CPUs bfloat16 is far slower than float32, so it is refused)",
-                    action="store_true")
-    amp_dtype: str = opt("auto", "autocast type for --amp: auto, bf16 or fp16", choices=["auto", "bf16", "fp16"])
+    amp: str = opt("auto", "mixed precision: auto times a few training steps with and without autocast on this "
+                           "device and keeps the faster (bf16 was 1.6x faster than fp32 on a 2-core AVX-512 CPU, "
+                           "and is many times slower on CPUs without bf16 units); on (the bare flag) or off fix it; "
+                           "--deterministic and the --wl-* formats make auto mean off",
+                   nargs="?", const="on", choices=["auto", "on", "off"])
+    amp_dtype: str = opt("auto", "autocast type of --amp: auto (bf16 where the device has it, else fp16 with loss "
+                                 "scaling), bf16 or fp16", choices=["auto", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the training forward/backward (helps on GPUs; ~30 s to compile, no "
                                "gain measured on small CPUs)", action="store_true")
     channels_last: str = opt("auto", "memory format for training: auto times a few steps of the model in both formats "

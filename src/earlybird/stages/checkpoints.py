@@ -13,7 +13,7 @@ from ..errors import CheckpointError, ConfigError, RunDirError
 from ..progress import Reporter
 from ..reference import import_reference, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .common import check_expected, checkpoint_dataset, make_loaders, model_spec, setup_runtime
+from .common import autocast_dtype, check_expected, checkpoint_dataset, make_loaders, model_spec, setup_runtime
 
 
 def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
@@ -45,7 +45,8 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     ckpt = load_checkpoint(cfg.model)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
-    channels_last = rt.channels_last == "on"  # evaluation is too short to pay for timing both formats
+    # evaluation is too short to pay for timing the settings: auto means off here
+    channels_last, amp_dtype = rt.channels_last == "on", autocast_dtype(rt, device) if rt.amp == "on" else None
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
@@ -53,7 +54,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
                               f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
     _, test = make_loaders(dataset, data, device, rt.seed, channels_last)
-    result = evaluate(model, test)
+    result = evaluate(model, test, amp_dtype)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,
                "test_images": test.num_samples, "top1": result.top1, "top5": result.top5, "loss": result.loss,

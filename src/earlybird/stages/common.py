@@ -18,7 +18,7 @@ from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..train.tuning import channels_last_hazards, faster_memory_format, keep_freed_memory
+from ..train.tuning import Setting, channels_last_hazards, fastest_setting, keep_freed_memory, setting_name
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -71,8 +71,6 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
     device = resolve_device(rt.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if rt.amp and device.type != "cuda":
-        raise ConfigError("--amp needs a CUDA device (float16 on a CPU is slower than float32): drop --amp")
     if rt.threads:
         torch.set_num_threads(rt.threads)
     if rt.keep_memory and device.type == "cpu":
@@ -191,7 +189,7 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
     lowp = lowp or LowPrecisionConfig()
     validate_lowp(lowp, optim)
     lp = low_precision(lowp)
-    if lp.active and rt.amp:
+    if lp.active and rt.amp == "on":
         raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
     return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
@@ -200,26 +198,46 @@ def format_name(channels_last: bool) -> str:
     return "channels-last" if channels_last else "contiguous"
 
 
-def choose_memory_format(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter) -> bool:
-    """Whether to train in channels-last: as --channels-last says, or (auto) whichever format is faster here."""
+def autocast_dtype(rt: RuntimeConfig, device) -> torch.dtype:
+    """The autocast type --amp uses on ``device``: bf16 where it has it, else fp16 (with loss scaling)."""
+    if rt.amp_dtype != "auto":
+        return torch.bfloat16 if rt.amp_dtype == "bf16" else torch.float16
+    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
+def speed_candidates(rt: RuntimeConfig, device, hazards: bool, low_precision_active: bool = False) -> list[Setting]:
+    """The (channels-last?, autocast type) settings --channels-last and --amp leave open to timing."""
+    timed = not rt.deterministic  # a timing can come out either way, and each choice rounds differently
+    formats = [False, True] if rt.channels_last == "auto" and timed and not hazards else [rt.channels_last == "on"]
+    amp = autocast_dtype(rt, device)
+    if rt.amp == "auto" and timed and not low_precision_active:
+        dtypes = [None, amp]
+    else:
+        dtypes = [amp if rt.amp == "on" else None]
+    return [(channels_last, dtype) for channels_last in formats for dtype in dtypes]
+
+
+def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter,
+                 low_precision_active: bool) -> Setting:
+    """(channels-last?, autocast type or None) for training: as --channels-last and --amp say, or,
+    where they say auto, the fastest of the candidates timed on this model and device."""
     hazards = channels_last_hazards(model) if device.type == "cpu" else []
     if rt.channels_last == "on" and hazards:
         raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
                           "use --channels-last off")
-    if rt.channels_last != "auto":
-        return rt.channels_last == "on"
-    if rt.deterministic:  # a timing can come out either way, and the two formats round differently
-        return False
-    if hazards:
+    if rt.channels_last == "auto" and not rt.deterministic and hazards:
         reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
-        return False
+    settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
+    if len(settings) == 1:
+        return settings[0]
     per_worker = max(1, batch_size // distributed.world().size)
-    faster, speedup = faster_memory_format(model, (spec.in_channels, spec.image_size, spec.image_size),
-                                           spec.num_classes, per_worker, device, autocast_dtype(rt))
-    reporter.line(f"memory format: {format_name(faster)} (channels-last trains at {speedup:.2f}x "
-                  "the speed of contiguous on this device; --channels-last on/off fixes it)")
-    return faster
+    best, timings = fastest_setting(model, (spec.in_channels, spec.image_size, spec.image_size), spec.num_classes,
+                                    per_worker, device, settings)
+    reporter.line(f"training in {setting_name(best)}, the fastest of: " + ", ".join(
+        f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {per_worker} on {device} "
+        "(--channels-last and --amp fix them)")
+    return best
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
@@ -228,34 +246,25 @@ def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
 
 def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
                      lowp: LowPrecisionConfig | None, device, reporter: Reporter):
-    """(model, channels_last, precision, optimizer) of a training stage: the model on its device and
-    workers, in its memory format, with its number formats and a fresh optimizer."""
+    """(model, speed setting, precision, optimizer) of a training stage: the model on its device and
+    workers, in its memory format, with its number formats and a fresh optimizer; the setting's
+    autocast type goes to ``fit``."""
     model = for_workers(model.to(device), rt, device)
-    channels_last = choose_memory_format(rt, model, spec, data.batch_size, device, reporter)
-    if channels_last:
+    lowp = lowp or LowPrecisionConfig()
+    setting = choose_speed(rt, model, spec, data.batch_size, device, reporter, low_precision(lowp).active)
+    if setting[0]:
         model = model.to(memory_format=torch.channels_last)
     precision = make_precision(lowp, optim, rt, model, device, spec)
-    return model, channels_last, precision, precision.optimizer(make_optimizer(model, optim))
-
-
-def autocast_dtype(rt: RuntimeConfig) -> torch.dtype | None:
-    if not rt.amp:
-        return None
-    bf16 = rt.amp_dtype == "bf16" or (rt.amp_dtype == "auto" and torch.cuda.is_bf16_supported())
-    return torch.bfloat16 if bf16 else torch.float16
-
-
-def _amp(rt: RuntimeConfig, device):
-    """(GradScaler or None, autocast dtype or None): bf16 needs no loss scaling, fp16 does."""
-    dtype = autocast_dtype(rt)
-    return (torch.amp.GradScaler(device.type) if dtype == torch.float16 else None), dtype
+    return model, setting, precision, precision.optimizer(make_optimizer(model, optim))
 
 
 def fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
-         log: MetricsLog, stage: str, on_epoch_end, precision: Precision, scaler_state=None) -> float:
-    """The epoch loop of every stage. ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)``
-    saves what the stage keeps, may stop early, and adds a note to the epoch's line."""
-    scaler, amp_dtype = _amp(rt, device)
+        log: MetricsLog, stage: str, on_epoch_end, precision: Precision, amp_dtype: torch.dtype | None,
+        scaler_state=None) -> float:
+    """The epoch loop of every stage, under autocast to ``amp_dtype`` unless it is None (fp16 with
+    loss scaling). ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)`` saves what the
+    stage keeps, may stop early, and adds a note to the epoch's line."""
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
     l1 = optim.s if optim.sparsity_regularization else 0.0

@@ -15,6 +15,7 @@ from ..progress import MetricsLog, Reporter
 from ..prune import apply_plan
 from ..train import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
+from ..train.tuning import precision_name
 from .common import (BEST, LAST, check_expected, checkpoint_dataset, fit, format_name, make_loaders, prepare_save_dir,
                      prepare_training, setup_runtime, write_summary)
 
@@ -41,7 +42,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if not 0 <= start < optim.epochs:
         raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
-    model, channels_last, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter)
+    model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
+                                                                               device, reporter)
     best = {"test_acc": -1.0, "epoch": None}
     progress = {"test_acc": None}
     scaler_state = None
@@ -84,7 +86,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
 
     t0 = time.perf_counter()
     train_seconds = fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "retrain", on_epoch_end,
-                         precision, scaler_state)
+                        precision, amp_dtype, scaler_state)
     summary = {
         "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
         "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
@@ -92,7 +94,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         "swa_test_acc": progress.get("swa_test_acc"), "number_formats": precision.lp.describe(),
         "params": count_params(model), "macs": macs, "train_images": train.num_samples,
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
-        "memory_format": format_name(channels_last),
+        "memory_format": format_name(channels_last), "precision": precision_name(amp_dtype),
     }
     write_summary(save, summary)
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best['test_acc']:.2f}% "

@@ -18,6 +18,7 @@ from ..progress import MetricsLog, Reporter
 from ..prune import prunable_layers
 from ..train import distributed, load_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
+from ..train.tuning import precision_name
 from .common import (DEFAULT_DATASET, LAST, default_save, fit, format_name, make_loaders, model_spec, prepare_save_dir,
                      prepare_training, probe_inputs, setup_runtime, write_summary)
 
@@ -40,7 +41,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
-    model, channels_last, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter)
+    model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
+                                                                               device, reporter)
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
     gammas = [bn_gammas(detector._bns)]
     start, scaler_state, tickets = 0, None, {}
@@ -99,7 +101,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
 
     t0 = time.perf_counter()
     train_seconds = fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "search",
-                         on_epoch_end, precision, scaler_state)
+                        on_epoch_end, precision, amp_dtype, scaler_state)
     epochs_done = progress["epoch"]
     summary = {
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
@@ -110,6 +112,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
         "train_images": train.num_samples, "wall_s": round(time.perf_counter() - t0, 1),
         "train_s": round(train_seconds, 1), "memory_format": format_name(channels_last),
+        "precision": precision_name(amp_dtype),
     }
     write_summary(save, summary)
     for r in detector.ratios:

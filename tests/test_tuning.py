@@ -44,9 +44,11 @@ def test_each_setting_is_timed_in_its_format_and_precision():
 def test_timing_leaves_the_model_as_it_was_and_picks_the_fastest():
     model = create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32)).train()
     before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
     best, timings = fastest_setting(model, (3, 32, 32), 10, 8, torch.device("cpu"), [(False, None), (True, None)],
                                     repeats=1)
     assert timings[best] == min(timings.values())
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
     assert all(p.grad is None and p.is_contiguous() for p in model.parameters())

@@ -90,8 +90,9 @@ def step_timings(model: nn.Module, input_shape, num_classes: int, batch_size: in
     (memory format, autocast type), on copies of ``model`` (it is left as it is). The settings'
     steps alternate, so that a slow moment of a shared machine falls on all of them alike."""
     device = torch.device(device)
-    x = torch.randn(batch_size, *input_shape, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    g = torch.Generator().manual_seed(0)  # private: the run's random stream stays as its seed made it
+    x = torch.randn(batch_size, *input_shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     probes = {}
     for channels_last in dict.fromkeys(cl for cl, _ in settings):
         fmt = torch.channels_last if channels_last else torch.contiguous_format

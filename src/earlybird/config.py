@@ -101,8 +101,8 @@ class RuntimeConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = opt("auto", "mixed precision: auto times a few training steps with and without autocast on this "
                            "device and keeps the faster (bf16 was 1.6x faster than fp32 on a 2-core AVX-512 CPU, "
-                           "and is many times slower on CPUs without bf16 units); on (the bare flag) or off fix it; "
-                           "--deterministic and the --wl-* formats make auto mean off",
+                           "and is reported many times slower on CPUs without bf16 instructions); on (the bare "
+                           "flag) or off fix it; --deterministic and the --wl-* formats make auto mean off",
                    nargs="?", const="on", choices=["auto", "on", "off"])
     amp_dtype: str = opt("auto", "autocast type of --amp: auto (bf16 where the device has it, else fp16 with loss "
                                  "scaling), bf16 or fp16", choices=["auto", "bf16", "fp16"])

@@ -70,7 +70,6 @@ def _search(capsys, root, save, *extra):
 
 
 def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
-    assert _search(capsys, cifar10_root, tmp_path / "a")[0] == 0
     calls = {"n": 0}
     real = common.train_epoch
 
@@ -81,15 +80,22 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(common, "train_epoch", crash_on_third)
-    code, _, err = _search(capsys, cifar10_root, tmp_path / "b")
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 130 and "--resume" in err
-    # the same command again continues the unfinished run (as --resume does)
+    started = next(line for line in out.splitlines() if line.startswith("training in "))
+    # the same command again continues the unfinished run (as --resume does), in the setting it started with
     code, out, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 0, err
     assert "continuing it" in out and "after epoch 2" in out
-    a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
-    assert a["epoch"] == b["epoch"] == 4
+    resumed = f"training in {'channels-last' if b['speed']['channels_last'] else 'contiguous'} "
+    assert started.startswith(resumed) and resumed in out and "as the run started" in out
+    # an uninterrupted run in that setting ends where the interrupted one did
+    setting = ["--channels-last", "on" if b["speed"]["channels_last"] else "off",
+               "--amp", "on" if b["speed"]["autocast"] else "off"]
+    assert _search(capsys, cifar10_root, tmp_path / "a", *setting)[0] == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 4 and a["speed"] == b["speed"]
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-6), k
     assert torch.allclose(a["gammas"], b["gammas"], atol=1e-6)

@@ -18,7 +18,8 @@ from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..train.tuning import Setting, channels_last_hazards, fastest_setting, keep_freed_memory, setting_name
+from ..train.tuning import (Setting, channels_last_hazards, fastest_setting, keep_freed_memory, setting_from_dict,
+                            setting_name)
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -218,14 +219,21 @@ def speed_candidates(rt: RuntimeConfig, device, hazards: bool, low_precision_act
 
 
 def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, device, reporter: Reporter,
-                 low_precision_active: bool) -> Setting:
+                 low_precision_active: bool, resumed: dict | None = None) -> Setting:
     """(channels-last?, autocast type or None) for training: as --channels-last and --amp say, or,
-    where they say auto, the fastest of the candidates timed on this model and device."""
+    where they say auto, the fastest of the candidates timed on this model and device; a resumed
+    run keeps what it started with (``resumed``, from its checkpoint) where they say auto."""
     hazards = channels_last_hazards(model) if device.type == "cpu" else []
     if rt.channels_last == "on" and hazards:
         raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
                           "use --channels-last off")
+    if resumed is not None and "auto" in (rt.channels_last, rt.amp):
+        started = setting_from_dict(resumed)
+        setting = (started[0] if rt.channels_last == "auto" else rt.channels_last == "on",
+                   started[1] if rt.amp == "auto" else autocast_dtype(rt, device) if rt.amp == "on" else None)
+        reporter.line(f"training in {setting_name(setting)}, as the run started")
+        return setting
     if rt.channels_last == "auto" and not rt.deterministic and hazards:
         reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
     settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
@@ -245,13 +253,13 @@ def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
 
 
 def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
-                     lowp: LowPrecisionConfig | None, device, reporter: Reporter):
+                     lowp: LowPrecisionConfig | None, device, reporter: Reporter, resumed: dict | None = None):
     """(model, speed setting, precision, optimizer) of a training stage: the model on its device and
     workers, in its memory format, with its number formats and a fresh optimizer; the setting's
-    autocast type goes to ``fit``."""
+    autocast type goes to ``fit``, and ``resumed`` is the setting a resumed run's checkpoint holds."""
     model = for_workers(model.to(device), rt, device)
     lowp = lowp or LowPrecisionConfig()
-    setting = choose_speed(rt, model, spec, data.batch_size, device, reporter, low_precision(lowp).active)
+    setting = choose_speed(rt, model, spec, data.batch_size, device, reporter, low_precision(lowp).active, resumed)
     if setting[0]:
         model = model.to(memory_format=torch.channels_last)
     precision = make_precision(lowp, optim, rt, model, device, spec)

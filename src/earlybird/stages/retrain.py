@@ -15,7 +15,7 @@ from ..progress import MetricsLog, Reporter
 from ..prune import apply_plan
 from ..train import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
-from ..train.tuning import precision_name
+from ..train.tuning import precision_name, setting_to_dict
 from .common import (BEST, LAST, check_expected, checkpoint_dataset, fit, format_name, make_loaders, prepare_save_dir,
                      prepare_training, setup_runtime, write_summary)
 
@@ -42,13 +42,14 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if not 0 <= start < optim.epochs:
         raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
+    state = load_checkpoint(resume_path, ("retrain",)) if resume_path else None
+    speed = state.get("speed") if state else None
     model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
-                                                                               device, reporter)
+                                                                               device, reporter, speed)
     best = {"test_acc": -1.0, "epoch": None}
     progress = {"test_acc": None}
     scaler_state = None
-    if resume_path:
-        state = load_checkpoint(resume_path, ("retrain",))
+    if state:
         if state["plan"] != plan.to_dict():
             raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
         load_weights(model, state["state_dict"], resume_path)
@@ -76,7 +77,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
             save_checkpoint(save / BEST, "retrain", spec, model, plan, epoch=epoch, test_acc=record["test_acc"], **meta)
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
-                        scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(), **meta)
+                        scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(),
+                        speed=setting_to_dict((channels_last, amp_dtype)), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, plan, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

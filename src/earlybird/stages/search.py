@@ -18,7 +18,7 @@ from ..progress import MetricsLog, Reporter
 from ..prune import prunable_layers
 from ..train import distributed, load_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
-from ..train.tuning import precision_name
+from ..train.tuning import precision_name, setting_to_dict
 from .common import (DEFAULT_DATASET, LAST, default_save, fit, format_name, make_loaders, model_spec, prepare_save_dir,
                      prepare_training, probe_inputs, setup_runtime, write_summary)
 
@@ -41,14 +41,15 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
+    ckpt = load_checkpoint(resume_path, ("search",)) if resume_path else None
+    speed = ckpt.get("speed") if ckpt else None
     model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
-                                                                               device, reporter)
+                                                                               device, reporter, speed)
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
     gammas = [bn_gammas(detector._bns)]
     start, scaler_state, tickets = 0, None, {}
     progress = {"epoch": 0, "test_acc": None}
-    if resume_path:
-        ckpt = load_checkpoint(resume_path, ("search",))
+    if ckpt:
         if ckpt["spec"] != spec.to_dict():
             raise CheckpointError(f"{resume_path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
                                   f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
@@ -87,7 +88,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         save_checkpoint(save / LAST, "search", spec, model, epoch=epoch, optimizer=optimizer.state_dict(),
                         detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
-                        precision=precision.state_dict(), test_acc=record["test_acc"], **meta)
+                        precision=precision.state_dict(), test_acc=record["test_acc"],
+                        speed=setting_to_dict((channels_last, amp_dtype)), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

@@ -61,6 +61,16 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
 
 
+def setting_to_dict(setting: Setting) -> dict:
+    """A setting as plain values, for a checkpoint."""
+    channels_last, dtype = setting
+    return {"channels_last": channels_last, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
+def setting_from_dict(d: dict) -> Setting:
+    return bool(d["channels_last"]), None if d["autocast"] is None else getattr(torch, d["autocast"])
+
+
 def setting_name(setting: Setting) -> str:
     channels_last, dtype = setting
     return f"{'channels-last' if channels_last else 'contiguous'} {precision_name(dtype)}"

@@ -229,11 +229,13 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
                           "use --channels-last off")
     if resumed is not None and "auto" in (rt.channels_last, rt.amp):
-        started = setting_from_dict(resumed)
-        setting = (started[0] if rt.channels_last == "auto" else rt.channels_last == "on",
-                   started[1] if rt.amp == "auto" else autocast_dtype(rt, device) if rt.amp == "on" else None)
-        reporter.line(f"training in {setting_name(setting)}, as the run started")
-        return setting
+        channels_last, dtype = setting_from_dict(resumed)
+        if rt.channels_last != "auto":
+            channels_last = rt.channels_last == "on"
+        if rt.amp != "auto":
+            dtype = autocast_dtype(rt, device) if rt.amp == "on" else None
+        reporter.line(f"training in {setting_name((channels_last, dtype))}, as the run started")
+        return channels_last, dtype
     if rt.channels_last == "auto" and not rt.deterministic and hazards:
         reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
     settings = speed_candidates(rt, device, bool(hazards), low_precision_active)

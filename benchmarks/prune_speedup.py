@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
 from earlybird.cost import count_macs
 from earlybird.prune import prunable_layers
-from earlybird.train.tuning import fastest_setting, keep_freed_memory, safe_formats, setting_name
+from earlybird.train.tuning import (default_autocast_dtype, fastest_setting, keep_freed_memory, safe_formats,
+                                    setting_name)
 
 
 def seconds(fn, device) -> float:
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    amp = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    amp = default_autocast_dtype(device)
     if device.type == "cpu" and not args.no_keep_memory:
         keep_freed_memory()
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from earlybird import ModelSpec, create_model
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import fastest_setting, keep_freed_memory, setting_name
+from earlybird.train.tuning import default_autocast_dtype, fastest_setting, keep_freed_memory, setting_name
 
 INFO = dataset_info("cifar10")
 
@@ -108,7 +108,7 @@ def main() -> None:
     rows["reference style"] = (reference_epoch(model, train, opt, 1e-4, device), reference_eval(model, test, device))
 
     # The allocator setting is process-wide and cannot be undone: our rows without it come first.
-    amp = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    amp = default_autocast_dtype(device)
     for keep_memory in (False, True) if device.type == "cpu" else (False,):
         if keep_memory:
             keep_freed_memory()

@@ -18,8 +18,8 @@ from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..train.tuning import (Setting, channels_last_hazards, fastest_setting, keep_freed_memory, setting_from_dict,
-                            setting_name)
+from ..train.tuning import (Setting, channels_last_hazards, default_autocast_dtype, fastest_setting, keep_freed_memory,
+                            setting_from_dict, setting_name)
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -203,7 +203,7 @@ def autocast_dtype(rt: RuntimeConfig, device) -> torch.dtype:
     """The autocast type --amp uses on ``device``: bf16 where it has it, else fp16 (with loss scaling)."""
     if rt.amp_dtype != "auto":
         return torch.bfloat16 if rt.amp_dtype == "bf16" else torch.float16
-    return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return default_autocast_dtype(device)
 
 
 def speed_candidates(rt: RuntimeConfig, device, hazards: bool, low_precision_active: bool = False) -> list[Setting]:
@@ -223,7 +223,7 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
     """(channels-last?, autocast type or None) for training: as --channels-last and --amp say, or,
     where they say auto, the fastest of the candidates timed on this model and device; a resumed
     run keeps what it started with (``resumed``, from its checkpoint) where they say auto."""
-    hazards = channels_last_hazards(model) if device.type == "cpu" else []
+    hazards = channels_last_hazards(model, device)
     if rt.channels_last == "on" and hazards:
         raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "

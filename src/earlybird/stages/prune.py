@@ -49,7 +49,7 @@ def training_table(dense, pruned, shape, num_classes: int, batch_size: int, devi
     what the retrain gains per image, which fewer MACs only promise."""
     rows = {"batch": batch_size}
     for name, model in (("dense", dense), ("pruned", pruned)):
-        hazards = device.type == "cpu" and bool(channels_last_hazards(model))
+        hazards = bool(channels_last_hazards(model, device))
         settings = [s for s in speed_candidates(rt, device, hazards) if not (hazards and s[0])]
         seconds = step_timings(model, shape, num_classes, batch_size, device, settings or [(False, None)])
         best = min(seconds, key=seconds.get)

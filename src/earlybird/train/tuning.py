@@ -45,16 +45,25 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def channels_last_hazards(model: nn.Module) -> list[str]:
-    """Convolutions that channels-last breaks on CPUs: oneDNN's 1x1 strided weight gradient overruns
-    its workspace when a layer has fewer input channels than its block of 16 (oneDNN issue 6035:
-    a crash, or silently wrong gradients on some machines). Narrow and pruned ResNets have them."""
+def channels_last_hazards(model: nn.Module, device) -> list[str]:
+    """Convolutions that channels-last breaks on ``device``: on CPUs, oneDNN's 1x1 strided weight
+    gradient overruns its workspace when a layer has fewer input channels than its block of 16
+    (oneDNN issue 6035: a crash, or silently wrong gradients on some machines). Narrow and pruned
+    ResNets have them. None elsewhere."""
+    if torch.device(device).type != "cpu":
+        return []
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
             and m.in_channels // m.groups < 16]
 
 
 Setting = tuple[bool, "torch.dtype | None"]  # (channels-last?, autocast type or None for fp32)
+
+
+def default_autocast_dtype(device) -> torch.dtype:
+    """bf16 where the device has it, else fp16 (which needs loss scaling)."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -78,7 +87,7 @@ def setting_name(setting: Setting) -> str:
 
 def safe_formats(model: nn.Module, device) -> list[bool]:
     """The memory formats (channels-last?) ``model`` can train in on ``device``."""
-    return [False] + ([] if torch.device(device).type == "cpu" and channels_last_hazards(model) else [True])
+    return [False] + ([] if channels_last_hazards(model, device) else [True])
 
 
 def _timed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype: torch.dtype | None) -> float:

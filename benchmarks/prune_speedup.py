@@ -2,9 +2,10 @@
 measured ratio of inference latency and training throughput (pruning must give a real speed-up).
 
 Each model runs in the setting the CLI would pick to train it (``--channels-last auto --amp auto``
-time the memory formats with and without autocast), with the CLI's allocator setting on CPUs, and
-the models' timings are interleaved repeat by repeat so that a slow moment of a shared machine
-falls on all of them alike.
+time the memory formats with and without autocast), with the CLI's allocator setting and fused
+batch norm on CPUs (``--bn both`` adds every model again with torch's batch norm, each ratio against
+the dense model of its kind), and the models' timings are interleaved repeat by repeat so that a
+slow moment of a shared machine falls on all of them alike.
 
     python benchmarks/prune_speedup.py [--arch vgg] [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7]
     python benchmarks/prune_speedup.py --arch resnet50 --width 1 --ratios 0.5 --image-size 32
@@ -12,6 +13,7 @@ falls on all of them alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
 from earlybird.cost import count_macs
+from earlybird.kernels import fuse_batch_norm
 from earlybird.prune import prunable_layers
 from earlybird.train.tuning import (default_autocast_dtype, fastest_setting, keep_freed_memory, safe_formats,
                                     setting_name)
@@ -50,6 +53,8 @@ def main() -> None:
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="autocast (bf16 where the device has it)")
     p.add_argument("--no-keep-memory", action="store_true", help="leave the C allocator as it is")
+    p.add_argument("--bn", default="fused", choices=["fused", "torch", "both"],
+                   help="batch norm kernel on CPUs: earlybird's fused one (the CLI's default), torch's, or both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -72,11 +77,16 @@ def main() -> None:
     for r in detector.ratios:
         mask = detector.layer_masks(r, detector.mask(r))
         models[f"p={r:g}"] = prune_model(dense, mask, example, args.keep_streams, args.round_to)[0]
+    kinds = {"fused": [""], "torch": [" torch-bn"], "both": ["", " torch-bn"]}[args.bn]
+    if device.type != "cpu":
+        kinds = [""]  # the fused kernel is for CPUs
 
     runs = {}
-    for name, model in models.items():
+    for (name, model), kind in [(m, k) for k in kinds for m in models.items()]:
         macs = count_macs(model, (3, size, size))
-        model = model.to(device)
+        model = copy.deepcopy(model).to(device)
+        if device.type == "cpu" and not kind:
+            fuse_batch_norm(model)
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
         dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
         setting = fastest_setting(model, (3, size, size), 10, args.train_batch, device,
@@ -108,7 +118,7 @@ def main() -> None:
         for b in args.batch_sizes:  # warm-up
             infer(b)
         step()
-        runs[name] = {"macs": macs, "setting": setting_name(setting), "infer": infer, "step": step,
+        runs[name + kind] = {"kind": kind, "macs": macs, "setting": setting_name(setting), "infer": infer, "step": step,
                       "lat": {b: [] for b in args.batch_sizes}, "train": []}
     for _ in range(args.repeats):
         for run in runs.values():
@@ -120,9 +130,9 @@ def main() -> None:
           f"median of {args.repeats} interleaved repeats")
     print(" | ".join(["model", "setting", "MACs", "MAC ratio"] + [f"infer bs{b}" for b in args.batch_sizes]
                      + [f"train img/s (bs{args.train_batch})", "train ratio", "train ratio / MAC ratio"]))
-    base = runs["dense"]
     med = statistics.median
     for name, run in runs.items():
+        base = runs["dense" + run["kind"]]
         mac_ratio = base["macs"] / run["macs"]
         train_ratio = med(base["train"]) / med(run["train"])
         row = [name, run["setting"], f"{run['macs'] / 1e6:.1f} M", f"{mac_ratio:.2f}x"]

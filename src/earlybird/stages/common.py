@@ -13,7 +13,9 @@ import torch
 from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig,
                       validate_lowp, validate_runtime)
 from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
+from .. import kernels
 from ..errors import CheckpointError, ConfigError, RunDirError
+from ..kernels import fuse_batch_norm
 from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
@@ -254,12 +256,25 @@ def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
+def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | None = None) -> int:
+    """Switch ``model``'s batch norms to the fused kernel (in place) where --fused-bn and the device
+    allow it; the kernel itself serves channels-last steps only, so the timed settings see it too."""
+    if not rt.fused_bn or rt.compile or device.type != "cpu":
+        return 0
+    count = fuse_batch_norm(model)
+    if not count and kernels.failure() and reporter is not None:
+        reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "
+                      "silences this)")
+    return count
+
+
 def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
                      lowp: LowPrecisionConfig | None, device, reporter: Reporter, resumed: dict | None = None):
     """(model, speed setting, precision, optimizer) of a training stage: the model on its device and
     workers, in its memory format, with its number formats and a fresh optimizer; the setting's
     autocast type goes to ``fit``, and ``resumed`` is the setting a resumed run's checkpoint holds."""
     model = for_workers(model.to(device), rt, device)
+    use_fused_batch_norm(model, rt, device, reporter)
     lowp = lowp or LowPrecisionConfig()
     setting = choose_speed(rt, model, spec, data.batch_size, device, reporter, low_precision(lowp).active, resumed)
     if setting[0]:

@@ -1,6 +1,7 @@
 """Prune: physically remove a ticket's channels and measure what that gives."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from ..prune import apply_mask, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.tuning import channels_last_hazards, setting_name, step_timings
 from .common import (check_expected, checkpoint_dataset, make_loaders, prepare_save_dir, setup_runtime,
-                     speed_candidates, write_summary)
+                     speed_candidates, use_fused_batch_norm, write_summary)
 
 
 def _per_layer_channels(model) -> dict[str, int]:
@@ -49,6 +50,8 @@ def training_table(dense, pruned, shape, num_classes: int, batch_size: int, devi
     what the retrain gains per image, which fewer MACs only promise."""
     rows = {"batch": batch_size}
     for name, model in (("dense", dense), ("pruned", pruned)):
+        model = copy.deepcopy(model)  # fused for timing only: the pruned network is saved as it is
+        use_fused_batch_norm(model, rt, torch.device(device))
         hazards = bool(channels_last_hazards(model, device))
         settings = [s for s in speed_candidates(rt, device, hazards) if not (hazards and s[0])]
         seconds = step_timings(model, shape, num_classes, batch_size, device, settings or [(False, None)])

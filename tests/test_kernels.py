@@ -1,0 +1,166 @@
+"""The fused channels-last batch norm (+ ReLU): values, gradients and running statistics against
+torch's batch norm in float64, bf16 under autocast, the model switch, and the fallbacks."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from earlybird import kernels
+from earlybird.config import RuntimeConfig
+from earlybird.kernels import FusedBatchNorm2d, fuse_batch_norm
+from earlybird.models import ModelSpec, create_model
+from earlybird.prune.layers import SelectBatchNorm2d
+from earlybird.stages.common import use_fused_batch_norm
+
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    assert kernels.load() is not None, kernels.failure()  # a machine with a C++ compiler must build it
+
+
+def _reference(x, bn, relu, dy):
+    """torch's batch norm (+ ReLU) in float64 on a copy: output, input/weight/bias gradients, running stats."""
+    ref = copy.deepcopy(bn).double()
+    xr = x.detach().double().requires_grad_()
+    y = ref(xr)
+    y = F.relu(y) if relu else y
+    y.backward(dy.double())
+    return y, xr.grad, ref.weight.grad, ref.bias.grad, ref.running_mean, ref.running_var
+
+
+# widths off the vector width, a row count that leaves a partial block (3*5*5 = 75 rows), a large mean
+@pytest.mark.parametrize("channels,shape", [(8, (3, 5, 5)), (24, (3, 5, 5)), (40, (2, 7, 3)), (64, (4, 4, 4))])
+@pytest.mark.parametrize("relu", [False, True])
+def test_matches_batch_norm_in_float64(channels, shape, relu):
+    torch.manual_seed(channels)
+    n, h, w = shape
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 1.5)
+        bn.bias.normal_(0, 0.5)
+    x = (torch.randn(n, channels, h, w) * 3 + 20).contiguous(memory_format=CL)
+    dy = torch.randn(n, channels, h, w).contiguous(memory_format=CL)
+    y_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref = _reference(x, bn, relu, dy)
+    fused = copy.deepcopy(bn)
+    fused.__class__, fused.relu = FusedBatchNorm2d, relu
+    xf = x.clone().requires_grad_()
+    y = fused(xf)
+    assert y.is_contiguous(memory_format=CL)
+    y.backward(dy)
+
+    def close(a, b, tol):
+        assert (a.double() - b).abs().max().item() <= tol * b.abs().max().item(), (a.double() - b).abs().max()
+
+    close(y, y_ref, 1e-5)
+    close(xf.grad, dx_ref, 1e-4)
+    close(fused.weight.grad, dw_ref, 1e-4)
+    close(fused.bias.grad, db_ref, 1e-4)
+    close(fused.running_mean, rm_ref, 1e-6)
+    close(fused.running_var, rv_ref, 1e-5)
+    assert fused.num_batches_tracked.item() == 1
+    if relu:
+        assert (y >= 0).all() and (y == 0).any()
+
+
+def test_bf16_under_autocast_matches_float32():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(24)
+    fused = copy.deepcopy(bn)
+    fused.__class__, fused.relu = FusedBatchNorm2d, True
+    x = torch.randn(4, 24, 6, 6).contiguous(memory_format=CL)
+    dy = torch.randn_like(x)
+    y_ref, dx_ref, dw_ref, *_ = _reference(x.bfloat16().float(), bn, True, dy.bfloat16().float())
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(xb)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.bfloat16())
+    assert xb.grad.dtype == torch.bfloat16 and fused.weight.grad.dtype == torch.float32
+    assert (y.double() - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()
+    assert (xb.grad.double() - dx_ref).abs().max() <= 3e-2 * dx_ref.abs().max()
+    assert (fused.weight.grad.double() - dw_ref).abs().max() <= 2e-2 * dw_ref.abs().max()
+
+
+def test_cumulative_average_without_momentum():
+    bn = nn.BatchNorm2d(8, momentum=None)
+    fused = copy.deepcopy(bn)
+    fused.__class__ = FusedBatchNorm2d
+    for seed in range(3):
+        x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=CL)
+        bn(x), fused(x)
+    assert torch.allclose(fused.running_mean, bn.running_mean, atol=1e-6)
+    assert torch.allclose(fused.running_var, bn.running_var, atol=1e-6)
+
+
+def _vgg():
+    torch.manual_seed(0)
+    return create_model(ModelSpec("vgg", 11, 0.125, 1, 10, 16))
+
+
+def test_fused_model_trains_like_the_plain_one():
+    plain = _vgg().to(memory_format=CL)
+    fused = copy.deepcopy(plain)
+    keys = fused.state_dict().keys()
+    n_bn = sum(type(m) is nn.BatchNorm2d for m in plain.modules())
+    assert fuse_batch_norm(fused) == n_bn
+    assert fused.state_dict().keys() == keys
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())  # each folded into its batch norm
+    assert all(m.relu for m in fused.modules() if isinstance(m, FusedBatchNorm2d))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, fused)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 1, 16, 16, generator=g).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (8,), generator=g)
+        for model, opt in zip((plain, fused), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(plain.state_dict().items(), fused.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+    fused.load_state_dict(plain.state_dict())
+    plain.eval(), fused.eval()
+    x = torch.randn(4, 1, 16, 16).contiguous(memory_format=CL)
+    assert torch.equal(plain(x), fused(x))  # eval mode: torch's kernel, the same numbers
+
+
+def test_contiguous_input_uses_torch_kernel_exactly():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 24, 3), nn.BatchNorm2d(24), nn.ReLU(inplace=True), nn.Conv2d(24, 8, 3))
+    fused = copy.deepcopy(plain)
+    fuse_batch_norm(fused)
+    x = torch.randn(4, 3, 10, 10)
+    assert torch.equal(plain(x), fused(x))
+    assert torch.equal(plain[1].running_var, fused[1].running_var)
+
+
+def test_subclasses_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SelectBatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU())
+    assert fuse_batch_norm(model) == 1
+    assert type(model[1]) is SelectBatchNorm2d and isinstance(model[2], nn.ReLU)
+    assert type(model[3]) is FusedBatchNorm2d and isinstance(model[4], nn.Identity)
+
+
+def test_unfused_where_the_flag_or_device_says_so(monkeypatch):
+    model = _vgg()
+    assert use_fused_batch_norm(model, RuntimeConfig(fused_bn=False), torch.device("cpu")) == 0
+    assert use_fused_batch_norm(model, RuntimeConfig(compile=True), torch.device("cpu")) == 0
+    assert use_fused_batch_norm(model, RuntimeConfig(), torch.device("meta")) == 0
+    assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+
+
+def test_no_compiler_falls_back_with_one_line(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setattr(kernels, "_failure", "RuntimeError: Ninja is required to load C++ extensions")
+    lines = []
+
+    class Reporter:
+        line = staticmethod(lines.append)
+
+    model = _vgg()
+    assert use_fused_batch_norm(model, RuntimeConfig(), torch.device("cpu"), Reporter()) == 0
+    assert len(lines) == 1 and "Ninja is required" in lines[0] and "--no-fused-bn" in lines[0]
+    assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from earlybird import ModelSpec, create_model
 from earlybird.cost import TRAIN_PASSES, count_macs
 from earlybird.data import BatchLoader, dataset_info
+from earlybird.kernels import fuse_batch_norm
 from earlybird.train import train_epoch
 from earlybird.train.tuning import fastest_setting, keep_freed_memory
 
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast, against the bf16 matrix rate")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-fused-bn", action="store_true", help="torch's batch norm on CPUs (the CLI fuses it)")
     p.add_argument("--matmul-size", type=int, default=None, help="a multiple of 128; default: 8192 on GPUs, 2048 on CPUs")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -70,6 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model(spec).to(device)
     macs = count_macs(model, (3, 32, 32))
+    fused = device.type == "cpu" and not args.no_fused_bn and not args.compile and fuse_batch_norm(model) > 0
     formats = [False, True] if args.channels_last == "auto" else [args.channels_last == "on"]
     amp_dtype = dtype if args.amp else None
     channels_last = fastest_setting(model, (3, 32, 32), 10, args.batch, device, [(f, amp_dtype) for f in formats])[0][0]
@@ -87,7 +90,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{spec.describe()}, {macs / 1e6:.0f} M MACs/image, batch {args.batch}, "
           f"{'channels-last' if channels_last else 'contiguous'}, {'bf16 autocast' if args.amp else 'fp32'}"
-          f"{', compiled' if args.compile else ''} on {name}")
+          f"{', compiled' if args.compile else ''}{', fused BN' if fused and channels_last else ''} on {name}")
     print("train img/s | training TFLOP/s | matrix-product TFLOP/s (same precision) | fraction of it")
     print(f"{result.images_per_second:,.0f} | {achieved / 1e12:.3f} | {rate / 1e12:.3f} | {achieved / rate:.2f}")
 

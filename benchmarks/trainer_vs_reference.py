@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from earlybird import ModelSpec, create_model
 from earlybird.data import BatchLoader, dataset_info
+from earlybird.kernels import fuse_batch_norm
 from earlybird.train import evaluate, train_epoch
 from earlybird.train.tuning import default_autocast_dtype, fastest_setting, keep_freed_memory, setting_name
 
@@ -113,10 +114,15 @@ def main() -> None:
         if keep_memory:
             keep_freed_memory()
         last_pass = keep_memory or device.type == "cuda"  # autocast rows once, with the CLI's allocator setting
-        for setting in ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass else ()):
+        settings = ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass else ())
+        # the fused batch norm (the CLI's default on CPUs) serves channels-last steps: with the allocator setting
+        fused_too = keep_memory and device.type == "cpu"
+        for setting, fused in [(s, False) for s in settings] + [(s, True) for s in settings if fused_too and s[0]]:
             channels_last, amp_dtype = setting
             torch.manual_seed(0)
             model = create_model(spec).to(device)
+            if fused:
+                fuse_batch_norm(model)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -129,11 +135,16 @@ def main() -> None:
             result = train_epoch(model, train, opt, l1=1e-4, scaler=scaler, amp_dtype=amp_dtype)
             start = time.perf_counter()
             evaluate(model, test, amp_dtype)
-            name = f"earlybird, {setting_name(setting)}" + (", keep memory" if keep_memory else "")
+            name = f"earlybird, {setting_name(setting)}" + (", keep memory" if keep_memory else "") + (
+                ", fused BN" if fused else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
     settings = [(cl, dtype) for cl in (False, True) for dtype in (None, amp)]
-    best, _ = fastest_setting(create_model(spec), (3, 32, 32), 10, args.batch, device, settings)
-    default = f"earlybird, {setting_name(best)}" + (", keep memory" if device.type == "cpu" else "")
+    timed = create_model(spec)
+    cpu = device.type == "cpu"
+    if cpu:
+        fuse_batch_norm(timed)
+    best, _ = fastest_setting(timed, (3, 32, 32), 10, args.batch, device, settings)
+    default = f"earlybird, {setting_name(best)}" + (", keep memory" if cpu else "") + (", fused BN" if cpu and best[0] else "")
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
           f"{torch.get_num_threads()} CPU threads")

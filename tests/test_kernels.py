@@ -164,3 +164,10 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch):
     assert use_fused_batch_norm(model, RuntimeConfig(), torch.device("cpu"), Reporter()) == 0
     assert len(lines) == 1 and "Ninja is required" in lines[0] and "--no-fused-bn" in lines[0]
     assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+
+
+def test_needs_build_follows_the_cache(monkeypatch, tmp_path):
+    assert not kernels.needs_build()  # loaded (built or found) by the fixture
+    monkeypatch.setattr(kernels, "_extension", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.needs_build()

@@ -14,6 +14,7 @@ dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d`` (+ 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from pathlib import Path
 
@@ -26,27 +27,41 @@ _extension = None
 _failure: str | None = None
 
 
-def _cpu_tag() -> str:
-    """Differs between CPUs with different instruction sets: the build uses -march=native."""
+def _build_name() -> str:
+    """Differs between CPUs with different instruction sets (the build uses -march=native), torch
+    versions and versions of the source, so that no build serves another."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__}".encode()).hexdigest()
-    return digest[:10]
+    key = f"{platform.machine()} {flags} {torch.__version__}".encode() + _SOURCE.read_bytes()
+    return f"earlybird_batch_norm_{hashlib.sha1(key).hexdigest()[:12]}"
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "torch_extensions"
+    return root / _build_name()
+
+
+def needs_build() -> bool:
+    """Whether :func:`load` will compile (about 25 s) rather than load a build of this machine's."""
+    return _extension is None and _failure is None and not (_build_dir() / f"{_build_name()}.so").exists()
 
 
 def load() -> object | None:
-    """The compiled kernel (built once per machine, ~25 s, cached by torch under
-    ``$TORCH_EXTENSIONS_DIR``), or None where it cannot be built: :func:`failure` says why."""
+    """The compiled kernel (built once per machine and cached under ``$TORCH_EXTENSIONS_DIR``, by
+    default ``~/.cache/torch_extensions``), or None where it cannot be built: :func:`failure` says why."""
     global _extension, _failure
     if _extension is None and _failure is None:
         try:
             from torch.utils import cpp_extension
 
-            _extension = cpp_extension.load(
-                f"earlybird_batch_norm_{_cpu_tag()}", [str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            build = _build_dir()
+            build.mkdir(parents=True, exist_ok=True)
+            _extension = cpp_extension.load(_build_name(), [str(_SOURCE)], build_directory=str(build),
+                                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                            extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, no headers: torch's own kernel serves
             _failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     return _extension
@@ -70,8 +85,9 @@ class _BatchNormReLU(torch.autograd.Function):
     def backward(ctx, grad_output, _):
         x, weight, bias, stats = ctx.saved_tensors
         grad_output = grad_output.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_input, grads = _extension.backward(grad_output, x, weight, bias, stats, ctx.relu, ctx.needs_input_grad[0])
-        return grad_input, grads[0], grads[1], None, None
+        grad_input, grad_weight, grad_bias = _extension.backward(grad_output, x, weight, bias, stats, ctx.relu,
+                                                                  ctx.needs_input_grad[0])
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):

@@ -170,8 +170,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
     t1 = grad_at(xv, to_float(dy[i]), scale_l[j], offset_l[j]);
     t2 = t1 * (xv - mean_l[j]);
   });
-  auto grads = at::empty({2, C}, weight.options());
-  float *grad_weight = grads[0].data_ptr<float>(), *grad_bias = grads[1].data_ptr<float>();
+  auto grad_weight_t = at::empty({C}, weight.options()), grad_bias_t = at::empty({C}, weight.options());
+  float *grad_weight = grad_weight_t.data_ptr<float>(), *grad_bias = grad_bias_t.data_ptr<float>();
   std::vector<float> gain(C), xcoef(C), constant(C);
   for (int64_t c = 0; c < C; ++c) {
     grad_weight[c] = float(sum_gx[c] * invstd[c]);
@@ -207,7 +207,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
       from_float(g * gain[c] + xv * xcoef[c] + constant[c], dx + i);
     }
   }
-  return {grad_input, grads};
+  return {grad_input, grad_weight_t, grad_bias_t};
 }
 
 void check(const at::Tensor& t, const char* what) {
@@ -241,5 +241,5 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm (+ ReLU) forward in training mode: (output, [mean; biased var; invstd])");
-  m.def("backward", &backward, "its backward: (grad_input or None, [grad_weight; grad_bias])");
+  m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias)");
 }

@@ -261,6 +261,8 @@ def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | 
     allow it; the kernel itself serves channels-last steps only, so the timed settings see it too."""
     if not rt.fused_bn or rt.compile or device.type != "cpu":
         return 0
+    if kernels.needs_build() and reporter is not None:
+        reporter.line("compiling the fused batch-norm kernel for this machine (once, about 25 s)")
     count = fuse_batch_norm(model)
     if not count and kernels.failure() and reporter is not None:
         reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "

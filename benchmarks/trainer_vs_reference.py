@@ -144,7 +144,8 @@ def main() -> None:
     if cpu:
         fuse_batch_norm(timed)
     best, _ = fastest_setting(timed, (3, 32, 32), 10, args.batch, device, settings)
-    default = f"earlybird, {setting_name(best)}" + (", keep memory" if cpu else "") + (", fused BN" if cpu and best[0] else "")
+    default = f"earlybird, {setting_name(best)}" + (", keep memory" if cpu else "")
+    default += ", fused BN" if cpu and best[0] else ""
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
           f"{torch.get_num_threads()} CPU threads")

@@ -40,8 +40,9 @@ def _build_name() -> str:
 
 def _build_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    root = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "torch_extensions"
-    return root / _build_name()
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "torch_extensions"
+    return Path(root) / _build_name()
 
 
 def needs_build() -> bool:

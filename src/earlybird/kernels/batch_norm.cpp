@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -216,12 +217,20 @@ void check(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what, " must be float32 or bfloat16");
 }
 
+// Calls fn(T{}, std::integral_constant<bool, relu>{}) for the input's storage type and the ReLU flag.
+template <typename F>
+std::vector<at::Tensor> dispatch(const at::Tensor& input, bool relu, F fn) {
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  if (relu) return bf16 ? fn(uint16_t{}, std::true_type{}) : fn(float{}, std::true_type{});
+  return bf16 ? fn(uint16_t{}, std::false_type{}) : fn(float{}, std::false_type{});
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps,
                                 bool relu) {
   check(input, "input");
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
-  if (relu) return bf16 ? forward_impl<uint16_t, true>(input, weight, bias, eps) : forward_impl<float, true>(input, weight, bias, eps);
-  return bf16 ? forward_impl<uint16_t, false>(input, weight, bias, eps) : forward_impl<float, false>(input, weight, bias, eps);
+  return dispatch(input, relu, [&](auto t, auto r) {
+    return forward_impl<decltype(t), decltype(r)::value>(input, weight, bias, eps);
+  });
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
@@ -229,12 +238,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   check(input, "input");
   check(grad_output, "grad_output");
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output and input must have one dtype");
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
-  if (relu)
-    return bf16 ? backward_impl<uint16_t, true>(grad_output, input, weight, bias, stats, input_grad)
-                : backward_impl<float, true>(grad_output, input, weight, bias, stats, input_grad);
-  return bf16 ? backward_impl<uint16_t, false>(grad_output, input, weight, bias, stats, input_grad)
-              : backward_impl<float, false>(grad_output, input, weight, bias, stats, input_grad);
+  return dispatch(input, relu, [&](auto t, auto r) {
+    return backward_impl<decltype(t), decltype(r)::value>(grad_output, input, weight, bias, stats, input_grad);
+  });
 }
 
 }  // namespace

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig,
                       validate_lowp, validate_runtime)
 from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
-from .. import kernels
 from ..errors import CheckpointError, ConfigError, RunDirError
-from ..kernels import fuse_batch_norm
 from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
@@ -263,7 +262,7 @@ def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | 
         return 0
     if kernels.needs_build() and reporter is not None:
         reporter.line("compiling the fused batch-norm kernel for this machine (once, about 25 s)")
-    count = fuse_batch_norm(model)
+    count = kernels.fuse_batch_norm(model)
     if not count and kernels.failure() and reporter is not None:
         reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "
                       "silences this)")

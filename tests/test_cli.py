@@ -64,6 +64,25 @@ def test_run_end_to_end(capsys, tmp_path, cifar10_root):
     assert (save / "summary.json").read_bytes() == before
 
 
+def test_fused_batch_norm_trains_and_can_be_turned_off(capsys, tmp_path, cifar10_root):
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "fused", "--channels-last", "on", "--amp", "off")
+    assert code == 0, err
+    assert "batch norm: 8 layers (8 with the ReLU after them) on earlybird's fused kernel" in out
+    fused = json.loads((tmp_path / "fused" / "summary.json").read_text())
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "plain", "--channels-last", "on", "--amp", "off",
+                             "--no-fused-bn")
+    assert code == 0, err
+    assert "fused kernel" not in out
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert fused["epochs_trained"] == plain["epochs_trained"]
+    # the same training up to float rounding
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pth", ("search",))["state_dict"] for run in ("fused", "plain"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-3, atol=1e-4), name
+    assert any(not torch.equal(a[name], b[name]) for name in a)  # another kernel ran: it rounds differently
+
+
 def _search(capsys, root, save, *extra):
     return cli(capsys, "search", "--dataset", "cifar10", "--data", root, "--no-download", *TINY, "--epochs", 4,
                "--schedule", 2, "--ratios", 0.5, "--full", "--save", save, *extra)

@@ -263,7 +263,13 @@ def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | 
     if kernels.needs_build() and reporter is not None:
         reporter.line("compiling the fused batch-norm kernel for this machine (once, about 25 s)")
     count = kernels.fuse_batch_norm(model)
-    if not count and kernels.failure() and reporter is not None:
+    if reporter is None:
+        return count
+    if count:
+        relus = sum(m.relu for m in model.modules() if isinstance(m, kernels.FusedBatchNorm2d))
+        reporter.line(f"batch norm: {count} layers ({relus} with the ReLU after them) on earlybird's fused kernel "
+                      "in channels-last training steps (--no-fused-bn: torch's)")
+    elif kernels.failure():
         reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "
                       "silences this)")
     return count

@@ -106,11 +106,13 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > x.shape[1]
                 and not torch.compiler.is_compiling())
 
-    def forward(self, x):
+    def forward(self, x, relu: bool | None = None):
+        """Batch norm, then a ReLU if ``relu`` (default: the ``relu`` attribute) says so."""
+        relu = self.relu if relu is None else relu
         if not self._fused(x):
             y = super().forward(x)
-            return F.relu(y, inplace=True) if self.relu else y
-        output, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps, self.relu)
+            return F.relu(y, inplace=True) if relu else y
+        output, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps, relu)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -121,10 +123,17 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return output
 
 
+def bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``relu(bn(x))`` for model code that applies its ReLU itself: one fused pass where ``bn`` has
+    been switched by :func:`fuse_batch_norm`, torch's batch norm and in-place ReLU otherwise."""
+    return bn(x, relu=True) if isinstance(bn, FusedBatchNorm2d) else F.relu(bn(x), inplace=True)
+
+
 def fuse_batch_norm(model: nn.Module) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d`, in place,
     and fold each ``nn.ReLU`` that directly follows one in an ``nn.Sequential`` into it (the ReLU
-    becomes ``nn.Identity``: it has no state, so checkpoints are unchanged). The modules stay the
+    becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model code that calls
+    :func:`bn_relu` gets its ReLU fused too. The modules stay the
     same objects, so optimizers and references to their parameters stay valid. Returns how many
     batch norms were switched; 0 where the kernel cannot be built (``failure()`` says why)."""
     if load() is None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import bn_relu
 from .registry import ModelSpec, init_weights, register_model, scaled
 
 
@@ -14,23 +15,21 @@ class DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(cin, growth, 3, 1, 1, bias=False)
 
     def forward(self, x):
-        return torch.cat([x, self.conv(self.relu(self.bn(x)))], 1)
+        return torch.cat([x, self.conv(bn_relu(self.bn, x))], 1)
 
 
 class Transition(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(cin, cout, 1, bias=False)
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, x):
-        return self.pool(self.conv(self.relu(self.bn(x))))
+        return self.pool(self.conv(bn_relu(self.bn, x)))
 
 
 class DenseNet(nn.Module):
@@ -47,13 +46,12 @@ class DenseNet(nn.Module):
                 layers.append(Transition(c, c))
         self.features = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
         init_weights(self, bn_scale=0.5)
 
     def forward(self, x):
-        return self.fc(self.pool(self.relu(self.bn(self.features(x)))).flatten(1))
+        return self.fc(self.pool(bn_relu(self.bn, self.features(x))).flatten(1))
 
 
 @register_model("densenet", depths=(40, 100))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels import bn_relu
 from .registry import ModelSpec, init_weights, register_model, scaled
 
 
@@ -26,7 +27,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = bn_relu(self.bn1, self.conv1(x))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
@@ -46,8 +47,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
@@ -68,7 +69,6 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, planes[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(planes[0])
-        self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._stage(block, planes[0], layers[0], 1)
         self.layer2 = self._stage(block, planes[1], layers[1], 2)
         self.layer3 = self._stage(block, planes[2], layers[2], 2)
@@ -88,7 +88,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
 
@@ -112,13 +112,12 @@ class PreBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x):
-        out = self.conv1(self.relu(self.bn1(x)))
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = self.conv1(bn_relu(self.bn1, x))
+        out = self.conv2(bn_relu(self.bn2, out))
+        out = self.conv3(bn_relu(self.bn3, out))
         return out + (x if self.downsample is None else self.downsample(x))
 
 
@@ -135,7 +134,6 @@ class PreResNet(nn.Module):
         self.layer2 = self._stage(planes[1], n, 2)
         self.layer3 = self._stage(planes[2], n, 2)
         self.bn = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.inplanes, num_classes)
         init_weights(self, bn_scale=0.5)
@@ -151,7 +149,7 @@ class PreResNet(nn.Module):
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return self.fc(self.avgpool(self.relu(self.bn(x))).flatten(1))
+        return self.fc(self.avgpool(bn_relu(self.bn, x)).flatten(1))
 
 
 @register_model("preresnet", depths=(20, 56, 101, 164))

@@ -9,7 +9,7 @@ from torch import nn
 
 from earlybird import kernels
 from earlybird.config import RuntimeConfig
-from earlybird.kernels import FusedBatchNorm2d, fuse_batch_norm
+from earlybird.kernels import FusedBatchNorm2d, bn_relu, fuse_batch_norm
 from earlybird.models import ModelSpec, create_model
 from earlybird.prune.layers import SelectBatchNorm2d
 from earlybird.stages.common import use_fused_batch_norm
@@ -66,6 +66,33 @@ def test_matches_batch_norm_in_float64(channels, shape, relu):
         assert (y >= 0).all() and (y == 0).any()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_residual_add_and_relu(dtype, tol):
+    torch.manual_seed(3)
+    bn = nn.BatchNorm2d(24)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 1.5)
+        bn.bias.normal_(0, 0.5)
+    x = (torch.randn(3, 24, 5, 5) * 2 + 1).to(dtype).contiguous(memory_format=CL)
+    r = torch.randn(3, 24, 5, 5).to(dtype).contiguous(memory_format=CL)
+    dy = torch.randn(3, 24, 5, 5).to(dtype).contiguous(memory_format=CL)
+    ref = copy.deepcopy(bn).double()
+    xr, rr = (t.detach().double().requires_grad_() for t in (x, r))
+    y_ref = F.relu(ref(xr) + rr)
+    y_ref.backward(dy.double())
+    fused = copy.deepcopy(bn)
+    fused.__class__ = FusedBatchNorm2d
+    xf, rf = (t.clone().requires_grad_() for t in (x, r))
+    y = bn_relu(fused, xf, rf)
+    y.backward(dy)
+    assert y.dtype == dtype and xf.grad.dtype == dtype and rf.grad.dtype == dtype
+    for got, want in ((y, y_ref), (xf.grad, xr.grad), (rf.grad, rr.grad), (fused.weight.grad, ref.weight.grad),
+                      (fused.bias.grad, ref.bias.grad), (fused.running_var, ref.running_var)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    with pytest.raises(ValueError, match="only before a ReLU"):
+        fused(x, relu=False, residual=r)
+
+
 def test_bf16_under_autocast_matches_float32():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(24)
@@ -107,9 +134,9 @@ class _CountingKernel:
     def __init__(self, kernel):
         self.kernel, self.calls = kernel, {True: 0, False: 0}
 
-    def forward(self, x, weight, bias, eps, relu):
+    def forward(self, x, residual, weight, bias, eps, relu):
         self.calls[relu] += 1
-        return self.kernel.forward(x, weight, bias, eps, relu)
+        return self.kernel.forward(x, residual, weight, bias, eps, relu)
 
     def backward(self, *args):
         return self.kernel.backward(*args)
@@ -118,7 +145,7 @@ class _CountingKernel:
 # VGG: ReLU modules after BNs in a Sequential; ResNet, PreResNet, DenseNet: bn_relu in the model code
 @pytest.mark.parametrize("spec,relus,plain_only", [
     (ModelSpec("vgg", 11, 0.125, 1, 10, 16), 8, 0),
-    (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 9, 11),  # the stem's and each block's bn1; bn2s, 3 shortcut BNs
+    (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 17, 3),  # the stem, each block's bn1 and bn2 (+ residual); shortcuts
     (ModelSpec("preresnet", 11, 1.0, 1, 10, 16), 10, 0),
     (ModelSpec("densenet", 10, 0.5, 1, 10, 16), 9, 0),
 ])

@@ -73,22 +73,30 @@ def failure() -> str | None:
     return _failure
 
 
-class _BatchNormReLU(torch.autograd.Function):
+class _BatchNorm(torch.autograd.Function):
+    """Batch norm (+ residual) (+ ReLU) on the kernel: (output, [mean; biased var; invstd])."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, relu: bool):
-        output, stats = _extension.forward(x, weight, bias, eps, relu)
-        ctx.save_for_backward(x, weight, bias, stats)
+    def forward(ctx, x, residual, weight, bias, eps: float, relu: bool):
+        output, stats = _extension.forward(x, residual, weight, bias, eps, relu)
         ctx.relu = relu
+        # after a residual the ReLU's mask is read from the output; without one it is recomputed from x
+        ctx.save_for_backward(x, None if residual is None else output, weight, bias, stats)
         ctx.mark_non_differentiable(stats)
         return output, stats
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        x, weight, bias, stats = ctx.saved_tensors
+        x, output, weight, bias, stats = ctx.saved_tensors
         grad_output = grad_output.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_input, grad_weight, grad_bias = _extension.backward(grad_output, x, weight, bias, stats, ctx.relu,
-                                                                  ctx.needs_input_grad[0])
-        return grad_input, grad_weight, grad_bias, None, None
+        grad_input, grad_weight, grad_bias, grad_residual = _extension.backward(
+            grad_output, x, output, weight, bias, stats, ctx.relu, ctx.needs_input_grad[0])
+        return grad_input, grad_residual, grad_weight, grad_bias, None, None
+
+
+def _kernel_takes(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dim() == 4 and t.dtype in (torch.float32, torch.bfloat16)
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -100,19 +108,23 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        return (self.training and self.affine and _extension is not None and x.device.type == "cpu" and x.dim() == 4
-                and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == torch.float32
-                and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > x.shape[1]
-                and not torch.compiler.is_compiling())
+    def _fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        return (self.training and self.affine and _extension is not None and self.weight.dtype == torch.float32
+                and _kernel_takes(x) and x.numel() > x.shape[1] and not torch.compiler.is_compiling()
+                and (residual is None or (_kernel_takes(residual) and residual.shape == x.shape
+                                          and residual.dtype == x.dtype)))
 
-    def forward(self, x, relu: bool | None = None):
-        """Batch norm, then a ReLU if ``relu`` (default: the ``relu`` attribute) says so."""
+    def forward(self, x, relu: bool | None = None, residual: torch.Tensor | None = None):
+        """Batch norm, plus ``residual`` if given, then a ReLU if ``relu`` (default: the ``relu``
+        attribute) says so; a residual goes with a ReLU only."""
         relu = self.relu if relu is None else relu
-        if not self._fused(x):
+        if residual is not None and not relu:
+            raise ValueError("FusedBatchNorm2d adds a residual only before a ReLU")
+        if not self._fused(x, residual):
             y = super().forward(x)
+            y = y if residual is None else y + residual
             return F.relu(y, inplace=True) if relu else y
-        output, stats = _BatchNormReLU.apply(x, self.weight, self.bias, self.eps, relu)
+        output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, relu)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -123,10 +135,14 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return output
 
 
-def bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``relu(bn(x))`` for model code that applies its ReLU itself: one fused pass where ``bn`` has
-    been switched by :func:`fuse_batch_norm`, torch's batch norm and in-place ReLU otherwise."""
-    return bn(x, relu=True) if isinstance(bn, FusedBatchNorm2d) else F.relu(bn(x), inplace=True)
+def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(bn(x))``, or ``relu(bn(x) + residual)``, for model code that applies its ReLU itself:
+    one fused pass where ``bn`` has been switched by :func:`fuse_batch_norm`, torch's batch norm,
+    add and in-place ReLU otherwise."""
+    if isinstance(bn, FusedBatchNorm2d):
+        return bn(x, relu=True, residual=residual)
+    y = bn(x)
+    return F.relu(y if residual is None else y + residual, inplace=True)
 
 
 def fuse_batch_norm(model: nn.Module) -> int:

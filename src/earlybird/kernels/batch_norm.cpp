@@ -1,4 +1,5 @@
-// Training-mode batch norm (optionally followed by ReLU) for channels-last CPU tensors.
+// Training-mode batch norm, optionally followed by a ReLU or by a residual add and a ReLU, for
+// channels-last CPU tensors.
 //
 // A channels-last activation is an (M, C) row-major matrix, M = N*H*W. ATen's kernel walks it row by
 // row, and a row whose width C is not a multiple of the vector width pays a tail each time: at the
@@ -6,7 +7,8 @@
 // C = 64. Here the matrix is walked in blocks of L = k*C elements (k whole rows), L a multiple of 16
 // and at least 64, so every inner loop is full-width and the compiler vectorizes it. The ReLU is
 // fused: the forward writes max(0, a*x + b) in the same pass, and the backward recomputes the ReLU's
-// mask from x instead of reading the output, which saves the ReLU's own passes over memory.
+// mask from x instead of reading the output, which saves the ReLU's own passes over memory. A
+// residual (ResNet's relu(bn(x) + identity)) is added in the same pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -33,12 +36,6 @@ inline void from_float(float v, uint16_t* out) {
   std::memcpy(&w, &v, 4);
   uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;  // round to nearest even
   *out = uint16_t(v != v ? 0x7FC0u : rounded);                 // NaN stays NaN
-}
-
-template <bool relu>
-inline float activate(float v) {
-  if constexpr (relu) return v > 0.f ? v : 0.f;
-  return v;
 }
 
 struct Blocks {
@@ -105,11 +102,29 @@ std::pair<std::vector<double>, std::vector<double>> channel_sums(const Blocks& b
   return {sum1, sum2};
 }
 
-template <typename T, bool relu>
-std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                                     double eps) {
+// What follows the batch norm: nothing, a ReLU, or a residual added and then a ReLU.
+enum class Tail { none, relu, add_relu };
+
+// fn(i, j) for every element i, j a lane of i's channel (as in channel_sums), blocks in parallel.
+template <typename F>
+void for_each_element(const Blocks& b, int64_t M, F fn) {
+  const int64_t L = b.L;
+  parallel(b.count, [&](int64_t begin, int64_t end, int) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t base = blk * L;
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) fn(base + j, j);
+    }
+  });
+  for (int64_t i = b.count * L; i < M * b.C; ++i) fn(i, i % b.C);
+}
+
+template <typename T, Tail tail>
+std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
+                                     const at::Tensor& bias, double eps) {
   const int64_t C = input.size(1), M = input.numel() / C;
   const T* x = reinterpret_cast<const T*>(input.data_ptr());
+  const T* r = tail == Tail::add_relu ? reinterpret_cast<const T*>(residual.data_ptr()) : nullptr;
   const Blocks b = blocks_of(M, C);
   const int64_t L = b.L;
   // Shifted sums (by the first row) keep E[x^2] - E[x]^2 from cancelling when |mean| >> std.
@@ -137,25 +152,31 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& 
   auto output = at::empty_like(input, at::MemoryFormat::ChannelsLast);
   T* y = reinterpret_cast<T*>(output.data_ptr());
   const std::vector<float> scale_l = repeat(scale, L), offset_l = repeat(offset, L);
-  parallel(b.count, [&](int64_t begin, int64_t end, int) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const T* in = x + blk * L;
-      T* out = y + blk * L;
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) from_float(activate<relu>(to_float(in[j]) * scale_l[j] + offset_l[j]), out + j);
-    }
+  for_each_element(b, M, [&](int64_t i, int64_t j) {
+    float v = to_float(x[i]) * scale_l[j] + offset_l[j];
+    if constexpr (tail == Tail::add_relu) v += to_float(r[i]);
+    if constexpr (tail != Tail::none) v = v > 0.f ? v : 0.f;
+    from_float(v, y + i);
   });
-  for (int64_t i = b.count * L; i < M * C; ++i)
-    from_float(activate<relu>(to_float(x[i]) * scale[i % C] + offset[i % C]), y + i);
   return {output, stats};
 }
 
-template <typename T, bool relu>
-std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                                      const at::Tensor& bias, const at::Tensor& stats, bool input_grad) {
+// With Tail::add_relu the ReLU's mask comes from the saved output (the residual is not kept), and
+// the gradient past the mask, which is also the residual's, is written out in the first pass.
+template <typename T, Tail tail>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
+                                      const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& stats,
+                                      bool input_grad) {
   const int64_t C = input.size(1), M = input.numel() / C;
   const T* x = reinterpret_cast<const T*>(input.data_ptr());
   const T* dy = reinterpret_cast<const T*>(grad_output.data_ptr());
+  const T* z = tail == Tail::add_relu ? reinterpret_cast<const T*>(output.data_ptr()) : nullptr;
+  at::Tensor grad_residual;
+  T* gres = nullptr;
+  if constexpr (tail == Tail::add_relu) {
+    grad_residual = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+    gres = reinterpret_cast<T*>(grad_residual.data_ptr());
+  }
   const Blocks b = blocks_of(M, C);
   const int64_t L = b.L;
   const float *mean = stats[0].data_ptr<float>(), *invstd = stats[2].data_ptr<float>();
@@ -164,11 +185,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
   std::vector<float> mean_c(mean, mean + C), scale(C), offset(C);
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * invstd[c], offset[c] = bi[c] - mean[c] * scale[c];
   const std::vector<float> mean_l = repeat(mean_c, L), scale_l = repeat(scale, L), offset_l = repeat(offset, L);
-  // The gradient reaching the batch norm: through the ReLU's mask, recomputed exactly as the forward did.
-  auto grad_at = [](float xv, float gv, float s, float o) { return (!relu || xv * s + o > 0.f) ? gv : 0.f; };
+  // The gradient reaching the batch norm. A plain ReLU's mask is recomputed from x exactly as the
+  // forward computed the output; after a residual it is read from the output.
+  auto grad_at = [&](int64_t i, int64_t j, float xv) {
+    const float g = to_float(dy[i]);
+    if constexpr (tail == Tail::relu) return xv * scale_l[j] + offset_l[j] > 0.f ? g : 0.f;
+    if constexpr (tail == Tail::add_relu) return to_float(z[i]) > 0.f ? g : 0.f;
+    return g;
+  };
   auto [sum_g, sum_gx] = channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
     const float xv = to_float(x[i]);
-    t1 = grad_at(xv, to_float(dy[i]), scale_l[j], offset_l[j]);
+    t1 = grad_at(i, j, xv);
+    if constexpr (tail == Tail::add_relu) from_float(t1, gres + i);  // exact: g is dy or 0
     t2 = t1 * (xv - mean_l[j]);
   });
   auto grad_weight_t = at::empty({C}, weight.options()), grad_bias_t = at::empty({C}, weight.options());
@@ -188,27 +216,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
     grad_input = at::empty_like(input, at::MemoryFormat::ChannelsLast);
     T* dx = reinterpret_cast<T*>(grad_input.data_ptr());
     const std::vector<float> gain_l = repeat(gain, L), xcoef_l = repeat(xcoef, L), constant_l = repeat(constant, L);
-    parallel(b.count, [&](int64_t begin, int64_t end, int) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const T* xr = x + blk * L;
-        const T* gr = dy + blk * L;
-        T* out = dx + blk * L;
-#pragma omp simd
-        for (int64_t j = 0; j < L; ++j) {
-          float xv = to_float(xr[j]);
-          float g = grad_at(xv, to_float(gr[j]), scale_l[j], offset_l[j]);
-          from_float(g * gain_l[j] + xv * xcoef_l[j] + constant_l[j], out + j);
-        }
-      }
+    for_each_element(b, M, [&](int64_t i, int64_t j) {
+      const float xv = to_float(x[i]);
+      const float g = tail == Tail::add_relu ? to_float(gres[i]) : grad_at(i, j, xv);
+      from_float(g * gain_l[j] + xv * xcoef_l[j] + constant_l[j], dx + i);
     });
-    for (int64_t i = b.count * L; i < M * C; ++i) {
-      const int64_t c = i % C;
-      float xv = to_float(x[i]);
-      float g = grad_at(xv, to_float(dy[i]), scale[c], offset[c]);
-      from_float(g * gain[c] + xv * xcoef[c] + constant[c], dx + i);
-    }
   }
-  return {grad_input, grad_weight_t, grad_bias_t};
+  return {grad_input, grad_weight_t, grad_bias_t, grad_residual};
 }
 
 void check(const at::Tensor& t, const char* what) {
@@ -217,35 +231,56 @@ void check(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what, " must be float32 or bfloat16");
 }
 
-// Calls fn(T{}, std::integral_constant<bool, relu>{}) for the input's storage type and the ReLU flag.
+// Calls fn(T{}, std::integral_constant<Tail, tail>{}) for the input's storage type and the tail.
 template <typename F>
-std::vector<at::Tensor> dispatch(const at::Tensor& input, bool relu, F fn) {
+std::vector<at::Tensor> dispatch(const at::Tensor& input, bool relu, bool residual, F fn) {
   const bool bf16 = input.scalar_type() == at::kBFloat16;
-  if (relu) return bf16 ? fn(uint16_t{}, std::true_type{}) : fn(float{}, std::true_type{});
-  return bf16 ? fn(uint16_t{}, std::false_type{}) : fn(float{}, std::false_type{});
+  auto with = [&](auto t) {
+    if (residual) return fn(t, std::integral_constant<Tail, Tail::add_relu>{});
+    if (relu) return fn(t, std::integral_constant<Tail, Tail::relu>{});
+    return fn(t, std::integral_constant<Tail, Tail::none>{});
+  };
+  return bf16 ? with(uint16_t{}) : with(float{});
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                bool relu) {
+void check_like(const at::Tensor& t, const at::Tensor& input, const char* what) {
+  check(t, what);
+  TORCH_CHECK(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type(), what,
+              " must have the input's shape and dtype");
+}
+
+// residual: an undefined tensor (None) or one to add before the ReLU (relu must then be true).
+std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
+                                const at::Tensor& weight, const at::Tensor& bias, double eps, bool relu) {
   check(input, "input");
-  return dispatch(input, relu, [&](auto t, auto r) {
-    return forward_impl<decltype(t), decltype(r)::value>(input, weight, bias, eps);
+  const at::Tensor residual = residual_or_none.value_or(at::Tensor());
+  if (residual.defined()) {
+    TORCH_CHECK(relu, "a residual is added before a ReLU only");
+    check_like(residual, input, "residual");
+  }
+  return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
+    return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps);
   });
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+// output: the forward's output where it added a residual (its ReLU mask), else undefined; returns
+// (grad_input or None, grad_weight, grad_bias, grad_residual or None).
+std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const std::optional<at::Tensor>& output_or_none, const at::Tensor& weight,
                                  const at::Tensor& bias, const at::Tensor& stats, bool relu, bool input_grad) {
   check(input, "input");
-  check(grad_output, "grad_output");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output and input must have one dtype");
-  return dispatch(input, relu, [&](auto t, auto r) {
-    return backward_impl<decltype(t), decltype(r)::value>(grad_output, input, weight, bias, stats, input_grad);
+  const at::Tensor output = output_or_none.value_or(at::Tensor());
+  check_like(grad_output, input, "grad_output");
+  if (output.defined()) check_like(output, input, "output");
+  return dispatch(input, relu, output.defined(), [&](auto t, auto tail) {
+    return backward_impl<decltype(t), decltype(tail)::value>(grad_output, input, output, weight, bias, stats,
+                                                              input_grad);
   });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "batch norm (+ ReLU) forward in training mode: (output, [mean; biased var; invstd])");
-  m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias)");
+  m.def("forward", &forward, "batch norm (+ residual) (+ ReLU) in training mode: (output, [mean; biased var; invstd])");
+  m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias, grad_residual or None)");
 }

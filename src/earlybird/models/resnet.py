@@ -22,13 +22,12 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = bn_relu(self.bn1, self.conv1(x))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        return bn_relu(self.bn2, self.conv2(out), identity)
 
 
 class Bottleneck(nn.Module):
@@ -42,14 +41,13 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = bn_relu(self.bn1, self.conv1(x))
         out = bn_relu(self.bn2, self.conv2(out))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        return bn_relu(self.bn3, self.conv3(out), identity)
 
 
 RESNET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),

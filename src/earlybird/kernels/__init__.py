@@ -7,9 +7,10 @@ at the widths pruning leaves (24, 40, 72, ...) it was 2-10x slower per element t
 ``batch_norm.cpp`` walks the same memory in full-width blocks of whole rows and folds the ReLU that
 follows into the same passes (benchmarks/README.md has the figures).
 
-:func:`fuse_batch_norm` switches a model's batch norms over in place. Parameters, buffers, names
-and checkpoints stay as they were; outside its case (eval mode, contiguous or CUDA tensors, other
-dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d`` (+ ``nn.ReLU``) does.
+:func:`fuse_batch_norm` switches a model's batch norms over in place; model code that applies
+its own ReLU (and residual add) calls :func:`bn_relu` to have them fused too. Parameters, buffers,
+names and checkpoints stay as they were; outside its case (eval mode, contiguous or CUDA tensors,
+other dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d`` (+ add, + ReLU) does.
 """
 from __future__ import annotations
 

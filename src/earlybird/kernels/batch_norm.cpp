@@ -38,15 +38,15 @@ inline void from_float(float v, uint16_t* out) {
   *out = uint16_t(v != v ? 0x7FC0u : rounded);                 // NaN stays NaN
 }
 
+// The (M, C) matrix as `count` blocks of L = k*C elements (k whole rows), then M % k rows left over.
 struct Blocks {
-  int64_t C, L, rows_per_block, count, tail_rows;
+  int64_t C, L, count;
 };
 
 Blocks blocks_of(int64_t M, int64_t C) {
   int64_t L = std::lcm<int64_t>(C, 16);
   while (L < 64) L *= 2;
-  int64_t k = L / C;
-  return {C, L, k, M / k, M % k};
+  return {C, L, M / (L / C)};
 }
 
 // Splits [0, n) over the threads; fn(begin, end, thread) may run several times per thread.
@@ -249,10 +249,17 @@ void check_like(const at::Tensor& t, const at::Tensor& input, const char* what) 
               " must have the input's shape and dtype");
 }
 
-// residual: an undefined tensor (None) or one to add before the ReLU (relu must then be true).
+void check_params(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  for (const at::Tensor* t : {&weight, &bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == input.size(1),
+                "weight and bias must be float32 vectors of the input's channels");
+}
+
+// residual: None, or a tensor to add before the ReLU (relu must then be true).
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
                                 const at::Tensor& weight, const at::Tensor& bias, double eps, bool relu) {
   check(input, "input");
+  check_params(input, weight, bias);
   const at::Tensor residual = residual_or_none.value_or(at::Tensor());
   if (residual.defined()) {
     TORCH_CHECK(relu, "a residual is added before a ReLU only");
@@ -269,6 +276,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
                                  const std::optional<at::Tensor>& output_or_none, const at::Tensor& weight,
                                  const at::Tensor& bias, const at::Tensor& stats, bool relu, bool input_grad) {
   check(input, "input");
+  check_params(input, weight, bias);
   const at::Tensor output = output_or_none.value_or(at::Tensor());
   check_like(grad_output, input, "grad_output");
   if (output.defined()) check_like(output, input, "output");

@@ -118,8 +118,8 @@ def main() -> None:
         for b in args.batch_sizes:  # warm-up
             infer(b)
         step()
-        runs[name + kind] = {"kind": kind, "macs": macs, "setting": setting_name(setting), "infer": infer, "step": step,
-                      "lat": {b: [] for b in args.batch_sizes}, "train": []}
+        runs[name + kind] = {"kind": kind, "macs": macs, "setting": setting_name(setting), "infer": infer,
+                             "step": step, "lat": {b: [] for b in args.batch_sizes}, "train": []}
     for _ in range(args.repeats):
         for run in runs.values():
             for b in args.batch_sizes:

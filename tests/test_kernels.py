@@ -195,11 +195,21 @@ def test_contiguous_input_uses_torch_kernel_exactly():
     assert torch.equal(plain[1].running_var, fused[1].running_var)
 
 
+class _Reversed(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(self):
+            x = m(x)
+        return x
+
+
 def test_subclasses_are_left_alone():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), SelectBatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU())
-    assert fuse_batch_norm(model) == 1
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SelectBatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(),
+                          _Reversed(nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU()))
+    assert fuse_batch_norm(model) == 2
     assert type(model[1]) is SelectBatchNorm2d and isinstance(model[2], nn.ReLU)
     assert type(model[3]) is FusedBatchNorm2d and isinstance(model[4], nn.Identity)
+    # a Sequential with its own forward: its ReLUs stay where they are
+    assert type(model[5][1]) is FusedBatchNorm2d and not model[5][1].relu and isinstance(model[5][2], nn.ReLU)
 
 
 def test_unfused_where_the_flag_or_device_says_so(monkeypatch):

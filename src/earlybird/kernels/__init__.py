@@ -150,9 +150,9 @@ def fuse_batch_norm(model: nn.Module) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d`, in place,
     and fold each ``nn.ReLU`` that directly follows one in an ``nn.Sequential`` into it (the ReLU
     becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model code that calls
-    :func:`bn_relu` gets its ReLU fused too. The modules stay the
-    same objects, so optimizers and references to their parameters stay valid. Returns how many
-    batch norms were switched; 0 where the kernel cannot be built (``failure()`` says why)."""
+    :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so optimizers and
+    references to their parameters stay valid. Returns how many batch norms were switched; 0 where
+    the kernel cannot be built (``failure()`` says why)."""
     if load() is None:
         return 0
     count = 0
@@ -164,7 +164,9 @@ def fuse_batch_norm(model: nn.Module) -> int:
             child.__class__ = FusedBatchNorm2d
             count += 1
             following = children[i + 1][1] if i + 1 < len(children) else None
-            if isinstance(parent, nn.Sequential) and type(following) is nn.ReLU:
+            # only where the Sequential runs its children in order: a subclass may have its own forward
+            in_order = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+            if in_order and type(following) is nn.ReLU:
                 child.relu = True
                 setattr(parent, children[i + 1][0], nn.Identity())
     return count

@@ -1,6 +1,7 @@
 """The fused channels-last batch norm (+ ReLU): values, gradients and running statistics against
 torch's batch norm in float64, bf16 under autocast, the model switch, and the fallbacks."""
 import copy
+import os
 
 import pytest
 import torch
@@ -239,3 +240,13 @@ def test_needs_build_follows_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_extension", None)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert kernels.needs_build()
+
+
+def test_ninja_of_the_environment_is_found(monkeypatch):
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # as under venv/bin/python without activation
+    kernels._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    kernels._put_ninja_on_path()  # once only
+    assert os.environ["PATH"].count(ninja.BIN_DIR) == 1

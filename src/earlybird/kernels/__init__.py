@@ -51,6 +51,18 @@ def needs_build() -> bool:
     return _extension is None and _failure is None and not (_build_dir() / f"{_build_name()}.so").exists()
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ninja package's own one is there only in an activated
+    environment (not, say, under ``venv/bin/python -m earlybird``)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
 def load() -> object | None:
     """The compiled kernel (built once per machine and cached under ``$TORCH_EXTENSIONS_DIR``, by
     default ``~/.cache/torch_extensions``), or None where it cannot be built: :func:`failure` says why."""
@@ -59,6 +71,7 @@ def load() -> object | None:
         try:
             from torch.utils import cpp_extension
 
+            _put_ninja_on_path()
             build = _build_dir()
             build.mkdir(parents=True, exist_ok=True)
             _extension = cpp_extension.load(_build_name(), [str(_SOURCE)], build_directory=str(build),

@@ -113,6 +113,34 @@ def test_bf16_under_autocast_matches_float32():
     assert (fused.weight.grad.double() - dw_ref).abs().max() <= 2e-2 * dw_ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_evaluation_without_autograd_is_one_fused_pass(dtype, tol, monkeypatch):
+    torch.manual_seed(4)
+    bn = nn.BatchNorm2d(40)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 1.5)
+        bn.bias.normal_(0, 0.5)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    fused = copy.deepcopy(bn)
+    fused.__class__ = FusedBatchNorm2d
+    x, r = (torch.randn(4, 40, 6, 6).to(dtype).contiguous(memory_format=CL) for _ in range(2))
+    counter = _CountingKernel(kernels._extension)
+    monkeypatch.setattr(kernels, "_extension", counter)
+    with torch.inference_mode():
+        for residual in (None, r):
+            want = F.relu(bn(x).float() + (0 if residual is None else residual.float()))
+            got = bn_relu(fused, x, residual)
+            assert got.dtype == dtype and got.is_contiguous(memory_format=CL)
+            assert (got.float() - want).abs().max() <= tol * want.abs().max()
+        plain_got = fused(x)
+        assert (plain_got.float() - bn(x).float()).abs().max() <= tol * bn(x).float().abs().max()
+    assert counter.calls == {True: 2, False: 1}
+    y = fused(x)  # under autograd: torch's kernel
+    assert torch.equal(y, bn(x)) and counter.calls == {True: 2, False: 1}
+
+
 def test_cumulative_average_without_momentum():
     bn = nn.BatchNorm2d(8, momentum=None)
     fused = copy.deepcopy(bn)
@@ -141,6 +169,10 @@ class _CountingKernel:
 
     def backward(self, *args):
         return self.kernel.backward(*args)
+
+    def affine(self, x, residual, scale, offset, relu):
+        self.calls[relu] += 1
+        return self.kernel.affine(x, residual, scale, offset, relu)
 
 
 # VGG: ReLU modules after BNs in a Sequential; ResNet, PreResNet, DenseNet: bn_relu in the model code
@@ -183,7 +215,7 @@ def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, monkeypa
     fused.load_state_dict(plain.state_dict())
     plain.eval(), fused.eval()
     x = torch.randn(4, 1, 16, 16).contiguous(memory_format=CL)
-    assert torch.equal(plain(x), fused(x))  # eval mode: torch's kernel, the same numbers
+    assert torch.equal(plain(x), fused(x))  # eval mode under autograd: torch's kernel, the same numbers
 
 
 def test_contiguous_input_uses_torch_kernel_exactly():

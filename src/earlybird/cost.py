@@ -55,9 +55,11 @@ def training_macs(macs_per_image: int, images: int, epochs: float) -> float:
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def inference_throughput(model: nn.Module, input_shape, batch_size: int, device, min_seconds: float = 0.3,
                          channels_last: bool = False) -> float:
-    """Measured inference images/s of ``model`` at ``batch_size`` on ``device`` (eval mode, after a warm-up)."""
+    """Measured inference images/s of ``model`` at ``batch_size`` on ``device`` (eval mode, no autograd,
+    after a warm-up)."""
     model.eval()
     x = torch.randn(batch_size, *input_shape, device=device)
     if channels_last:

@@ -9,8 +9,9 @@ follows into the same passes (benchmarks/README.md has the figures).
 
 :func:`fuse_batch_norm` switches a model's batch norms over in place; model code that applies
 its own ReLU (and residual add) calls :func:`bn_relu` to have them fused too. Parameters, buffers,
-names and checkpoints stay as they were; outside its case (eval mode, contiguous or CUDA tensors,
-other dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d`` (+ add, + ReLU) does.
+names and checkpoints stay as they were; outside its case (eval mode under autograd, contiguous or
+CUDA tensors, other dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d``
+(+ add, + ReLU) does.
 """
 from __future__ import annotations
 
@@ -114,8 +115,8 @@ def _kernel_takes(t: torch.Tensor) -> bool:
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d``, followed by a ReLU when ``relu`` is set, that trains channels-last CPU
-    tensors (float32, or bfloat16 under autocast) with the fused kernel."""
+    """``nn.BatchNorm2d``, followed by a ReLU when ``relu`` is set, that trains and evaluates (without
+    autograd) channels-last CPU tensors (float32, or bfloat16 under autocast) with the fused kernel."""
 
     relu: bool = False
 
@@ -123,8 +124,12 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + (", relu=True" if self.relu else "")
 
     def _fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        return (self.training and self.affine and _extension is not None and self.weight.dtype == torch.float32
-                and _kernel_takes(x) and x.numel() > x.shape[1] and not torch.compiler.is_compiling()
+        """Whether the kernel serves this call: training, or evaluation with running statistics
+        and no autograd (eval mode under autograd, or without running statistics, is torch's)."""
+        mode = x.numel() > x.shape[1] if self.training else (
+            self.running_mean is not None and not torch.is_grad_enabled())
+        return (mode and self.affine and _extension is not None and self.weight.dtype == torch.float32
+                and _kernel_takes(x) and not torch.compiler.is_compiling()
                 and (residual is None or (_kernel_takes(residual) and residual.shape == x.shape
                                           and residual.dtype == x.dtype)))
 
@@ -138,6 +143,9 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             y = super().forward(x)
             y = y if residual is None else y + residual
             return F.relu(y, inplace=True) if relu else y
+        if not self.training:
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            return _extension.affine(x, residual, scale, self.bias - self.running_mean * scale, relu)
         output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, relu)
         if self.track_running_stats:
             with torch.no_grad():

@@ -161,6 +161,30 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& 
   return {output, stats};
 }
 
+// Evaluation: act(scale * x + offset [+ residual]) with the running statistics folded into scale and
+// offset, one pass (torch's eval batch norm and the ReLU after it are two).
+template <typename T, Tail tail>
+std::vector<at::Tensor> affine_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& scale,
+                                    const at::Tensor& offset) {
+  const int64_t C = input.size(1), M = input.numel() / C;
+  const T* x = reinterpret_cast<const T*>(input.data_ptr());
+  const T* r = tail == Tail::add_relu ? reinterpret_cast<const T*>(residual.data_ptr()) : nullptr;
+  const Blocks b = blocks_of(M, C);
+  const float* sc = scale.data_ptr<float>();
+  const float* of = offset.data_ptr<float>();
+  const std::vector<float> scale_l = repeat(std::vector<float>(sc, sc + C), b.L);
+  const std::vector<float> offset_l = repeat(std::vector<float>(of, of + C), b.L);
+  auto output = at::empty_like(input, at::MemoryFormat::ChannelsLast);
+  T* y = reinterpret_cast<T*>(output.data_ptr());
+  for_each_element(b, M, [&](int64_t i, int64_t j) {
+    float v = to_float(x[i]) * scale_l[j] + offset_l[j];
+    if constexpr (tail == Tail::add_relu) v += to_float(r[i]);
+    if constexpr (tail != Tail::none) v = v > 0.f ? v : 0.f;
+    from_float(v, y + i);
+  });
+  return {output};
+}
+
 // With Tail::add_relu the ReLU's mask comes from the saved output (the residual is not kept), and
 // the gradient past the mask, which is also the residual's, is written out in the first pass.
 template <typename T, Tail tail>
@@ -252,7 +276,7 @@ void check_like(const at::Tensor& t, const at::Tensor& input, const char* what) 
 void check_params(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
   for (const at::Tensor* t : {&weight, &bias})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == input.size(1),
-                "weight and bias must be float32 vectors of the input's channels");
+                "weight and bias (scale and offset) must be float32 vectors of the input's channels");
 }
 
 // residual: None, or a tensor to add before the ReLU (relu must then be true).
@@ -268,6 +292,21 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
   return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
     return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps);
   });
+}
+
+// scale and offset: float32 per channel (the running statistics, weight and bias folded).
+at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none, const at::Tensor& scale,
+                  const at::Tensor& offset, bool relu) {
+  check(input, "input");
+  check_params(input, scale, offset);
+  const at::Tensor residual = residual_or_none.value_or(at::Tensor());
+  if (residual.defined()) {
+    TORCH_CHECK(relu, "a residual is added before a ReLU only");
+    check_like(residual, input, "residual");
+  }
+  return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
+    return affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset);
+  })[0];
 }
 
 // output: the forward's output where it added a residual (its ReLU mask), else undefined; returns
@@ -290,5 +329,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm (+ residual) (+ ReLU) in training mode: (output, [mean; biased var; invstd])");
+  m.def("affine", &affine, "evaluation: relu?(scale * input + offset (+ residual)) in one pass");
   m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias, grad_residual or None)");
 }

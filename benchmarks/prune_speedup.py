@@ -128,7 +128,9 @@ def main() -> None:
 
     print(f"{spec.describe()} on {device} ({torch.get_num_threads()} threads), round-to {args.round_to}, "
           f"median of {args.repeats} interleaved repeats")
+    big = max(args.batch_sizes)
     print(" | ".join(["model", "setting", "MACs", "MAC ratio"] + [f"infer bs{b}" for b in args.batch_sizes]
+                     + [f"infer img/s (bs{big})"]
                      + [f"train img/s (bs{args.train_batch})", "train ratio", "train ratio / MAC ratio"]))
     med = statistics.median
     for name, run in runs.items():
@@ -137,6 +139,7 @@ def main() -> None:
         train_ratio = med(base["train"]) / med(run["train"])
         row = [name, run["setting"], f"{run['macs'] / 1e6:.1f} M", f"{mac_ratio:.2f}x"]
         row += [f"{med(base['lat'][b]) / med(run['lat'][b]):.2f}x" for b in args.batch_sizes]
+        row += [f"{big / med(run['lat'][big]):,.0f}"]
         row += [f"{args.train_batch / med(run['train']):,.0f}", f"{train_ratio:.2f}x", f"{train_ratio / mac_ratio:.2f}"]
         print(" | ".join(row))
 

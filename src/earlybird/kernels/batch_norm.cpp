@@ -119,52 +119,11 @@ void for_each_element(const Blocks& b, int64_t M, F fn) {
   for (int64_t i = b.count * L; i < M * b.C; ++i) fn(i, i % b.C);
 }
 
+// act(scale * x + offset [+ residual]) per channel in one pass: the forward's second pass, and all of
+// evaluation, with the running statistics folded into scale and offset (torch's eval batch norm and
+// the ReLU after it are two passes).
 template <typename T, Tail tail>
-std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
-                                     const at::Tensor& bias, double eps) {
-  const int64_t C = input.size(1), M = input.numel() / C;
-  const T* x = reinterpret_cast<const T*>(input.data_ptr());
-  const T* r = tail == Tail::add_relu ? reinterpret_cast<const T*>(residual.data_ptr()) : nullptr;
-  const Blocks b = blocks_of(M, C);
-  const int64_t L = b.L;
-  // Shifted sums (by the first row) keep E[x^2] - E[x]^2 from cancelling when |mean| >> std.
-  std::vector<float> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = to_float(x[c]);
-  const std::vector<float> shift_l = repeat(shift, L);
-  auto [sum, sumsq] = channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
-    t1 = to_float(x[i]) - shift_l[j];
-    t2 = t1 * t1;
-  });
-  auto stats = at::empty({3, C}, input.options().dtype(at::kFloat));
-  float *mean = stats[0].data_ptr<float>(), *var = stats[1].data_ptr<float>(), *invstd = stats[2].data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  const float* bi = bias.data_ptr<float>();
-  std::vector<float> scale(C), offset(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double m = sum[c] / M;
-    double v = std::max(sumsq[c] / M - m * m, 0.0);
-    mean[c] = float(shift[c] + m);
-    var[c] = float(v);
-    invstd[c] = float(1.0 / std::sqrt(v + eps));
-    scale[c] = w[c] * invstd[c];
-    offset[c] = bi[c] - mean[c] * scale[c];
-  }
-  auto output = at::empty_like(input, at::MemoryFormat::ChannelsLast);
-  T* y = reinterpret_cast<T*>(output.data_ptr());
-  const std::vector<float> scale_l = repeat(scale, L), offset_l = repeat(offset, L);
-  for_each_element(b, M, [&](int64_t i, int64_t j) {
-    float v = to_float(x[i]) * scale_l[j] + offset_l[j];
-    if constexpr (tail == Tail::add_relu) v += to_float(r[i]);
-    if constexpr (tail != Tail::none) v = v > 0.f ? v : 0.f;
-    from_float(v, y + i);
-  });
-  return {output, stats};
-}
-
-// Evaluation: act(scale * x + offset [+ residual]) with the running statistics folded into scale and
-// offset, one pass (torch's eval batch norm and the ReLU after it are two).
-template <typename T, Tail tail>
-std::vector<at::Tensor> affine_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& scale,
+at::Tensor affine_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& scale,
                                     const at::Tensor& offset) {
   const int64_t C = input.size(1), M = input.numel() / C;
   const T* x = reinterpret_cast<const T*>(input.data_ptr());
@@ -182,7 +141,40 @@ std::vector<at::Tensor> affine_impl(const at::Tensor& input, const at::Tensor& r
     if constexpr (tail != Tail::none) v = v > 0.f ? v : 0.f;
     from_float(v, y + i);
   });
-  return {output};
+  return output;
+}
+
+template <typename T, Tail tail>
+std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
+                                     const at::Tensor& bias, double eps) {
+  const int64_t C = input.size(1), M = input.numel() / C;
+  const T* x = reinterpret_cast<const T*>(input.data_ptr());
+  const Blocks b = blocks_of(M, C);
+  const int64_t L = b.L;
+  // Shifted sums (by the first row) keep E[x^2] - E[x]^2 from cancelling when |mean| >> std.
+  std::vector<float> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = to_float(x[c]);
+  const std::vector<float> shift_l = repeat(shift, L);
+  auto [sum, sumsq] = channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
+    t1 = to_float(x[i]) - shift_l[j];
+    t2 = t1 * t1;
+  });
+  auto stats = at::empty({3, C}, input.options().dtype(at::kFloat));
+  float *mean = stats[0].data_ptr<float>(), *var = stats[1].data_ptr<float>(), *invstd = stats[2].data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* bi = bias.data_ptr<float>();
+  auto scale_t = at::empty({C}, weight.options()), offset_t = at::empty({C}, weight.options());
+  float *scale = scale_t.data_ptr<float>(), *offset = offset_t.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double m = sum[c] / M;
+    double v = std::max(sumsq[c] / M - m * m, 0.0);
+    mean[c] = float(shift[c] + m);
+    var[c] = float(v);
+    invstd[c] = float(1.0 / std::sqrt(v + eps));
+    scale[c] = w[c] * invstd[c];
+    offset[c] = bi[c] - mean[c] * scale[c];
+  }
+  return {affine_impl<T, tail>(input, residual, scale_t, offset_t), stats};
 }
 
 // With Tail::add_relu the ReLU's mask comes from the saved output (the residual is not kept), and
@@ -305,7 +297,7 @@ at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& resi
     check_like(residual, input, "residual");
   }
   return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
-    return affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset);
+    return std::vector<at::Tensor>{affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset)};
   })[0];
 }
 

@@ -271,9 +271,9 @@ void check_params(const at::Tensor& input, const at::Tensor& weight, const at::T
                 "weight and bias (scale and offset) must be float32 vectors of the input's channels");
 }
 
-// residual: None, or a tensor to add before the ReLU (relu must then be true).
-std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
-                                const at::Tensor& weight, const at::Tensor& bias, double eps, bool relu) {
+// The checked residual: None (undefined), or a tensor to add before the ReLU (relu must then be true).
+at::Tensor checked_inputs(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
+                          const at::Tensor& weight, const at::Tensor& bias, bool relu) {
   check(input, "input");
   check_params(input, weight, bias);
   const at::Tensor residual = residual_or_none.value_or(at::Tensor());
@@ -281,6 +281,12 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
     TORCH_CHECK(relu, "a residual is added before a ReLU only");
     check_like(residual, input, "residual");
   }
+  return residual;
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
+                                const at::Tensor& weight, const at::Tensor& bias, double eps, bool relu) {
+  const at::Tensor residual = checked_inputs(input, residual_or_none, weight, bias, relu);
   return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
     return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps);
   });
@@ -289,13 +295,7 @@ std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at:
 // scale and offset: float32 per channel (the running statistics, weight and bias folded).
 at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none, const at::Tensor& scale,
                   const at::Tensor& offset, bool relu) {
-  check(input, "input");
-  check_params(input, scale, offset);
-  const at::Tensor residual = residual_or_none.value_or(at::Tensor());
-  if (residual.defined()) {
-    TORCH_CHECK(relu, "a residual is added before a ReLU only");
-    check_like(residual, input, "residual");
-  }
+  const at::Tensor residual = checked_inputs(input, residual_or_none, scale, offset, relu);
   return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
     return std::vector<at::Tensor>{affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset)};
   })[0];

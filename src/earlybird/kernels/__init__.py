@@ -88,13 +88,18 @@ def failure() -> str | None:
     return _failure
 
 
+# the kernel's codes for what follows the batch norm
+_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
+_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
 class _BatchNorm(torch.autograd.Function):
-    """Batch norm (+ residual) (+ ReLU) on the kernel: (output, [mean; biased var; invstd])."""
+    """Batch norm (+ residual) (+ activation) on the kernel: (output, [mean; biased var; invstd])."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps: float, relu: bool):
-        output, stats = _extension.forward(x, residual, weight, bias, eps, relu)
-        ctx.relu = relu
+    def forward(ctx, x, residual, weight, bias, eps: float, activation: int):
+        output, stats = _extension.forward(x, residual, weight, bias, eps, activation)
+        ctx.activation = activation
         # after a residual the ReLU's mask is read from the output; without one it is recomputed from x
         ctx.save_for_backward(x, None if residual is None else output, weight, bias, stats)
         ctx.mark_non_differentiable(stats)
@@ -105,7 +110,7 @@ class _BatchNorm(torch.autograd.Function):
         x, output, weight, bias, stats = ctx.saved_tensors
         grad_output = grad_output.to(x.dtype).contiguous(memory_format=torch.channels_last)
         grad_input, grad_weight, grad_bias, grad_residual = _extension.backward(
-            grad_output, x, output, weight, bias, stats, ctx.relu, ctx.needs_input_grad[0])
+            grad_output, x, output, weight, bias, stats, ctx.activation, ctx.needs_input_grad[0])
         return grad_input, grad_residual, grad_weight, grad_bias, None, None
 
 
@@ -114,14 +119,18 @@ def _kernel_takes(t: torch.Tensor) -> bool:
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
-class FusedBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d``, followed by a ReLU when ``relu`` is set, that trains and evaluates (without
-    autograd) channels-last CPU tensors (float32, or bfloat16 under autocast) with the fused kernel."""
+_OWN = object()  # FusedBatchNorm2d.forward's default: the module's own activation
 
-    relu: bool = False
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d``, followed by ``activation`` (None, "relu" or "relu6"), that trains and
+    evaluates (without autograd) channels-last CPU tensors (float32, or bfloat16 under autocast)
+    with the fused kernel."""
+
+    activation: str | None = None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", relu=True" if self.relu else "")
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
     def _fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether the kernel serves this call: training, or evaluation with running statistics
@@ -133,20 +142,25 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 and (residual is None or (_kernel_takes(residual) and residual.shape == x.shape
                                           and residual.dtype == x.dtype)))
 
-    def forward(self, x, relu: bool | None = None, residual: torch.Tensor | None = None):
-        """Batch norm, plus ``residual`` if given, then a ReLU if ``relu`` (default: the ``relu``
-        attribute) says so; a residual goes with a ReLU only."""
-        relu = self.relu if relu is None else relu
-        if residual is not None and not relu:
+    def forward(self, x, residual: torch.Tensor | None = None, activation=_OWN):
+        """Batch norm, plus ``residual`` if given, then ``activation`` (default: the module's own);
+        a residual goes with a ReLU only."""
+        activation = self.activation if activation is _OWN else activation
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"FusedBatchNorm2d's activation is None, 'relu' or 'relu6', not {activation!r}")
+        if residual is not None and activation != "relu":
             raise ValueError("FusedBatchNorm2d adds a residual only before a ReLU")
         if not self._fused(x, residual):
             y = super().forward(x)
             y = y if residual is None else y + residual
-            return F.relu(y, inplace=True) if relu else y
+            if activation is None:
+                return y
+            return F.relu(y, inplace=True) if activation == "relu" else F.relu6(y, inplace=True)
+        code = _ACTIVATIONS[activation]
         if not self.training:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            return _extension.affine(x, residual, scale, self.bias - self.running_mean * scale, relu)
-        output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, relu)
+            return _extension.affine(x, residual, scale, self.bias - self.running_mean * scale, code)
+        output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, code)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -162,16 +176,16 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
     one fused pass where ``bn`` has been switched by :func:`fuse_batch_norm`, torch's batch norm,
     add and in-place ReLU otherwise."""
     if isinstance(bn, FusedBatchNorm2d):
-        return bn(x, relu=True, residual=residual)
+        return bn(x, residual, "relu")
     y = bn(x)
     return F.relu(y if residual is None else y + residual, inplace=True)
 
 
 def fuse_batch_norm(model: nn.Module) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d`, in place,
-    and fold each ``nn.ReLU`` that directly follows one in an ``nn.Sequential`` into it (the ReLU
-    becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model code that calls
-    :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so optimizers and
+    and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
+    it (the activation becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model
+    code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so optimizers and
     references to their parameters stay valid. Returns how many batch norms were switched; 0 where
     the kernel cannot be built (``failure()`` says why)."""
     if load() is None:
@@ -187,7 +201,7 @@ def fuse_batch_norm(model: nn.Module) -> int:
             following = children[i + 1][1] if i + 1 < len(children) else None
             # only where the Sequential runs its children in order: a subclass may have its own forward
             in_order = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
-            if in_order and type(following) is nn.ReLU:
-                child.relu = True
+            if in_order and type(following) in _MODULES:
+                child.activation = _MODULES[type(following)]
                 setattr(parent, children[i + 1][0], nn.Identity())
     return count

@@ -1,13 +1,13 @@
-// Training-mode batch norm, optionally followed by a ReLU or by a residual add and a ReLU, for
-// channels-last CPU tensors.
+// Batch norm for channels-last CPU tensors, in training and in evaluation, optionally followed by a
+// ReLU or ReLU6, or by a residual add and a ReLU.
 //
 // A channels-last activation is an (M, C) row-major matrix, M = N*H*W. ATen's kernel walks it row by
 // row, and a row whose width C is not a multiple of the vector width pays a tail each time: at the
 // odd widths pruning leaves (C = 8, 24, 40, ...) its backward is 2-10x slower per element than at
 // C = 64. Here the matrix is walked in blocks of L = k*C elements (k whole rows), L a multiple of 16
-// and at least 64, so every inner loop is full-width and the compiler vectorizes it. The ReLU is
-// fused: the forward writes max(0, a*x + b) in the same pass, and the backward recomputes the ReLU's
-// mask from x instead of reading the output, which saves the ReLU's own passes over memory. A
+// and at least 64, so every inner loop is full-width and the compiler vectorizes it. The activation
+// is fused: the forward writes max(0, a*x + b) in the same pass, and the backward recomputes its
+// mask from x instead of reading the output, which saves the activation's own passes over memory. A
 // residual (ResNet's relu(bn(x) + identity)) is added in the same pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -102,8 +102,25 @@ std::pair<std::vector<double>, std::vector<double>> channel_sums(const Blocks& b
   return {sum1, sum2};
 }
 
-// What follows the batch norm: nothing, a ReLU, or a residual added and then a ReLU.
-enum class Tail { none, relu, add_relu };
+// What follows the batch norm: nothing, a ReLU, a ReLU6 (MobileNet's), or a residual added and then
+// a ReLU. The codes are the Python side's.
+enum class Tail { none = 0, relu = 1, relu6 = 2, add_relu = 3 };
+
+template <Tail tail>
+inline float activate(float v) {
+  if constexpr (tail == Tail::none) return v;
+  v = v > 0.f ? v : 0.f;
+  if constexpr (tail == Tail::relu6) v = v < 6.f ? v : 6.f;
+  return v;
+}
+
+// Where the activation passes the gradient, given its input v: torch's masks, strict at both ends.
+template <Tail tail>
+inline bool passes(float v) {
+  if constexpr (tail == Tail::none) return true;
+  if constexpr (tail == Tail::relu6) return v > 0.f && v < 6.f;
+  return v > 0.f;
+}
 
 // fn(i, j) for every element i, j a lane of i's channel (as in channel_sums), blocks in parallel.
 template <typename F>
@@ -138,8 +155,7 @@ at::Tensor affine_impl(const at::Tensor& input, const at::Tensor& residual, cons
   for_each_element(b, M, [&](int64_t i, int64_t j) {
     float v = to_float(x[i]) * scale_l[j] + offset_l[j];
     if constexpr (tail == Tail::add_relu) v += to_float(r[i]);
-    if constexpr (tail != Tail::none) v = v > 0.f ? v : 0.f;
-    from_float(v, y + i);
+    from_float(activate<tail>(v), y + i);
   });
   return output;
 }
@@ -201,13 +217,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
   std::vector<float> mean_c(mean, mean + C), scale(C), offset(C);
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * invstd[c], offset[c] = bi[c] - mean[c] * scale[c];
   const std::vector<float> mean_l = repeat(mean_c, L), scale_l = repeat(scale, L), offset_l = repeat(offset, L);
-  // The gradient reaching the batch norm. A plain ReLU's mask is recomputed from x exactly as the
-  // forward computed the output; after a residual it is read from the output.
+  // The gradient reaching the batch norm. The activation's mask is recomputed from x exactly as the
+  // forward computed its input; after a residual it is read from the output.
   auto grad_at = [&](int64_t i, int64_t j, float xv) {
     const float g = to_float(dy[i]);
-    if constexpr (tail == Tail::relu) return xv * scale_l[j] + offset_l[j] > 0.f ? g : 0.f;
     if constexpr (tail == Tail::add_relu) return to_float(z[i]) > 0.f ? g : 0.f;
-    return g;
+    return passes<tail>(xv * scale_l[j] + offset_l[j]) ? g : 0.f;
   };
   auto [sum_g, sum_gx] = channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
     const float xv = to_float(x[i]);
@@ -249,11 +264,13 @@ void check(const at::Tensor& t, const char* what) {
 
 // Calls fn(T{}, std::integral_constant<Tail, tail>{}) for the input's storage type and the tail.
 template <typename F>
-std::vector<at::Tensor> dispatch(const at::Tensor& input, bool relu, bool residual, F fn) {
+std::vector<at::Tensor> dispatch(const at::Tensor& input, int64_t activation, bool residual, F fn) {
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   auto with = [&](auto t) {
     if (residual) return fn(t, std::integral_constant<Tail, Tail::add_relu>{});
-    if (relu) return fn(t, std::integral_constant<Tail, Tail::relu>{});
+    if (activation == int64_t(Tail::relu)) return fn(t, std::integral_constant<Tail, Tail::relu>{});
+    if (activation == int64_t(Tail::relu6)) return fn(t, std::integral_constant<Tail, Tail::relu6>{});
+    TORCH_CHECK(activation == int64_t(Tail::none), "activation must be 0 (none), 1 (ReLU) or 2 (ReLU6)");
     return fn(t, std::integral_constant<Tail, Tail::none>{});
   };
   return bf16 ? with(uint16_t{}) : with(float{});
@@ -271,32 +288,32 @@ void check_params(const at::Tensor& input, const at::Tensor& weight, const at::T
                 "weight and bias (scale and offset) must be float32 vectors of the input's channels");
 }
 
-// The checked residual: None (undefined), or a tensor to add before the ReLU (relu must then be true).
+// The checked residual: None (undefined), or a tensor to add before a ReLU (the activation must be 1).
 at::Tensor checked_inputs(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
-                          const at::Tensor& weight, const at::Tensor& bias, bool relu) {
+                          const at::Tensor& weight, const at::Tensor& bias, int64_t activation) {
   check(input, "input");
   check_params(input, weight, bias);
   const at::Tensor residual = residual_or_none.value_or(at::Tensor());
   if (residual.defined()) {
-    TORCH_CHECK(relu, "a residual is added before a ReLU only");
+    TORCH_CHECK(activation == int64_t(Tail::relu), "a residual is added before a ReLU only");
     check_like(residual, input, "residual");
   }
   return residual;
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
-                                const at::Tensor& weight, const at::Tensor& bias, double eps, bool relu) {
-  const at::Tensor residual = checked_inputs(input, residual_or_none, weight, bias, relu);
-  return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
+                                const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t activation) {
+  const at::Tensor residual = checked_inputs(input, residual_or_none, weight, bias, activation);
+  return dispatch(input, activation, residual.defined(), [&](auto t, auto tail) {
     return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps);
   });
 }
 
 // scale and offset: float32 per channel (the running statistics, weight and bias folded).
 at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none, const at::Tensor& scale,
-                  const at::Tensor& offset, bool relu) {
-  const at::Tensor residual = checked_inputs(input, residual_or_none, scale, offset, relu);
-  return dispatch(input, relu, residual.defined(), [&](auto t, auto tail) {
+                  const at::Tensor& offset, int64_t activation) {
+  const at::Tensor residual = checked_inputs(input, residual_or_none, scale, offset, activation);
+  return dispatch(input, activation, residual.defined(), [&](auto t, auto tail) {
     return std::vector<at::Tensor>{affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset)};
   })[0];
 }
@@ -305,13 +322,14 @@ at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& resi
 // (grad_input or None, grad_weight, grad_bias, grad_residual or None).
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const std::optional<at::Tensor>& output_or_none, const at::Tensor& weight,
-                                 const at::Tensor& bias, const at::Tensor& stats, bool relu, bool input_grad) {
+                                 const at::Tensor& bias, const at::Tensor& stats, int64_t activation,
+                                 bool input_grad) {
   check(input, "input");
   check_params(input, weight, bias);
   const at::Tensor output = output_or_none.value_or(at::Tensor());
   check_like(grad_output, input, "grad_output");
   if (output.defined()) check_like(output, input, "output");
-  return dispatch(input, relu, output.defined(), [&](auto t, auto tail) {
+  return dispatch(input, activation, output.defined(), [&](auto t, auto tail) {
     return backward_impl<decltype(t), decltype(tail)::value>(grad_output, input, output, weight, bias, stats,
                                                               input_grad);
   });
@@ -320,7 +338,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "batch norm (+ residual) (+ ReLU) in training mode: (output, [mean; biased var; invstd])");
-  m.def("affine", &affine, "evaluation: relu?(scale * input + offset (+ residual)) in one pass");
+  m.def("forward", &forward, "batch norm (+ residual) (+ activation) in training mode: (output, [mean; var; invstd])");
+  m.def("affine", &affine, "evaluation: act(scale * input + offset (+ residual)) in one pass");
   m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias, grad_residual or None)");
 }

@@ -266,9 +266,9 @@ def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | 
     if reporter is None:
         return count
     if count:
-        relus = sum(m.relu for m in model.modules() if isinstance(m, kernels.FusedBatchNorm2d))
-        reporter.line(f"batch norm: {count} layers ({relus} with the ReLU after them) on earlybird's fused kernel "
-                      "in channels-last training steps (--no-fused-bn: torch's)")
+        acts = sum(m.activation is not None for m in model.modules() if isinstance(m, kernels.FusedBatchNorm2d))
+        reporter.line(f"batch norm: {count} layers ({acts} with the activation after them) on earlybird's fused "
+                      "kernel in channels-last steps (--no-fused-bn: torch's)")
     elif kernels.failure():
         reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "
                       "silences this)")

@@ -185,22 +185,22 @@ def fuse_batch_norm(model: nn.Module) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d`, in place,
     and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
     it (the activation becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model
-    code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so optimizers and
-    references to their parameters stay valid. Returns how many batch norms were switched; 0 where
-    the kernel cannot be built (``failure()`` says why)."""
+    code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so
+    optimizers and references to their parameters stay valid. Returns how many batch norms were
+    switched; 0 where the kernel cannot be built (``failure()`` says why)."""
     if load() is None:
         return 0
     count = 0
     for parent in model.modules():
         children = list(parent.named_children())
+        # activations fold only where a Sequential runs its children in order (a subclass may not)
+        in_order = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
         for i, (name, child) in enumerate(children):
             if type(child) is not nn.BatchNorm2d:  # SyncBatchNorm and other subclasses keep their own forward
                 continue
             child.__class__ = FusedBatchNorm2d
             count += 1
             following = children[i + 1][1] if i + 1 < len(children) else None
-            # only where the Sequential runs its children in order: a subclass may have its own forward
-            in_order = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
             if in_order and type(following) in _MODULES:
                 child.activation = _MODULES[type(following)]
                 setattr(parent, children[i + 1][0], nn.Identity())

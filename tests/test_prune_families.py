@@ -1,4 +1,6 @@
 """Masked == pruned for every supported family, coupled channels, selects, and what the engine refuses."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -66,10 +68,18 @@ def test_pruned_equals_masked(family, keep_streams):
     with torch.no_grad():
         want, got = masked(x), pruned.eval()(x)
     assert (got - want).abs().max() <= 1e-4 * (1 + want.abs().max())
-    # the effective mask only gives channels back (random scales rarely agree across a stream)
+    # the effective mask gives channels back (random scales rarely agree across a stream), and
+    # removes unasked ones only where they are dead: zeroing them changes nothing, in either mode
     asked = torch.cat([~mask[n] for n in layers])
     went = torch.cat([~effective.get(n, torch.ones_like(mask[n])) for n in layers])
-    assert bool((asked | ~went).all()) and int(went.sum()) > 0.25 * int(asked.sum()), (int(went.sum()), int(asked.sum()))
+    assert int(went.sum()) > 0.25 * int(asked.sum()), (int(went.sum()), int(asked.sum()))
+    unasked = {n: effective[n] | mask[n] for n in effective}
+    if any(not torch.equal(unasked[n], effective[n]) for n in effective):
+        assert family == "mobilenetv2"  # a depthwise BN masks what its expansion BN keeps
+    for train in (False, True):
+        a, b = apply_mask(model, unasked).train(train), apply_mask(model, effective).train(train)
+        with torch.no_grad():
+            assert torch.allclose(a(x), b(x), atol=1e-5)
     # physically smaller, and our MAC count agrees with torch's
     assert count_params(pruned) < count_params(model)
     shape = (3, 32, 32)
@@ -113,6 +123,47 @@ def test_preresnet_readers_select_while_the_stream_stays():
     assert reader.in_channels == bn.num_features and reader.num_features == bn.num_features // 2
     assert pruned.layer1[1].conv1.in_channels == bn.num_features // 2
     assert pruned.layer1[0].conv3.out_channels == bn.num_features  # the stream is whole
+
+
+def _mobilenet_block_mask(model):
+    """Mask half of one block's depthwise BN channels, none of its expansion BN's."""
+    block = model.features[3].conv
+    width = block[1][1].num_features
+    return block, {"features.3.conv.1.1": torch.arange(width) % 2 == 0}
+
+
+def test_a_channel_that_feeds_only_masked_bns_goes_with_them():
+    """MobileNetV2: what the depthwise BN masks, the expansion conv and BN need not compute."""
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(ModelSpec("mobilenetv2", 0, 0.5))).eval()
+    block, mask = _mobilenet_block_mask(model)
+    width = block[1][1].num_features
+    x = torch.randn(4, 3, 32, 32)
+    pruned, plan = prune_model(model, mask, x)
+    assert plan.selects == []
+    assert plan.keep["features.3.conv.0.1"] == plan.keep["features.3.conv.1.1"] == list(range(0, width, 2))
+    new = pruned.features[3].conv
+    assert new[0][0].out_channels == new[1][0].in_channels == new[1][0].groups == new[2][0].in_channels == width // 2
+    assert not any(isinstance(m, SelectBatchNorm2d) for m in pruned.modules())
+    for train in (False, True):  # exact to the network the user masked, not just to the effective mask
+        with torch.no_grad():
+            want = apply_mask(model, mask).train(train)(x)
+            assert torch.allclose(copy.deepcopy(pruned).train(train)(x), want, atol=1e-5)
+
+
+def test_round_to_gives_back_a_dead_channel_to_every_member():
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(ModelSpec("mobilenetv2", 0, 0.5))).eval()
+    block, mask = _mobilenet_block_mask(model)
+    width = block[1][1].num_features
+    mask["features.3.conv.1.1"][: 3 * width // 8] = True  # 49 of the 72 left: not a multiple of 8
+    x = torch.randn(2, 3, 32, 32)
+    pruned, plan = prune_model(model, mask, x, round_to=8)
+    kept = plan.keep["features.3.conv.1.1"]
+    assert len(kept) % 8 == 0 and plan.keep["features.3.conv.0.1"] == kept
+    assert set(kept) >= set(torch.nonzero(mask["features.3.conv.1.1"]).flatten().tolist())
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), apply_mask(model, plan.masks(model)).eval()(x), atol=1e-5)
 
 
 class Shuffle(nn.Module):

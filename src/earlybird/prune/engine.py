@@ -9,6 +9,10 @@ additions, concatenations and depthwise convolutions. Our rules on top of it:
   *class*. A class is removed only when every BN in it is masked and every layer that reads it
   sees a constant ("a coupled group keeps a channel if any member needs it"); otherwise it stays
   in every member and those members keep their scales (the *effective* mask).
+* **Dead channels.** A BN channel whose every path leads, through channelwise ops and depthwise
+  convs only, into BNs that mask it feeds nothing but constants: it counts as masked. So a
+  MobileNet block whose depthwise BN masks a channel loses it from the expansion conv and BN too
+  (rather than computing it only to select it away).
 * **Readers of a kept stream.** A BN that only reads a stream (pre-activation, DenseNet) and
   masks channels the stream keeps becomes a :class:`SelectBatchNorm2d`: it gathers the channels
   it keeps, so its branch still shrinks, as the reference's ``channel_selection`` does.
@@ -181,6 +185,8 @@ class _Coupling:
     streams: set  # class roots that pass through a residual add or a concatenation
     consumers: dict[str, dict[int, tuple]]  # conv/linear -> input index -> (bn, channel) it reads
     members: dict = field(default_factory=dict)  # class root -> its (bn, channel) members
+    # BN -> the BNs its channels reach through channel-preserving ops, and whether they reach anything else
+    reach: dict[str, tuple[set[str], bool]] = field(default_factory=dict)
 
 
 def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
@@ -207,12 +213,54 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
                     reads[i] = (name, r)
         if stream:
             coupling.streams.update(coupling.classes.find((name, c)) for c in range(size))
+    coupling.reach = {name: _reach(dg, bn, bn_of) for name, bn in bns.items()}
     # unions made after a class was marked may have moved its root
     coupling.streams = {coupling.classes.find(c) for c in coupling.streams}
     for name, size in coupling.sizes.items():
         for c in range(size):
             coupling.members.setdefault(coupling.classes.find((name, c)), []).append((name, c))
     return coupling
+
+
+def _reach(dg: tp.DependencyGraph, bn: nn.Module, bn_of: dict) -> tuple[set[str], bool]:
+    """The BNs ``bn``'s output reaches with its channel numbering intact, and whether it also
+    reaches anything else (a conv or linear, a concatenation, a reshape, the output)."""
+    found: set[str] = set()
+    todo, seen = list(dg.module2node[bn].outputs), set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        module = node.module
+        if module in bn_of and module.num_features == bn.num_features:
+            found.add(bn_of[module])
+        elif ((isinstance(module, ops._ElementWiseOp) and str(module._grad_fn).lower().startswith(_CHANNELWISE_OPS))
+              or (_is_depthwise(module) and module.in_channels == module.out_channels)) and node.outputs:
+            todo.extend(node.outputs)
+        else:
+            return found, True
+    return found, False
+
+
+def _dead(coupling: _Coupling, masked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per BN, its kept channels whose every reader is a BN that masks them or another dead channel."""
+    dead: dict[str, torch.Tensor] = {}
+
+    def visit(name: str) -> torch.Tensor:
+        if name not in dead:
+            reached, escapes = coupling.reach[name]
+            mask = torch.zeros_like(masked[name])
+            if reached and not escapes:
+                mask = torch.ones_like(mask)
+                for other in reached:
+                    mask &= ~masked[other] | visit(other)
+            dead[name] = mask & masked[name]
+        return dead[name]
+
+    for name in masked:
+        visit(name)
+    return dead
 
 
 @torch.no_grad()
@@ -310,12 +358,16 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     find = coupling.classes.find
     masked = {n: requested.get(n, torch.ones(s, dtype=torch.bool)) for n, s in coupling.sizes.items()}
 
-    # A class goes when all its BNs are masked and every reader sees a constant.
+    # A class goes when all its BNs are masked (or dead) and every reader sees a constant.
+    dead = _dead(coupling, masked)
     gone: dict = {}
+    deciders: dict = {}  # class root -> the BNs that mask it
     for name, keep in masked.items():
         for c in range(keep.numel()):
             root = find((name, c))
-            gone[root] = gone.get(root, True) and not bool(keep[c])
+            gone[root] = gone.get(root, True) and not bool(keep[c] and not dead[name][c])
+            if not keep[c]:
+                deciders.setdefault(root, []).append(name)
     if keep_streams:
         for root in coupling.streams:
             gone[root] = False
@@ -334,16 +386,20 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     selects = _private_readers(model, candidates, example)
     effective = {}
     for name, keep in masked.items():
-        eff = keep | (kept_class[name] & (name not in selects))
+        eff = keep.clone() if name in selects else kept_class[name].clone()
         if round_to > 1:
-            # Only channels this layer removes on its own can come back: a select's, or a class of one.
-            alone = torch.tensor([len(coupling.members[find((name, c))]) == 1 for c in range(keep.numel())])
-            free = kept_class[name] if name in selects else ~kept_class[name] & alone
+            # Only channels this layer removes on its own can come back: a select's, or a removed
+            # class that no other BN masks.
+            sole = torch.tensor([deciders.get(find((name, c))) == [name] for c in range(keep.numel())])
+            free = kept_class[name] if name in selects else ~kept_class[name] & sole
             _round_up(eff, bns[name].weight.detach().abs().float().cpu(), free, round_to)
             if name not in selects:
                 for c in torch.nonzero(eff & ~kept_class[name]).flatten().tolist():
                     gone[find((name, c))] = False
         effective[name] = eff
+    for name, keep in masked.items():  # a class given back is kept by every member
+        if name not in selects:
+            effective[name] = torch.tensor([not gone[find((name, c))] for c in range(keep.numel())], dtype=torch.bool)
     return _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
 
 

@@ -113,7 +113,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     write_summary(save, report)
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
     reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
-                  f"{c['removed']} (coupled channels stay when any member keeps them"
+                  f"{c['removed']} (coupled channels stay while any member needs them"
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
     reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "

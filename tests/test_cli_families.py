@@ -81,3 +81,20 @@ def five_classes(num_classes=10, in_channels=3):
     from test_prune_families import UserNet
 
     return UserNet(5)
+
+
+def test_prune_report_counts_dead_channels(capsys, tmp_path, cifar10_root):
+    """MobileNetV2: channels its depthwise BNs mask leave the expansion layers too, and the report says so."""
+    save = tmp_path / "s"
+    code, _, err = cli(capsys, "search", "--data", cifar10_root, *FAST[:-2], "--arch", "mobilenetv2", "--width", "0.25",
+                       "--full", "--save", save)
+    assert code == 0, err
+    code, out, err = cli(capsys, "prune", "--model", save / "checkpoint.pth", "--percent", 0.5, "--round-to", 1,
+                         "--latency-batches", "--data", cifar10_root, "--save", tmp_path / "p")
+    assert code == 0, err
+    report = json.loads((tmp_path / "p" / "summary.json").read_text())
+    c = report["channels"]
+    assert c["dead"] > 0 and f"{c['dead']} unasked went as they fed only masked BNs" in out
+    assert c["removed"] <= c["requested"] + c["dead"] and report["selects"] == []
+    assert report["max_output_diff_pruned_vs_masked"] < 1e-4
+    assert report["test_acc"]["masked"] == report["test_acc"]["pruned"]

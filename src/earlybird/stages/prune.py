@@ -83,19 +83,21 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
     keep_streams = bool(ckpt.get("keep_streams", False))
     pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to)
-    masked = apply_mask(dense, plan.masks(dense))
+    effective = plan.masks(dense)
+    masked = apply_mask(dense, effective)
     with torch.no_grad():
         out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
     prunable = sum(int(m.numel()) for m in requested.values())
     asked = sum(int((~m).sum()) for m in requested.values())
+    dead = sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
         "keep_streams": keep_streams, "round_to": options.round_to,
         "channels": {"before": sum(before.values()), "after": sum(after.values()), "prunable": prunable,
-                     "requested": asked, "removed": sum(before.values()) - sum(after.values())},
+                     "requested": asked, "removed": sum(before.values()) - sum(after.values()), "dead": dead},
         "layers": {n: [before[n], after[n]] for n in before},
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
@@ -114,6 +116,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
     reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
                   f"{c['removed']} (coupled channels stay while any member needs them"
+                  + (f"; {dead} unasked went as they fed only masked BNs" if dead else "")
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
     reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "

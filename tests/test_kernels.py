@@ -10,9 +10,11 @@ from torch import nn
 
 from earlybird import kernels
 from earlybird.config import RuntimeConfig
-from earlybird.kernels import FusedBatchNorm2d, bn_relu, fuse_batch_norm
+from earlybird import EarlyBird, prune_model
+from earlybird.kernels import FusedBatchNorm2d, bn_relu, fuse_batch_norm, gather_channels
 from earlybird.models import ModelSpec, create_model
-from earlybird.prune.layers import SelectBatchNorm2d
+from earlybird.prune import prunable_layers
+from earlybird.prune.layers import FusedSelectBatchNorm2d, SelectBatchNorm2d
 from earlybird.stages.common import use_fused_batch_norm
 
 CL = torch.channels_last
@@ -178,6 +180,9 @@ class _CountingKernel:
         self.calls[activation != 0] += 1
         return self.kernel.affine(x, residual, scale, offset, activation)
 
+    def __getattr__(self, name):  # gather, scatter
+        return getattr(self.kernel, name)
+
 
 # VGG, MobileNetV2: ReLU / ReLU6 modules after BNs in a Sequential; ResNet, PreResNet, DenseNet: bn_relu
 # in the model code. MobileNetV2 this small trains chaotically (torch's own float32 drifts O(1) from
@@ -205,13 +210,19 @@ def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, steps, m
     monkeypatch.setattr(kernels, "_extension", counter)
     copy.deepcopy(fused)(torch.randn(2, 1, 16, 16).contiguous(memory_format=CL))  # a copy: stats stay as they are
     assert counter.calls == {True: relus, False: plain_only}
-    # against torch's batch norm in float64: torch's own float32 channels-last path rounds its batch
-    # statistics coarsely enough (5e-5) to flip ReLU masks, so it drifted 3% from float64 in 3 steps here
+    _trains_like_float64(plain, fused, steps, spec.in_channels)
+
+
+def _trains_like_float64(plain, fused, steps, in_channels):
+    """``fused`` (a fused copy of ``plain``) trains ``steps`` SGD steps as ``plain`` does in float64.
+
+    Against torch's batch norm in float64: torch's own float32 channels-last path rounds its batch
+    statistics coarsely enough (5e-5) to flip ReLU masks, so it drifted 3% from float64 in 3 steps."""
     reference = copy.deepcopy(plain).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (reference, fused)]
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(8, 1, 16, 16, generator=g).contiguous(memory_format=CL)
+        x = torch.randn(8, in_channels, 16, 16, generator=g).contiguous(memory_format=CL)
         y = torch.randint(0, 10, (8,), generator=g)
         for model, opt in zip((reference, fused), opts):
             opt.zero_grad()
@@ -226,8 +237,82 @@ def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, steps, m
             assert (b.double() - a).abs().max() <= 1e-4 * a.abs().max() + 1e-7, name
     fused.load_state_dict(plain.state_dict())
     plain.eval(), fused.eval()
-    x = torch.randn(4, 1, 16, 16).contiguous(memory_format=CL)
+    x = torch.randn(4, in_channels, 16, 16).contiguous(memory_format=CL)
     assert torch.equal(plain(x), fused(x))  # eval mode under autograd: torch's kernel, the same numbers
+
+
+def test_pruned_preresnet_with_select_bns_trains_like_the_plain_one(monkeypatch):
+    """Its select BNs read kept streams: gathered on the kernel, then the fused batch norm and ReLU."""
+    torch.manual_seed(0)
+    dense = create_model(ModelSpec("preresnet", 11, 1.0, 1, 10, 16))
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    example = torch.randn(2, 1, 16, 16)
+    detector = EarlyBird(dense, [0.5], layers=prunable_layers(dense, example))
+    detector.step()
+    plain = prune_model(dense, detector.layer_masks(0.5, detector.mask(0.5)), example)[0].to(memory_format=CL)
+    selects = sum(type(m) is SelectBatchNorm2d for m in plain.modules())
+    assert selects > 0
+    fused = copy.deepcopy(plain)
+    assert fuse_batch_norm(fused) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert sum(type(m) is FusedSelectBatchNorm2d for m in fused.modules()) == selects
+    counter = _CountingKernel(kernels._extension)
+    monkeypatch.setattr(kernels, "_extension", counter)
+    copy.deepcopy(fused)(torch.randn(2, 1, 16, 16).contiguous(memory_format=CL))
+    assert counter.calls[True] == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())  # every BN + ReLU
+    _trains_like_float64(plain, fused, 3, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_gather_keeps_channels_last_and_scatters_its_gradient(dtype, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(kernels, "_extension", None)
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 5, 7).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    index = torch.tensor([0, 3, 4, 5, 17, 30, 39])
+    y = gather_channels(x, index)
+    assert y.is_contiguous(memory_format=CL) and torch.equal(y, x.detach().index_select(1, index))
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = torch.zeros_like(x)
+    want[:, index] = g
+    assert torch.equal(x.grad, want)
+    flat = torch.randn(3, 40, 5, 7)  # a contiguous input stays torch's index_select
+    assert torch.equal(gather_channels(flat, index), flat.index_select(1, index))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_select_matches_select_in_float64(training):
+    torch.manual_seed(5)
+    select = SelectBatchNorm2d(24)
+    select.index, select.in_channels = torch.tensor(sorted(torch.randperm(40)[:24].tolist())), 40
+    with torch.no_grad():
+        select.weight.uniform_(0.2, 2.0)
+        select.bias.normal_(0, 0.5)
+        select.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(copy.deepcopy(select), nn.ReLU())
+    assert fuse_batch_norm(model) == 1 and type(model[0]) is FusedSelectBatchNorm2d and model[0].activation == "relu"
+    fused = model[0].train(training)
+    reference = copy.deepcopy(select).double().train(training)
+    x = (torch.randn(3, 40, 5, 5) * 3 + 2).contiguous(memory_format=CL)
+    if not training:
+        with torch.inference_mode():
+            got, want = fused(x), F.relu(reference(x.double()))
+        assert got.is_contiguous(memory_format=CL) and (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        return
+    dy = torch.randn(3, 24, 5, 5)
+    xr, xf = x.double().requires_grad_(), x.clone().requires_grad_()
+    want = F.relu(reference(xr))
+    want.backward(dy.double())
+    got = fused(xf)
+    got.backward(dy)
+    for a, b in ((got, want), (xf.grad, xr.grad), (fused.weight.grad, reference.weight.grad),
+                 (fused.bias.grad, reference.bias.grad), (fused.running_var, reference.running_var)):
+        assert (a.double() - b).abs().max() <= 1e-4 * b.abs().max()
+    assert (xf.grad[:, [c for c in range(40) if c not in select.index.tolist()]] == 0).all()
 
 
 def test_contiguous_input_uses_torch_kernel_exactly():
@@ -248,10 +333,10 @@ class _Reversed(nn.Sequential):
 
 
 def test_subclasses_are_left_alone():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), SelectBatchNorm2d(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU(),
                           _Reversed(nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU()))
     assert fuse_batch_norm(model) == 2
-    assert type(model[1]) is SelectBatchNorm2d and isinstance(model[2], nn.ReLU)
+    assert type(model[1]) is nn.SyncBatchNorm and isinstance(model[2], nn.ReLU)
     assert type(model[3]) is FusedBatchNorm2d and isinstance(model[4], nn.Identity)
     # a Sequential with its own forward: its ReLUs stay where they are
     assert type(model[5][1]) is FusedBatchNorm2d and model[5][1].activation is None

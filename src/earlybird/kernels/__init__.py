@@ -91,6 +91,8 @@ def failure() -> str | None:
 # the kernel's codes for what follows the batch norm
 _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 _MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+# batch norm class -> its fused form, for fuse_batch_norm (prune.layers adds its select BN)
+FUSED_FORMS: dict[type, type] = {}
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -117,6 +119,33 @@ class _BatchNorm(torch.autograd.Function):
 def _kernel_takes(t: torch.Tensor) -> bool:
     return (t.device.type == "cpu" and t.dim() == 4 and t.dtype in (torch.float32, torch.bfloat16)
             and t.is_contiguous(memory_format=torch.channels_last))
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.channels = x.shape[1]
+        return _extension.gather(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        return _extension.scatter(grad, index, ctx.channels), None
+
+
+def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` that keeps a channels-last ``x`` channels-last (torch's returns
+    a contiguous tensor, and every layer after it converts back): one pass of the kernel where it
+    is loaded and takes ``x``, torch's index_select on the channels-last rows otherwise."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.index_select(1, index)
+    if (_extension is not None and _kernel_takes(x) and index.device.type == "cpu" and index.dtype == torch.long
+            and not torch.compiler.is_compiling()):
+        return _Gather.apply(x, index)
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 _OWN = object()  # FusedBatchNorm2d.forward's default: the module's own activation
@@ -171,6 +200,9 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return output
 
 
+FUSED_FORMS[nn.BatchNorm2d] = FusedBatchNorm2d
+
+
 def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``relu(bn(x))``, or ``relu(bn(x) + residual)``, for model code that applies its ReLU itself:
     one fused pass where ``bn`` has been switched by :func:`fuse_batch_norm`, torch's batch norm,
@@ -182,7 +214,8 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
 
 
 def fuse_batch_norm(model: nn.Module) -> int:
-    """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d`, in place,
+    """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d` (and each
+    class in ``FUSED_FORMS`` to its fused form: a pruned network's select BNs), in place,
     and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
     it (the activation becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model
     code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so
@@ -196,9 +229,10 @@ def fuse_batch_norm(model: nn.Module) -> int:
         # activations fold only where a Sequential runs its children in order (a subclass may not)
         in_order = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
         for i, (name, child) in enumerate(children):
-            if type(child) is not nn.BatchNorm2d:  # SyncBatchNorm and other subclasses keep their own forward
+            fused = FUSED_FORMS.get(type(child))
+            if fused is None:  # SyncBatchNorm and other subclasses keep their own forward
                 continue
-            child.__class__ = FusedBatchNorm2d
+            child.__class__ = fused
             count += 1
             following = children[i + 1][1] if i + 1 < len(children) else None
             if in_order and type(following) in _MODULES:

@@ -9,6 +9,10 @@
 // is fused: the forward writes max(0, a*x + b) in the same pass, and the backward recomputes its
 // mask from x instead of reading the output, which saves the activation's own passes over memory. A
 // residual (ResNet's relu(bn(x) + identity)) is added in the same pass.
+//
+// A pruned pre-activation BN reads some channels of a stream: gather copies them out of the
+// channels-last input (torch's index_select returns them contiguous, so every layer after it converts
+// back), and scatter is its backward.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -335,10 +339,72 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   });
 }
 
+// out[m, c] = input[m, index[c]] for the (M, Cin) channels-last matrix: the channels a select BN reads.
+template <typename T>
+void gather_rows(const T* x, T* out, const int64_t* idx, int64_t M, int64_t Cin, int64_t C) {
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* row = x + m * Cin;
+      T* o = out + m * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = row[idx[c]];
+    }
+  });
+}
+
+// out[m, index[c]] = grad[m, c], zero in the other channels: the gather's backward.
+template <typename T>
+void scatter_rows(const T* g, T* out, const int64_t* idx, int64_t M, int64_t Cin, int64_t C) {
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      T* row = out + m * Cin;
+      std::memset(row, 0, sizeof(T) * Cin);
+      const T* gi = g + m * C;
+      for (int64_t c = 0; c < C; ++c) row[idx[c]] = gi[c];
+    }
+  });
+}
+
+void check_index(const at::Tensor& index, int64_t channels) {
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous() &&
+                  index.numel() > 0 && index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < channels,
+              "index must be a non-empty contiguous int64 CPU vector of channels of the input");
+}
+
+at::Tensor gather(const at::Tensor& input, const at::Tensor& index) {
+  check(input, "input");
+  check_index(index, input.size(1));
+  const int64_t Cin = input.size(1), M = input.numel() / Cin, C = index.numel();
+  auto out = at::empty({input.size(0), C, input.size(2), input.size(3)},
+                       input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (input.scalar_type() == at::kBFloat16)
+    gather_rows(reinterpret_cast<const uint16_t*>(input.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                index.data_ptr<int64_t>(), M, Cin, C);
+  else
+    gather_rows(input.data_ptr<float>(), out.data_ptr<float>(), index.data_ptr<int64_t>(), M, Cin, C);
+  return out;
+}
+
+at::Tensor scatter(const at::Tensor& grad, const at::Tensor& index, int64_t Cin) {
+  check(grad, "grad");
+  check_index(index, Cin);
+  TORCH_CHECK(index.numel() == grad.size(1), "grad must have a channel per index entry");
+  const int64_t C = grad.size(1), M = grad.numel() / C;
+  auto out = at::empty({grad.size(0), Cin, grad.size(2), grad.size(3)},
+                       grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (grad.scalar_type() == at::kBFloat16)
+    scatter_rows(reinterpret_cast<const uint16_t*>(grad.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                 index.data_ptr<int64_t>(), M, Cin, C);
+  else
+    scatter_rows(grad.data_ptr<float>(), out.data_ptr<float>(), index.data_ptr<int64_t>(), M, Cin, C);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "batch norm (+ residual) (+ activation) in training mode: (output, [mean; var; invstd])");
   m.def("affine", &affine, "evaluation: act(scale * input + offset (+ residual)) in one pass");
+  m.def("gather", &gather, "a select BN's input channels: the index's channels, channels-last");
+  m.def("scatter", &scatter, "the gather's backward: the gradient in the listed channels, zero elsewhere");
   m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias, grad_residual or None)");
 }

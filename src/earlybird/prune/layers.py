@@ -4,7 +4,8 @@
   input channels which carried a constant (a masked BN's shift through its activation).
 * :class:`SelectBatchNorm2d`: a BN that first gathers some of its input channels. It lets a branch
   that *reads* a residual stream (a pre-activation BN) drop channels while the stream keeps them,
-  like the reference's ``channel_selection``, but without its host sync.
+  like the reference's ``channel_selection``, but without its host sync. Its gather keeps a
+  channels-last input channels-last; :class:`FusedSelectBatchNorm2d` is its fused form.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
+
+from ..kernels import _OWN, FUSED_FORMS, FusedBatchNorm2d, gather_channels
 
 
 class ConstantFoldConv2d(nn.Conv2d):
@@ -75,7 +78,18 @@ class SelectBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", selects {self.num_features} of {self.in_channels} input channels"
 
     def forward(self, x):
-        return super().forward(x.index_select(1, self.index))
+        return super().forward(gather_channels(x, self.index))
+
+
+class FusedSelectBatchNorm2d(SelectBatchNorm2d, FusedBatchNorm2d):
+    """A select BN on the fused kernel (what :func:`earlybird.kernels.fuse_batch_norm` makes of one):
+    the gathered channels go through :class:`FusedBatchNorm2d`, with its activation and residual."""
+
+    def forward(self, x, residual=None, activation=_OWN):
+        return FusedBatchNorm2d.forward(self, gather_channels(x, self.index), residual, activation)
+
+
+FUSED_FORMS[SelectBatchNorm2d] = FusedSelectBatchNorm2d
 
 
 class _FoldConvPruner(tp.pruner.function.ConvPruner):

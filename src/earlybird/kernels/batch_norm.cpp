@@ -370,17 +370,26 @@ void check_index(const at::Tensor& index, int64_t channels) {
               "index must be a non-empty contiguous int64 CPU vector of channels of the input");
 }
 
+// Copies move bits: fn(E{}) with E the unsigned integer of the tensor's element size (bf16: 2, float: 4).
+template <typename F>
+void with_bits(const at::Tensor& t, F fn) {
+  if (t.element_size() == 2)
+    fn(uint16_t{});
+  else
+    fn(uint32_t{});
+}
+
 at::Tensor gather(const at::Tensor& input, const at::Tensor& index) {
   check(input, "input");
   check_index(index, input.size(1));
   const int64_t Cin = input.size(1), M = input.numel() / Cin, C = index.numel();
   auto out = at::empty({input.size(0), C, input.size(2), input.size(3)},
                        input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (input.scalar_type() == at::kBFloat16)
-    gather_rows(reinterpret_cast<const uint16_t*>(input.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+  with_bits(input, [&](auto e) {
+    using E = decltype(e);
+    gather_rows(reinterpret_cast<const E*>(input.data_ptr()), reinterpret_cast<E*>(out.data_ptr()),
                 index.data_ptr<int64_t>(), M, Cin, C);
-  else
-    gather_rows(input.data_ptr<float>(), out.data_ptr<float>(), index.data_ptr<int64_t>(), M, Cin, C);
+  });
   return out;
 }
 
@@ -391,11 +400,11 @@ at::Tensor scatter(const at::Tensor& grad, const at::Tensor& index, int64_t Cin)
   const int64_t C = grad.size(1), M = grad.numel() / C;
   auto out = at::empty({grad.size(0), Cin, grad.size(2), grad.size(3)},
                        grad.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (grad.scalar_type() == at::kBFloat16)
-    scatter_rows(reinterpret_cast<const uint16_t*>(grad.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+  with_bits(grad, [&](auto e) {
+    using E = decltype(e);
+    scatter_rows(reinterpret_cast<const E*>(grad.data_ptr()), reinterpret_cast<E*>(out.data_ptr()),
                  index.data_ptr<int64_t>(), M, Cin, C);
-  else
-    scatter_rows(grad.data_ptr<float>(), out.data_ptr<float>(), index.data_ptr<int64_t>(), M, Cin, C);
+  });
   return out;
 }
 

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -196,3 +197,38 @@ def test_round_to_keeps_multiples():
     assert all(w % 8 == 0 for w in widths), widths
     with torch.no_grad():
         assert torch.allclose(pruned.eval()(x), apply_mask(model, plan.masks(model)).eval()(x), atol=1e-5)
+
+
+
+class Chains(nn.Module):
+    """BN -> ReLU -> max-pool -> BN, and a BN that feeds a BN and a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)  # a feeds only b
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn_c, self.bn_d = nn.BatchNorm2d(8), nn.BatchNorm2d(8)  # c feeds d and the side conv
+        self.side = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(8 + 4, 5)
+
+    def forward(self, x):
+        b = torch.relu(self.bn_b(F.max_pool2d(torch.relu(self.bn_a(self.conv(x))), 2)))
+        c = torch.relu(self.bn_c(self.conv2(b)))
+        return self.head(torch.cat([torch.relu(self.bn_d(c)), self.side(c)], 1).mean((2, 3)))
+
+
+def test_dead_channels_follow_channelwise_paths_only():
+    torch.manual_seed(0)
+    model = randomize_bn(Chains()).eval()
+    half = torch.arange(8) % 2 == 0
+    mask = {"bn_b": half, "bn_d": half}  # a and c keep every channel of their own
+    x = torch.randn(4, 3, 16, 16)
+    pruned, plan = prune_model(model, mask, x)
+    assert plan.keep["bn_a"] == plan.keep["bn_b"] == [0, 2, 4, 6]  # a's odd channels fed only b's masked ones
+    assert "bn_c" not in plan.keep  # c's also reach the side conv: they stay
+    assert pruned.conv.out_channels == 4 and pruned.bn_c.num_features == 8
+    for train in (False, True):
+        with torch.no_grad():
+            want = apply_mask(model, mask).train(train)(x)
+            assert torch.allclose(copy.deepcopy(pruned).train(train)(x), want, atol=1e-5)

@@ -379,27 +379,29 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
                 gone[find(reads[i])] = False
 
     # Masked channels of kept classes: readers select them away, other members keep them.
-    kept_class = {n: torch.tensor([not gone[find((n, c))] for c in range(k.numel())], dtype=torch.bool)
-                  for n, k in masked.items()}
+    def staying(name: str) -> torch.Tensor:  # per channel of a BN: does its class stay?
+        return torch.tensor([not gone[find((name, c))] for c in range(coupling.sizes[name])], dtype=torch.bool)
+
+    kept_class = {n: staying(n) for n in masked}
     bns = dict(prunable_bns(model))
     candidates = {n for n, k in masked.items() if bool((~k & kept_class[n]).any()) and type(bns[n]) is nn.BatchNorm2d}
     selects = _private_readers(model, candidates, example)
-    effective = {}
+    chosen = {}  # a select's kept channels: its own choice
     for name, keep in masked.items():
-        eff = keep.clone() if name in selects else kept_class[name].clone()
-        if round_to > 1:
-            # Only channels this layer removes on its own can come back: a select's, or a removed
-            # class that no other BN masks.
+        gammas = bns[name].weight.detach().abs().float().cpu()
+        if name in selects:
+            chosen[name] = keep.clone()
+            if round_to > 1:
+                _round_up(chosen[name], gammas, kept_class[name], round_to)
+        elif round_to > 1:
+            # Only channels this layer removes on its own come back: a class that no other BN masks.
             sole = torch.tensor([deciders.get(find((name, c))) == [name] for c in range(keep.numel())])
-            free = kept_class[name] if name in selects else ~kept_class[name] & sole
-            _round_up(eff, bns[name].weight.detach().abs().float().cpu(), free, round_to)
-            if name not in selects:
-                for c in torch.nonzero(eff & ~kept_class[name]).flatten().tolist():
-                    gone[find((name, c))] = False
-        effective[name] = eff
-    for name, keep in masked.items():  # a class given back is kept by every member
-        if name not in selects:
-            effective[name] = torch.tensor([not gone[find((name, c))] for c in range(keep.numel())], dtype=torch.bool)
+            eff = kept_class[name].clone()
+            _round_up(eff, gammas, ~kept_class[name] & sole, round_to)
+            for c in torch.nonzero(eff & ~kept_class[name]).flatten().tolist():
+                gone[find((name, c))] = False
+    # every other BN keeps the classes that stay, given back or not
+    effective = {name: chosen[name] if name in selects else staying(name) for name in masked}
     return _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
 
 

@@ -282,6 +282,9 @@ def test_gather_keeps_channels_last_and_scatters_its_gradient(dtype, kernel, mon
     assert torch.equal(x.grad, want)
     flat = torch.randn(3, 40, 5, 7)  # a contiguous input stays torch's index_select
     assert torch.equal(gather_channels(flat, index), flat.index_select(1, index))
+    if kernel:
+        with pytest.raises(RuntimeError, match="index must be .* channels of the input"):
+            kernels._extension.gather(x.detach(), torch.tensor([40]))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

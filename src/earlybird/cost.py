@@ -54,7 +54,6 @@ def training_macs(macs_per_image: int, images: int, epochs: float) -> float:
     return TRAIN_PASSES * macs_per_image * images * epochs
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def inference_throughput(model: nn.Module, input_shape, batch_size: int, device, min_seconds: float = 0.3,
                          channels_last: bool = False) -> float:

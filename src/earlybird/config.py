@@ -121,6 +121,11 @@ class RuntimeConfig:
                                "1.5-10x faster than torch's batch norm + ReLU at the widths pruning leaves; "
                                "torch's serves where no C++ compiler is found",
                          action=argparse.BooleanOptionalAction)
+    gemm_conv: bool = opt(True, "on CPUs, compute the parts of channels-last convolutions that oneDNN runs slowly "
+                                "(small images, many channels: VGG16's last layers took 60%% of its bf16 step) "
+                                "as im2col + matrix products, chosen layer by layer and part by part by timing both "
+                                "ways at the layer's shape (a few seconds as each stage starts); --deterministic "
+                                "turns it off", action=argparse.BooleanOptionalAction)
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
     deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "
                                      "slower)", action="store_true")

@@ -19,8 +19,9 @@ from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..train.tuning import (Setting, channels_last_hazards, default_autocast_dtype, fastest_setting, keep_freed_memory,
-                            setting_from_dict, setting_name)
+from ..kernels.conv import PARTS, keep_gemm
+from ..train.tuning import (ConvChoice, Setting, channels_last_hazards, default_autocast_dtype, fastest_setting,
+                            gemm_convolutions, keep_freed_memory, setting_from_dict, setting_name, use_gemm)
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -223,12 +224,16 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
                  low_precision_active: bool, resumed: dict | None = None) -> Setting:
     """(channels-last?, autocast type or None) for training: as --channels-last and --amp say, or,
     where they say auto, the fastest of the candidates timed on this model and device; a resumed
-    run keeps what it started with (``resumed``, from its checkpoint) where they say auto."""
+    run keeps what it started with (``resumed``, from its checkpoint) where they say auto. On CPUs
+    the convolutions' GEMM parts are chosen first (``choose_gemm``), and ``model`` keeps those of
+    the setting returned."""
     hazards = channels_last_hazards(model, device)
     if rt.channels_last == "on" and hazards:
         raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
                           "use --channels-last off")
+    per_worker = max(1, batch_size // distributed.world().size)
+    input_shape = (spec.in_channels, spec.image_size, spec.image_size)
     if resumed is not None and "auto" in (rt.channels_last, rt.amp):
         channels_last, dtype = setting_from_dict(resumed)
         if rt.channels_last != "auto":
@@ -236,19 +241,51 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
         if rt.amp != "auto":
             dtype = autocast_dtype(rt, device) if rt.amp == "on" else None
         reporter.line(f"training in {setting_name((channels_last, dtype))}, as the run started")
-        return channels_last, dtype
-    if rt.channels_last == "auto" and not rt.deterministic and hazards:
-        reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
-    settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
-    if len(settings) == 1:
-        return settings[0]
-    per_worker = max(1, batch_size // distributed.world().size)
-    best, timings = fastest_setting(model, (spec.in_channels, spec.image_size, spec.image_size), spec.num_classes,
-                                    per_worker, device, settings)
-    reporter.line(f"training in {setting_name(best)}, the fastest of: " + ", ".join(
-        f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {per_worker} on {device} "
-        "(--channels-last and --amp fix them)")
+        settings = [(channels_last, dtype)]
+    else:
+        if rt.channels_last == "auto" and not rt.deterministic and hazards:
+            reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
+        settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
+    found = choose_gemm(model, rt, input_shape, per_worker, device, settings)
+    best = settings[0]
+    if len(settings) > 1:
+        best, timings = fastest_setting(model, input_shape, spec.num_classes, per_worker, device, settings)
+        reporter.line(f"training in {setting_name(best)}, the fastest of: " + ", ".join(
+            f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {per_worker} on "
+            f"{device} (--channels-last and --amp fix them)")
+    if found:
+        report_gemm(model, best, found, per_worker, reporter)
     return best
+
+
+def choose_gemm(model, rt: RuntimeConfig, input_shape, batch_size: int, device, settings: list[Setting]
+                ) -> dict[torch.dtype | None, dict[str, ConvChoice]]:
+    """Where --gemm-conv allows it (CPUs, not --compile or --deterministic), time each eligible
+    convolution of ``model`` both ways for each channels-last setting's precision and make the
+    faster parts GEMM (``kernels.conv``), so that timing the settings sees them. By precision, the
+    layers chosen."""
+    if not rt.gemm_conv or rt.compile or rt.deterministic or device.type != "cpu":
+        return {}
+    found = {}
+    for dtype in dict.fromkeys(dtype for channels_last, dtype in settings if channels_last):
+        found[dtype] = gemm_convolutions(model, input_shape, batch_size, device, dtype)
+        use_gemm(model, found[dtype], dtype)
+    return found
+
+
+def report_gemm(model, best: Setting, found: dict, batch_size: int, reporter: Reporter) -> None:
+    """Keep the GEMM layers of the setting training runs in (none in contiguous) and say which."""
+    channels_last, dtype = best
+    chosen = found.get(dtype, {}) if channels_last else {}
+    keep_gemm(model, (dtype or torch.float32) if channels_last else None)
+    if not chosen:
+        if channels_last:
+            reporter.line("convolutions: torch's in every layer (timing found no part faster as GEMM)")
+        return
+    parts = ", ".join(f"{part} {sum(c.gemm[i] for c in chosen.values())}" for i, part in enumerate(PARTS))
+    before, after = sum(c.torch_ms for c in chosen.values()), sum(c.chosen_ms for c in chosen.values())
+    reporter.line(f"convolutions: {len(chosen)} layers partly as im2col + GEMM ({parts}), faster at their shapes "
+                  f"than torch's: {before:.0f} -> {after:.0f} ms per step of {batch_size} (--no-gemm-conv: torch's)")
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:

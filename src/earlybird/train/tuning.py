@@ -12,6 +12,10 @@ Three things decide much of a run's speed and none is the same everywhere:
 - The precision. bf16 autocast was 1.6x faster than fp32 on the 2-core CPU (oneDNN with AVX-512
   bf16) although older builds and CPUs without it are many times slower in it.
 ``fastest_setting`` times the candidate settings on the model itself.
+
+- The convolution algorithm. On CPUs oneDNN computes some convolutions (small images, many
+  channels: a VGG's last layers) several times slower than the same arithmetic as one matrix
+  product. ``gemm_convolutions`` times each part of each such layer both ways at its own shape.
 """
 from __future__ import annotations
 
@@ -19,12 +23,14 @@ import copy
 import ctypes
 import ctypes.util
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from ..kernels import conv as gemm
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -137,3 +143,85 @@ def fastest_setting(model: nn.Module, input_shape, num_classes: int, batch_size:
     best = settings.index(min(timings, key=timings.get))
     agreed = distributed.all_reduce_sum(torch.tensor([best if distributed.is_main() else 0], device=device))
     return settings[int(agreed.item())], timings
+
+
+@dataclass(frozen=True)
+class ConvChoice:
+    """One convolution's parts (``kernels.conv.PARTS``) by GEMM or not, and the milliseconds its
+    forward + backward took with torch's convolution and with the choice."""
+
+    gemm: tuple[bool, bool, bool]
+    torch_ms: float
+    chosen_ms: float
+
+
+def _median_ms(runs, repeats: int) -> list[float]:
+    """Median milliseconds of each function, after a warm-up, the functions alternating."""
+    times = [[] for _ in runs]
+    for _ in range(repeats + 1):
+        for fn, t in zip(runs, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [sorted(t[1:])[repeats // 2] * 1000 for t in times]
+
+
+def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, amp_dtype: torch.dtype | None,
+                      repeats: int = 3, margin: float = 0.9) -> dict[str, ConvChoice]:
+    """Which parts of which convolutions of ``model`` train faster as GEMM (``kernels.conv``) in
+    channels-last on this CPU: each layer that ``gemm_eligible`` accepts, timed part by part at its
+    input's shape for ``batch_size`` in the training precision, both ways side by side. A part goes
+    to GEMM when it takes under ``margin`` of torch's time. Returns the layers with at least one
+    such part, by name; none on other devices. With several workers, all take the first's choice."""
+    if torch.device(device).type != "cpu":
+        return {}
+    shapes = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, args[0].shape[1:])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if gemm.gemm_eligible(m)]
+    g = torch.Generator().manual_seed(0)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(1, *input_shape, generator=g))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    dtype = amp_dtype or torch.float32
+    modules = dict(model.named_modules())
+    timed: dict[tuple, ConvChoice] = {}
+    choices = {}
+    for name, shape in shapes.items():
+        conv = modules[name]
+        key = (tuple(shape), tuple(conv.weight.shape), conv.padding, conv.dilation)
+        if key not in timed:
+            cl = torch.channels_last
+            x = torch.randn(batch_size, *shape, generator=g).to(dtype).contiguous(memory_format=cl)
+            weight = conv.weight.detach().to(dtype).contiguous(memory_format=cl)
+            out = F.conv2d(x, weight, None, 1, conv.padding, conv.dilation)
+            grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=cl)
+            runs = gemm.part_runs(x, weight, grad, conv.padding, conv.dilation)
+            ms = _median_ms([fn for pair in runs for fn in pair], repeats)
+            pairs = list(zip(ms[::2], ms[1::2]))
+            use = tuple(ours < margin * theirs for theirs, ours in pairs)
+            timed[key] = ConvChoice(use, sum(t for t, _ in pairs), sum(o if u else t for (t, o), u in zip(pairs, use)))
+        choices[name] = timed[key]
+    # every worker must run the same code: the first's choice, as a flat 0/1 vector
+    flat = torch.tensor([float(u) for c in choices.values() for u in c.gemm] if distributed.is_main()
+                        else [0.0] * (3 * len(choices)))
+    agreed = distributed.all_reduce_sum(flat).view(-1, 3).bool().tolist()
+    choices = {name: ConvChoice(tuple(a), c.torch_ms, c.chosen_ms) for (name, c), a in zip(choices.items(), agreed)}
+    return {name: c for name, c in choices.items() if any(c.gemm)}
+
+
+def use_gemm(model: nn.Module, choices: dict[str, ConvChoice], amp_dtype: torch.dtype | None) -> None:
+    """Make the chosen convolutions of ``model`` ``kernels.conv.GemmConv2d`` layers with their
+    choices for ``amp_dtype`` (None: fp32), in place."""
+    modules = dict(model.named_modules())
+    for name, choice in choices.items():
+        gemm.to_gemm(modules[name], amp_dtype or torch.float32, choice.gemm)

@@ -21,7 +21,8 @@ from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
 from ..kernels.conv import PARTS, keep_gemm
 from ..train.tuning import (ConvChoice, Setting, channels_last_hazards, default_autocast_dtype, fastest_setting,
-                            gemm_convolutions, keep_freed_memory, setting_from_dict, setting_name, use_gemm)
+                            gemm_convolutions, keep_freed_memory, restore_gemm, setting_from_dict, setting_name,
+                            use_gemm)
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -246,6 +247,14 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
         if rt.channels_last == "auto" and not rt.deterministic and hazards:
             reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
         settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
+    if resumed is not None and "gemm" in resumed and settings == [setting_from_dict(resumed)] \
+            and gemm_allowed(rt, device):
+        # the layers the run started with: a new timing could round the rest of the run differently
+        channels_last, dtype = settings[0]
+        restored = restore_gemm(model, resumed["gemm"], dtype) if channels_last else 0
+        if restored:
+            reporter.line(f"convolutions: {restored} layers partly as im2col + GEMM, as the run started")
+        return settings[0]
     found = choose_gemm(model, rt, input_shape, per_worker, device, settings)
     best = settings[0]
     if len(settings) > 1:
@@ -258,13 +267,17 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
     return best
 
 
+def gemm_allowed(rt: RuntimeConfig, device) -> bool:
+    return rt.gemm_conv and not rt.compile and not rt.deterministic and device.type == "cpu"
+
+
 def choose_gemm(model, rt: RuntimeConfig, input_shape, batch_size: int, device, settings: list[Setting]
                 ) -> dict[torch.dtype | None, dict[str, ConvChoice]]:
     """Where --gemm-conv allows it (CPUs, not --compile or --deterministic), time each eligible
     convolution of ``model`` both ways for each channels-last setting's precision and make the
     faster parts GEMM (``kernels.conv``), so that timing the settings sees them. By precision, the
     layers chosen."""
-    if not rt.gemm_conv or rt.compile or rt.deterministic or device.type != "cpu":
+    if not gemm_allowed(rt, device):
         return {}
     found = {}
     for dtype in dict.fromkeys(dtype for channels_last, dtype in settings if channels_last):

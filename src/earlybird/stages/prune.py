@@ -15,7 +15,7 @@ from ..progress import Reporter
 from ..prune import apply_mask, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.tuning import channels_last_hazards, setting_name, step_timings
-from .common import (check_expected, checkpoint_dataset, make_loaders, prepare_save_dir, setup_runtime,
+from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loaders, prepare_save_dir, setup_runtime,
                      speed_candidates, use_fused_batch_norm, write_summary)
 
 
@@ -54,6 +54,7 @@ def training_table(dense, pruned, shape, num_classes: int, batch_size: int, devi
         use_fused_batch_norm(model, rt, torch.device(device))
         hazards = bool(channels_last_hazards(model, device))
         settings = [s for s in speed_candidates(rt, device, hazards) if not (hazards and s[0])]
+        choose_gemm(model, rt, shape, batch_size, torch.device(device), settings)
         seconds = step_timings(model, shape, num_classes, batch_size, device, settings or [(False, None)])
         best = min(seconds, key=seconds.get)
         rows[name] = {"images_per_s": round(batch_size / seconds[best], 1), "setting": setting_name(best)}

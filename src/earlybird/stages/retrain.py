@@ -78,7 +78,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
                         scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(),
-                        speed=setting_to_dict((channels_last, amp_dtype)), **meta)
+                        speed=setting_to_dict((channels_last, amp_dtype), model), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, plan, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

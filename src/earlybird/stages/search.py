@@ -89,7 +89,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                         detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
                         precision=precision.state_dict(), test_acc=record["test_acc"],
-                        speed=setting_to_dict((channels_last, amp_dtype)), **meta)
+                        speed=setting_to_dict((channels_last, amp_dtype), model), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

@@ -76,10 +76,14 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
 
 
-def setting_to_dict(setting: Setting) -> dict:
-    """A setting as plain values, for a checkpoint."""
+def setting_to_dict(setting: Setting, model: nn.Module | None = None) -> dict:
+    """A setting as plain values, for a checkpoint, with the GEMM parts of ``model``'s convolutions
+    in that setting's precision (``gemm_layers``), so that a resumed run computes as it started."""
     channels_last, dtype = setting
-    return {"channels_last": channels_last, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
+    d = {"channels_last": channels_last, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
+    if model is not None:
+        d["gemm"] = gemm_layers(model, dtype)
+    return d
 
 
 def setting_from_dict(d: dict) -> Setting:
@@ -217,6 +221,25 @@ def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, am
     agreed = distributed.all_reduce_sum(flat).view(-1, 3).bool().tolist()
     choices = {name: ConvChoice(tuple(a), c.torch_ms, c.chosen_ms) for (name, c), a in zip(choices.items(), agreed)}
     return {name: c for name, c in choices.items() if any(c.gemm)}
+
+
+def gemm_layers(model: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, list[bool]]:
+    """The GEMM parts of each ``GemmConv2d`` of ``model`` in ``amp_dtype`` (None: fp32), by name."""
+    dtype = amp_dtype or torch.float32
+    return {name: list(m.gemm[dtype]) for name, m in model.named_modules()
+            if isinstance(m, gemm.GemmConv2d) and dtype in m.gemm}
+
+
+def restore_gemm(model: nn.Module, layers: dict[str, list[bool]], amp_dtype: torch.dtype | None) -> int:
+    """Make the layers a checkpoint's ``gemm_layers`` names GEMM again (those ``model`` has and
+    ``gemm_eligible`` accepts); returns how many."""
+    modules = dict(model.named_modules())
+    count = 0
+    for name, parts in layers.items():
+        if name in modules and gemm.gemm_eligible(modules[name]) and any(parts):
+            gemm.to_gemm(modules[name], amp_dtype or torch.float32, tuple(parts))
+            count += 1
+    return count
 
 
 def use_gemm(model: nn.Module, choices: dict[str, ConvChoice], amp_dtype: torch.dtype | None) -> None:

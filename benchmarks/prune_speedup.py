@@ -2,9 +2,10 @@
 measured ratio of inference latency and training throughput (pruning must give a real speed-up).
 
 Each model runs in the setting the CLI would pick to train it (``--channels-last auto --amp auto``
-time the memory formats with and without autocast), with the CLI's allocator setting and fused
-batch norm on CPUs (``--bn both`` adds every model again with torch's batch norm, each ratio against
-the dense model of its kind), and the models' timings are interleaved repeat by repeat so that a
+time the memory formats with and without autocast), with the CLI's allocator setting, fused
+batch norm and GEMM convolutions on CPUs (``--bn both`` adds every model again with torch's batch
+norm, ``--gemm both`` with torch's convolutions: each ratio against the dense model of its kind),
+and the models' timings are interleaved repeat by repeat so that a
 slow moment of a shared machine falls on all of them alike.
 
     python benchmarks/prune_speedup.py [--arch vgg] [--depth 16] [--width 0.5] [--ratios 0.3 0.5 0.7]
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
 from earlybird.cost import count_macs
+from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
+from earlybird.kernels.conv import keep_gemm
 from earlybird.prune import prunable_layers
+from earlybird.stages.common import choose_gemm
 from earlybird.train.tuning import (default_autocast_dtype, fastest_setting, keep_freed_memory, safe_formats,
                                     setting_name)
 
@@ -55,6 +59,9 @@ def main() -> None:
     p.add_argument("--no-keep-memory", action="store_true", help="leave the C allocator as it is")
     p.add_argument("--bn", default="fused", choices=["fused", "torch", "both"],
                    help="batch norm kernel on CPUs: earlybird's fused one (the CLI's default), torch's, or both")
+    p.add_argument("--gemm", default="on", choices=["on", "off", "both"],
+                   help="CPUs: convolutions partly as im2col + GEMM where timing finds it faster (the CLI's "
+                        "default), torch's only, or both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -77,21 +84,26 @@ def main() -> None:
     for r in detector.ratios:
         mask = detector.layer_masks(r, detector.mask(r))
         models[f"p={r:g}"] = prune_model(dense, mask, example, args.keep_streams, args.round_to)[0]
-    kinds = {"fused": [""], "torch": [" torch-bn"], "both": ["", " torch-bn"]}[args.bn]
-    if device.type != "cpu":
-        kinds = [""]  # the fused kernel is for CPUs
+    bns = {"fused": [True], "torch": [False], "both": [True, False]}[args.bn]
+    gemms = {"on": [True], "off": [False], "both": [True, False]}[args.gemm]
+    # (row suffix, fused batch norm?, GEMM convolutions?); both are for CPUs
+    kinds = [(("" if bn else " torch-bn") + ("" if g else " torch-conv"), bn, g) for bn in bns for g in gemms] \
+        if device.type == "cpu" else [("", False, False)]
 
     runs = {}
-    for (name, model), kind in [(m, k) for k in kinds for m in models.items()]:
+    for (name, model), (kind, fused, gemm) in [(m, k) for k in kinds for m in models.items()]:
         macs = count_macs(model, (3, size, size))
         model = copy.deepcopy(model).to(device)
-        if device.type == "cpu" and not kind:
+        if fused:
             fuse_batch_norm(model)
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
         dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
-        setting = fastest_setting(model, (3, size, size), 10, args.train_batch, device,
-                                  [(f, d) for f in formats for d in dtypes])[0]
+        settings = [(f, d) for f in formats for d in dtypes]
+        if gemm:  # as the CLI does: GEMM parts timed per channels-last precision, before the settings
+            choose_gemm(model, RuntimeConfig(), (3, size, size), args.train_batch, device, settings)
+        setting = fastest_setting(model, (3, size, size), 10, args.train_batch, device, settings)[0]
         cl, amp_dtype = setting
+        keep_gemm(model, (amp_dtype or torch.float32) if cl else None)
         fmt = torch.channels_last if cl else torch.contiguous_format
         model = model.to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

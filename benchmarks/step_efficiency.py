@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from earlybird import ModelSpec, create_model
 from earlybird.cost import TRAIN_PASSES, count_macs
 from earlybird.data import BatchLoader, dataset_info
+from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
+from earlybird.kernels.conv import keep_gemm
+from earlybird.stages.common import choose_gemm
 from earlybird.train import train_epoch
 from earlybird.train.tuning import fastest_setting, keep_freed_memory
 
@@ -59,6 +62,8 @@ def main() -> None:
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-fused-bn", action="store_true", help="torch's batch norm on CPUs (the CLI fuses it)")
+    p.add_argument("--no-gemm-conv", action="store_true",
+                   help="torch's convolutions on CPUs (the CLI computes some parts as GEMM where timing says so)")
     p.add_argument("--matmul-size", type=int, default=None, help="a multiple of 128; default: 8192 on GPUs, 2048 on CPUs")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -75,7 +80,11 @@ def main() -> None:
     fused = device.type == "cpu" and not args.no_fused_bn and not args.compile and fuse_batch_norm(model) > 0
     formats = [False, True] if args.channels_last == "auto" else [args.channels_last == "on"]
     amp_dtype = dtype if args.amp else None
-    channels_last = fastest_setting(model, (3, 32, 32), 10, args.batch, device, [(f, amp_dtype) for f in formats])[0][0]
+    settings = [(f, amp_dtype) for f in formats]
+    if not args.no_gemm_conv:
+        choose_gemm(model, RuntimeConfig(compile=args.compile), (3, 32, 32), args.batch, device, settings)
+    channels_last = fastest_setting(model, (3, 32, 32), 10, args.batch, device, settings)[0][0]
+    gemm_layers = keep_gemm(model, (amp_dtype or torch.float32) if channels_last else None)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
@@ -90,7 +99,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{spec.describe()}, {macs / 1e6:.0f} M MACs/image, batch {args.batch}, "
           f"{'channels-last' if channels_last else 'contiguous'}, {'bf16 autocast' if args.amp else 'fp32'}"
-          f"{', compiled' if args.compile else ''}{', fused BN' if fused and channels_last else ''} on {name}")
+          f"{', compiled' if args.compile else ''}{', fused BN' if fused and channels_last else ''}"
+          f"{f', {gemm_layers} GEMM convolutions' if gemm_layers else ''} on {name}")
     print("train img/s | training TFLOP/s | matrix-product TFLOP/s (same precision) | fraction of it")
     print(f"{result.images_per_second:,.0f} | {achieved / 1e12:.3f} | {rate / 1e12:.3f} | {achieved / rate:.2f}")
 

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from earlybird import ModelSpec, create_model
+from earlybird.config import RuntimeConfig
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.kernels import fuse_batch_norm
+from earlybird.kernels.conv import keep_gemm
+from earlybird.stages.common import choose_gemm
 from earlybird.train import evaluate, train_epoch
 from earlybird.train.tuning import default_autocast_dtype, fastest_setting, keep_freed_memory, setting_name
 
@@ -115,14 +118,19 @@ def main() -> None:
             keep_freed_memory()
         last_pass = keep_memory or device.type == "cuda"  # autocast rows once, with the CLI's allocator setting
         settings = ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass else ())
-        # the fused batch norm (the CLI's default on CPUs) serves channels-last steps: with the allocator setting
-        fused_too = keep_memory and device.type == "cpu"
-        for setting, fused in [(s, False) for s in settings] + [(s, True) for s in settings if fused_too and s[0]]:
+        # the fused batch norm and the GEMM convolutions (the CLI's defaults on CPUs) serve channels-last
+        # steps: with the allocator setting, the fused BN alone and with GEMM
+        extra = keep_memory and device.type == "cpu"
+        variants = [(s, False, False) for s in settings] + [
+            (s, True, gemm) for s in settings if extra and s[0] for gemm in (False, True)]
+        for setting, fused, gemm in variants:
             channels_last, amp_dtype = setting
             torch.manual_seed(0)
             model = create_model(spec).to(device)
             if fused:
                 fuse_batch_norm(model)
+            if gemm:
+                choose_gemm(model, RuntimeConfig(), (3, 32, 32), args.batch, device, [setting])
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -136,16 +144,18 @@ def main() -> None:
             start = time.perf_counter()
             evaluate(model, test, amp_dtype)
             name = f"earlybird, {setting_name(setting)}" + (", keep memory" if keep_memory else "") + (
-                ", fused BN" if fused else "")
+                ", fused BN" if fused else "") + (", GEMM conv" if gemm else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
     settings = [(cl, dtype) for cl in (False, True) for dtype in (None, amp)]
     timed = create_model(spec)
     cpu = device.type == "cpu"
     if cpu:
         fuse_batch_norm(timed)
+        choose_gemm(timed, RuntimeConfig(), (3, 32, 32), args.batch, device, settings)
     best, _ = fastest_setting(timed, (3, 32, 32), 10, args.batch, device, settings)
     default = f"earlybird, {setting_name(best)}" + (", keep memory" if cpu else "")
-    default += ", fused BN" if cpu and best[0] else ""
+    gemm = keep_gemm(timed, (best[1] or torch.float32) if best[0] else None)
+    default += (", fused BN" if cpu and best[0] else "") + (", GEMM conv" if gemm else "")
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
           f"{torch.get_num_threads()} CPU threads")

@@ -297,8 +297,10 @@ def report_gemm(model, best: Setting, found: dict, batch_size: int, reporter: Re
         return
     parts = ", ".join(f"{part} {sum(c.gemm[i] for c in chosen.values())}" for i, part in enumerate(PARTS))
     before, after = sum(c.torch_ms for c in chosen.values()), sum(c.chosen_ms for c in chosen.values())
+    ms = "{:.1f}" if before < 10 else "{:.0f}"
     reporter.line(f"convolutions: {len(chosen)} layers partly as im2col + GEMM ({parts}), faster at their shapes "
-                  f"than torch's: {before:.0f} -> {after:.0f} ms per step of {batch_size} (--no-gemm-conv: torch's)")
+                  f"than torch's: {ms.format(before)} -> {ms.format(after)} ms per step of {batch_size} "
+                  "(--no-gemm-conv: torch's)")
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:

@@ -251,3 +251,15 @@ def test_the_cli_chooses_saves_and_restores_gemm_layers(capsys, tmp_path, cifar1
     assert code == 0, err
     assert "convolutions:" not in out and load_checkpoint(tmp_path / "off" / "checkpoint.pth")["speed"]["gemm"] == {}
     assert json.loads((save / "summary.json").read_text())["epochs_trained"] == 3
+
+
+def test_real_timing_leaves_the_model_and_the_random_stream_alone():
+    model = create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32)).train()
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    choices = gemm_convolutions(model, (3, 32, 32), 8, "cpu", torch.bfloat16, repeats=1)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics included
+    assert all(type(m) is not GemmConv2d for m in model.modules())  # timing only: use_gemm switches
+    eligible = {name for name, m in model.named_modules() if gemm_eligible(m)}
+    assert set(choices) <= eligible and all(0 < c.chosen_ms < c.torch_ms and any(c.gemm) for c in choices.values())

@@ -175,6 +175,10 @@ def test_each_part_goes_where_it_was_faster_and_shapes_are_timed_once(monkeypatc
     use_gemm(model, choices, torch.bfloat16)
     assert model[0].gemm == {torch.bfloat16: (True, False, False)} and type(model[2]) is nn.Conv2d
     assert gemm_convolutions(model, (3, 8, 8), 4, "cuda", None) == {}  # a oneDNN matter: CPUs only
+    # patch matrices over the memory bound: untimed. Layer 0's is 4 x 3*8*8 x 9 fp32 values (27,648 bytes)
+    timed.clear()
+    assert gemm_convolutions(model, (3, 8, 8), 4, "cpu", None, max_patch_bytes=27_647) == {} and timed == []
+    assert list(gemm_convolutions(model, (3, 8, 8), 4, "cpu", None, max_patch_bytes=27_648)) == ["0"]
 
 
 def test_a_worker_other_than_the_first_takes_the_first_ones_choice(monkeypatch):

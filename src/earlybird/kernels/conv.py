@@ -158,9 +158,10 @@ def to_gemm(conv: nn.Conv2d, dtype: torch.dtype, parts: tuple[bool, bool, bool] 
     conv.gemm[dtype] = tuple(bool(p) for p in parts)
 
 
-def keep_gemm(model: nn.Module, dtype: torch.dtype) -> int:
-    """Drop every ``GemmConv2d``'s choices but those for ``dtype`` (the type training settled on),
-    making a layer left with none an ``nn.Conv2d`` again; returns how many layers still use GEMM."""
+def keep_gemm(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Drop every ``GemmConv2d``'s choices but those for ``dtype`` (the type training settled on;
+    None: drop them all), making a layer left with none an ``nn.Conv2d`` again; returns how many
+    layers still use GEMM."""
     count = 0
     for m in model.modules():
         if type(m) is GemmConv2d:

@@ -171,12 +171,15 @@ def _median_ms(runs, repeats: int) -> list[float]:
 
 
 def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, amp_dtype: torch.dtype | None,
-                      repeats: int = 3, margin: float = 0.9) -> dict[str, ConvChoice]:
+                      repeats: int = 3, margin: float = 0.9, max_patch_bytes: int = 512 << 20
+                      ) -> dict[str, ConvChoice]:
     """Which parts of which convolutions of ``model`` train faster as GEMM (``kernels.conv``) in
     channels-last on this CPU: each layer that ``gemm_eligible`` accepts, timed part by part at its
     input's shape for ``batch_size`` in the training precision, both ways side by side. A part goes
-    to GEMM when it takes under ``margin`` of torch's time. Returns the layers with at least one
-    such part, by name; none on other devices. With several workers, all take the first's choice."""
+    to GEMM when it takes under ``margin`` of torch's time. Layers whose patch matrix (k² times the
+    input) would exceed ``max_patch_bytes`` stay torch's untimed: GEMM's memory traffic loses there,
+    and its transient memory would be large. Returns the layers with at least one GEMM part, by
+    name; none on other devices. With several workers, all take the first's choice."""
     if torch.device(device).type != "cpu":
         return {}
     shapes = {}
@@ -200,8 +203,11 @@ def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, am
     modules = dict(model.named_modules())
     timed: dict[tuple, ConvChoice] = {}
     choices = {}
+    size = torch.empty((), dtype=dtype).element_size()
     for name, shape in shapes.items():
         conv = modules[name]
+        if batch_size * shape.numel() * conv.kernel_size[0] * conv.kernel_size[1] * size > max_patch_bytes:
+            continue
         key = (tuple(shape), tuple(conv.weight.shape), conv.padding, conv.dilation)
         if key not in timed:
             cl = torch.channels_last

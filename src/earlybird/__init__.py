@@ -16,14 +16,16 @@ __version__ = "0.1.0"
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, DataError, EarlyBirdError, PruneError
 from .kernels import FusedBatchNorm2d, bn_relu, fuse_batch_norm
+from .kernels.conv import GemmConv2d
 from .masks import bn_gammas, channel_mask, channel_masks, distance_matrix, mask_distance, prunable_bns
 from .models import ModelSpec, create_model, register_model, resolve_arch
 from .prune import PrunePlan, apply_mask, apply_plan, prunable_layers, prune_model
 from .sparsity import add_bn_l1_grad
+from .train.tuning import gemm_convolutions, use_gemm
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "EarlyBird", "EarlyBirdError", "FusedBatchNorm2d", "ModelSpec",
-    "PruneError", "PrunePlan", "add_bn_l1_grad", "apply_mask", "apply_plan", "bn_gammas", "bn_relu", "channel_mask",
-    "channel_masks", "create_model", "distance_matrix", "fuse_batch_norm", "mask_distance", "prunable_bns",
-    "prunable_layers", "prune_model", "register_model", "resolve_arch",
+    "CheckpointError", "ConfigError", "DataError", "EarlyBird", "EarlyBirdError", "FusedBatchNorm2d", "GemmConv2d",
+    "ModelSpec", "PruneError", "PrunePlan", "add_bn_l1_grad", "apply_mask", "apply_plan", "bn_gammas", "bn_relu",
+    "channel_mask", "channel_masks", "create_model", "distance_matrix", "fuse_batch_norm", "gemm_convolutions",
+    "mask_distance", "prunable_bns", "prunable_layers", "prune_model", "register_model", "resolve_arch", "use_gemm",
 ]

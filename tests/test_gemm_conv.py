@@ -22,9 +22,9 @@ from test_cli import TINY, cli
 CL = torch.channels_last
 ALL = (True, True, True)
 # (in, out, kernel, padding, dilation, bias, image size): 'same' and 'valid' padding, larger and
-# non-square kernels, dilation, a 1x1 image
+# non-square kernels, dilation, a 1x1 and a non-square image
 SHAPES = [(3, 5, 3, 1, 1, True, 7), (4, 6, 3, 0, 1, False, 6), (5, 3, 5, 2, 1, True, 9), (4, 4, 3, 2, 2, True, 8),
-          (3, 2, (3, 1), (1, 0), 1, False, 5), (2, 3, 3, 1, 1, False, 1)]
+          (3, 2, (3, 1), (1, 0), 1, False, 5), (2, 3, 3, 1, 1, False, 1), (3, 4, 3, 1, 1, True, (5, 8))]
 
 
 def _pair(cin, cout, k, p, d, bias, dtype=torch.float64):
@@ -46,7 +46,8 @@ def _grads(conv, x, grad):
 def test_every_part_combination_equals_torch_in_float64(shape):
     *conv_args, size = shape
     ref, ours = _pair(*conv_args)
-    x = torch.randn(3, ref.in_channels, size, size, dtype=torch.float64).contiguous(memory_format=CL)
+    h, w = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(3, ref.in_channels, h, w, dtype=torch.float64).contiguous(memory_format=CL)
     grad = torch.randn_like(ref(x))
     expected = _grads(ref, x, grad)
     for parts in itertools.product([False, True], repeat=3):

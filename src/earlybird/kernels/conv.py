@@ -36,15 +36,17 @@ def _as_output(flat: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return flat.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
-    """The (O, C, kh, kw) weight as the (O, kh * kw * C) matrix that multiplies ``_patches``' rows."""
-    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+def _gemm(x, matrix, bias, kernel, padding, dilation) -> torch.Tensor:
+    """``x``'s patch rows times ``matrix`` (kh * kw * C_in, C_out), plus ``bias``: a convolution."""
+    rows, h, w = _patches(x, kernel, padding, dilation)
+    flat = rows @ matrix if bias is None else torch.addmm(bias, rows, matrix)
+    return _as_output(flat, x.shape[0], h, w)
 
 
 def _forward(x, weight, bias, padding, dilation) -> torch.Tensor:
-    rows, h, w = _patches(x, weight.shape[2:], padding, dilation)
-    flat = rows @ _matrix(weight).t() if bias is None else torch.addmm(bias, rows, _matrix(weight).t())
-    return _as_output(flat, x.shape[0], h, w)
+    # (O, C, kh, kw) as (O, kh * kw * C): a view of a channels-last weight, used transposed
+    matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()
+    return _gemm(x, matrix, bias, weight.shape[2:], padding, dilation)
 
 
 PARTS = ("forward", "input gradient", "weight gradient")
@@ -58,8 +60,12 @@ def input_gradient(grad, weight, padding, dilation) -> torch.Tensor:
     """A stride-1 convolution's input gradient as a GEMM convolution: the channels-last output
     gradient, padded by what the forward's padding left out, convolved with the flipped weight,
     its channels swapped."""
-    back = tuple(d * (k - 1) - p for k, p, d in zip(weight.shape[2:], padding, dilation))
-    return _forward(grad, weight.flip(2, 3).transpose(0, 1), None, back, dilation)
+    out, c, kh, kw = weight.shape
+    back = tuple(d * (k - 1) - p for k, p, d in zip((kh, kw), padding, dilation))
+    # rows (kernel position, output channel) of the flipped weight; the channels stay innermost, so
+    # a channels-last weight is copied in runs of C (transposing it first took 13x as long)
+    matrix = weight.permute(2, 3, 0, 1).flip(0, 1).reshape(kh * kw * out, c)
+    return _gemm(grad, matrix, None, (kh, kw), back, dilation)
 
 
 def weight_gradient(grad, x, weight_shape, padding, dilation) -> torch.Tensor:

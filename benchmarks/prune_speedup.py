@@ -25,11 +25,9 @@ from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_a
 from earlybird.cost import count_macs
 from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
-from earlybird.kernels.conv import keep_gemm
 from earlybird.prune import prunable_layers
-from earlybird.stages.common import choose_gemm
-from earlybird.train.tuning import (default_autocast_dtype, fastest_setting, keep_freed_memory, safe_formats,
-                                    setting_name)
+from earlybird.stages.common import fastest_with_gemm
+from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, safe_formats, setting_name
 
 
 def seconds(fn, device) -> float:
@@ -99,11 +97,10 @@ def main() -> None:
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
         dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
         settings = [(f, d) for f in formats for d in dtypes]
-        if gemm:  # as the CLI does: GEMM parts timed per channels-last precision, before the settings
-            choose_gemm(model, RuntimeConfig(), (3, size, size), args.train_batch, device, settings)
-        setting = fastest_setting(model, (3, size, size), 10, args.train_batch, device, settings)[0]
+        # as the CLI does: GEMM parts timed per channels-last precision, then the settings with them
+        setting = fastest_with_gemm(model, RuntimeConfig(gemm_conv=gemm), (3, size, size), 10, args.train_batch,
+                                    device, settings)[0]
         cl, amp_dtype = setting
-        keep_gemm(model, (amp_dtype or torch.float32) if cl else None)
         fmt = torch.channels_last if cl else torch.contiguous_format
         model = model.to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

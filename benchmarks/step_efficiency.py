@@ -20,10 +20,9 @@ from earlybird.cost import TRAIN_PASSES, count_macs
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
-from earlybird.kernels.conv import keep_gemm
-from earlybird.stages.common import choose_gemm
+from earlybird.stages.common import fastest_with_gemm
 from earlybird.train import train_epoch
-from earlybird.train.tuning import fastest_setting, keep_freed_memory
+from earlybird.train.tuning import keep_freed_memory
 
 
 def _rate(fn, flops: float, device: torch.device, seconds: float) -> float:
@@ -80,11 +79,10 @@ def main() -> None:
     fused = device.type == "cpu" and not args.no_fused_bn and not args.compile and fuse_batch_norm(model) > 0
     formats = [False, True] if args.channels_last == "auto" else [args.channels_last == "on"]
     amp_dtype = dtype if args.amp else None
-    settings = [(f, amp_dtype) for f in formats]
-    if not args.no_gemm_conv:
-        choose_gemm(model, RuntimeConfig(compile=args.compile), (3, 32, 32), args.batch, device, settings)
-    channels_last = fastest_setting(model, (3, 32, 32), 10, args.batch, device, settings)[0][0]
-    gemm_layers = keep_gemm(model, (amp_dtype or torch.float32) if channels_last else None)
+    rt = RuntimeConfig(compile=args.compile, gemm_conv=not args.no_gemm_conv)
+    (channels_last, _), _, found = fastest_with_gemm(model, rt, (3, 32, 32), 10, args.batch, device,
+                                                     [(f, amp_dtype) for f in formats])
+    gemm_layers = len(found.get(amp_dtype, {})) if channels_last else 0
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)

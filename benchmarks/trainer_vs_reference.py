@@ -25,10 +25,9 @@ from earlybird import ModelSpec, create_model
 from earlybird.config import RuntimeConfig
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.kernels import fuse_batch_norm
-from earlybird.kernels.conv import keep_gemm
-from earlybird.stages.common import choose_gemm
+from earlybird.stages.common import choose_gemm, fastest_with_gemm
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import default_autocast_dtype, fastest_setting, keep_freed_memory, setting_name
+from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, setting_name
 
 INFO = dataset_info("cifar10")
 
@@ -151,10 +150,9 @@ def main() -> None:
     cpu = device.type == "cpu"
     if cpu:
         fuse_batch_norm(timed)
-        choose_gemm(timed, RuntimeConfig(), (3, 32, 32), args.batch, device, settings)
-    best, _ = fastest_setting(timed, (3, 32, 32), 10, args.batch, device, settings)
+    best, _, found = fastest_with_gemm(timed, RuntimeConfig(), (3, 32, 32), 10, args.batch, device, settings)
     default = f"earlybird, {setting_name(best)}" + (", keep memory" if cpu else "")
-    gemm = keep_gemm(timed, (best[1] or torch.float32) if best[0] else None)
+    gemm = best[0] and found.get(best[1])
     default += (", fused BN" if cpu and best[0] else "") + (", GEMM conv" if gemm else "")
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "

@@ -75,6 +75,11 @@ def test_gemm_really_runs_and_only_where_it_may(monkeypatch):
     assert torch.allclose(ours(x), ref(x), atol=1e-5) and calls == [x.shape]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # no choice for bf16: torch's
         assert ours(x).dtype == torch.bfloat16 and len(calls) == 1
+    with torch.no_grad():  # evaluation: the GEMM forward without autograd
+        assert torch.allclose(ours(x), ref(x), atol=1e-5) and len(calls) == 2
+    to_gemm(ours, torch.float32, (False, True, True))
+    with torch.no_grad():  # no GEMM forward chosen: torch's, autograd's parts unused
+        assert torch.equal(ours(x), ref(x)) and len(calls) == 2
 
 
 def test_bf16_autocast_matches_torch_and_leaves_fp32_parameters():
@@ -146,13 +151,17 @@ def test_a_gemm_network_trains_like_torchs():
         assert torch.allclose(ref.eval()(x), ours.eval()(x), atol=1e-9)
 
 
-def _fake_timings(monkeypatch, gemm_wins):
-    """Per layer input width: which parts GEMM computes in half of torch's time (the others 2x)."""
+def _fake_timings(monkeypatch, gemm_wins, whole_layer_gemm=0.025):
+    """Per layer input width: which parts GEMM computes in half of torch's time (the others 2x);
+    a layer with such parts then takes 30 ms with torch's convolution, ``whole_layer_gemm`` s with
+    them."""
     timed = []
 
-    def median_ms(runs, repeats):  # called right after part_runs, for the shape it recorded
+    def medians(runs, repeats):  # called right after part_runs, for the shape it recorded
+        if len(runs) == 2:  # then the whole layer, both ways, where a part won
+            return [0.030, whole_layer_gemm]
         parts = gemm_wins[timed[-1]]
-        return [t for win in parts for t in ((10.0, 5.0) if win else (10.0, 20.0))]
+        return [t for win in parts for t in ((0.010, 0.005) if win else (0.010, 0.020))]
 
     real = gemm.part_runs
 
@@ -160,7 +169,7 @@ def _fake_timings(monkeypatch, gemm_wins):
         timed.append(x.shape[1])
         return real(x, weight, grad, padding, dilation)
 
-    monkeypatch.setattr(tuning, "_median_ms", median_ms)
+    monkeypatch.setattr(tuning, "_medians", medians)
     monkeypatch.setattr(gemm, "part_runs", part_runs)
     return timed
 
@@ -180,6 +189,15 @@ def test_each_part_goes_where_it_was_faster_and_shapes_are_timed_once(monkeypatc
     timed.clear()
     assert gemm_convolutions(model, (3, 8, 8), 4, "cpu", None, max_patch_bytes=27_647) == {} and timed == []
     assert list(gemm_convolutions(model, (3, 8, 8), 4, "cpu", None, max_patch_bytes=27_648)) == ["0"]
+
+
+def test_parts_that_win_alone_but_lose_in_the_whole_layer_stay_torchs(monkeypatch):
+    # the module, its casts and autograd cost more than GEMM saves: 29 ms is not under 0.9 x 30
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    _fake_timings(monkeypatch, {3: ALL}, whole_layer_gemm=0.029)
+    assert gemm_convolutions(model, (3, 8, 8), 4, "cpu", None) == {}
+    _fake_timings(monkeypatch, {3: ALL}, whole_layer_gemm=0.026)
+    assert gemm_convolutions(model, (3, 8, 8), 4, "cpu", None) == {"0": ConvChoice(ALL, 30.0, 26.0)}
 
 
 def test_a_worker_other_than_the_first_takes_the_first_ones_choice(monkeypatch):
@@ -206,12 +224,41 @@ def test_choose_gemm_follows_the_flags_and_the_settings(monkeypatch):
     class Reporter:
         line = staticmethod(lines.append)
 
-    report_gemm(model, (True, torch.bfloat16), found, 4, Reporter())
-    assert model[0].gemm == {torch.bfloat16: (False, False, True)}
+    report_gemm((True, torch.bfloat16), found, 4, Reporter())
     assert lines == ["convolutions: 1 layers partly as im2col + GEMM (forward 0, input gradient 0, weight gradient "
                      "1), faster at their shapes than torch's: 30 -> 25 ms per step of 4 (--no-gemm-conv: torch's)"]
-    report_gemm(model, (False, None), found, 4, Reporter())  # training contiguous: every layer is torch's
-    assert type(model[0]) is nn.Conv2d and len(lines) == 1
+    report_gemm((False, None), found, 4, Reporter())  # training contiguous: nothing to say
+    assert len(lines) == 1
+
+
+def test_the_setting_keeps_its_own_gemm_layers(monkeypatch):
+    _fake_timings(monkeypatch, {3: (False, False, True)})
+    cpu = torch.device("cpu")
+    settings = [(True, None), (True, torch.bfloat16)]
+    picked = {}
+
+    def fastest(model, input_shape, num_classes, batch_size, device, settings):
+        # both precisions' GEMM layers are in place while the settings are timed
+        picked["gemm"] = dict(model[0].gemm)
+        return picked["best"], {s: 0.1 for s in settings}
+
+    monkeypatch.setattr(common, "fastest_setting", fastest)
+    for best, kept in [((True, torch.bfloat16), {torch.bfloat16: (False, False, True)}),
+                       ((True, None), {torch.float32: (False, False, True)})]:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+        picked["best"] = best
+        got, timings, found = common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, settings)
+        assert got == best and list(timings) == settings and list(found) == [None, torch.bfloat16]
+        assert picked["gemm"] == {torch.float32: (False, False, True), torch.bfloat16: (False, False, True)}
+        assert model[0].gemm == kept
+    picked["best"] = (False, None)  # training contiguous: every layer is torch's again
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(False, None), *settings])
+    assert type(model[0]) is nn.Conv2d
+    # one setting: untimed
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    assert common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(True, None)])[:2] == (
+        (True, None), {})
 
 
 def _search(capsys, root, save, *extra):
@@ -224,10 +271,12 @@ def test_the_cli_chooses_saves_and_restores_gemm_layers(capsys, tmp_path, cifar1
     # GEMM wins every part of every layer that has 16 input channels, loses elsewhere
     widths = []
 
-    def median_ms(runs, repeats):
-        return [t for _ in range(3) for t in ((10.0, 5.0) if widths[-1] == 16 else (10.0, 20.0))]
+    def medians(runs, repeats):
+        if len(runs) == 2:  # the whole layer
+            return [0.030, 0.015]
+        return [t for _ in range(3) for t in ((0.010, 0.005) if widths[-1] == 16 else (0.010, 0.020))]
 
-    monkeypatch.setattr(tuning, "_median_ms", median_ms)
+    monkeypatch.setattr(tuning, "_medians", medians)
     real_runs = gemm.part_runs
     monkeypatch.setattr(gemm, "part_runs", lambda x, *a: widths.append(x.shape[1]) or real_runs(x, *a))
     calls = {"n": 0}

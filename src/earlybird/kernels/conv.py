@@ -148,6 +148,9 @@ class GemmConv2d(nn.Conv2d):
         if parts is None or x.dtype != weight.dtype:
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
+            if not torch.is_grad_enabled():  # evaluation: the forward alone, without autograd's bookkeeping
+                return _forward(x, weight, bias, self.padding, self.dilation) if parts[0] else \
+                    F.conv2d(x, weight, bias, 1, self.padding, self.dilation)
             return _GemmConv.apply(x, weight, bias, self.padding, self.dilation, parts)
 
 

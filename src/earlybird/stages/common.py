@@ -15,11 +15,11 @@ from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, O
                       validate_lowp, validate_runtime)
 from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
 from ..errors import CheckpointError, ConfigError, RunDirError
+from ..kernels.conv import PARTS, keep_gemm
 from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..kernels.conv import PARTS, keep_gemm
 from ..train.tuning import (ConvChoice, Setting, channels_last_hazards, default_autocast_dtype, fastest_setting,
                             gemm_convolutions, keep_freed_memory, restore_gemm, setting_from_dict, setting_name,
                             use_gemm)
@@ -255,15 +255,13 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
         if restored:
             reporter.line(f"convolutions: {restored} layers partly as im2col + GEMM, as the run started")
         return settings[0]
-    found = choose_gemm(model, rt, input_shape, per_worker, device, settings)
-    best = settings[0]
-    if len(settings) > 1:
-        best, timings = fastest_setting(model, input_shape, spec.num_classes, per_worker, device, settings)
+    best, timings, found = fastest_with_gemm(model, rt, input_shape, spec.num_classes, per_worker, device, settings)
+    if timings:
         reporter.line(f"training in {setting_name(best)}, the fastest of: " + ", ".join(
             f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {per_worker} on "
             f"{device} (--channels-last and --amp fix them)")
     if found:
-        report_gemm(model, best, found, per_worker, reporter)
+        report_gemm(best, found, per_worker, reporter)
     return best
 
 
@@ -286,11 +284,25 @@ def choose_gemm(model, rt: RuntimeConfig, input_shape, batch_size: int, device, 
     return found
 
 
-def report_gemm(model, best: Setting, found: dict, batch_size: int, reporter: Reporter) -> None:
-    """Keep the GEMM layers of the setting training runs in (none in contiguous) and say which."""
+def fastest_with_gemm(model, rt: RuntimeConfig, input_shape, num_classes: int, batch_size: int, device,
+                      settings: list[Setting]) -> tuple[Setting, dict[Setting, float], dict]:
+    """(setting, its timings, GEMM layers by precision): the GEMM parts chosen first
+    (``choose_gemm``), then the fastest of ``settings`` timed with them (a single one untimed:
+    no timings); ``model`` keeps the GEMM layers of the setting returned (none in contiguous)."""
+    found = choose_gemm(model, rt, input_shape, batch_size, device, settings)
+    best, timings = settings[0], {}
+    if len(settings) > 1:
+        best, timings = fastest_setting(model, input_shape, num_classes, batch_size, device, settings)
+    if found:
+        channels_last, dtype = best
+        keep_gemm(model, (dtype or torch.float32) if channels_last else None)
+    return best, timings, found
+
+
+def report_gemm(best: Setting, found: dict, batch_size: int, reporter: Reporter) -> None:
+    """Say which GEMM layers the setting training runs in has (none in contiguous)."""
     channels_last, dtype = best
     chosen = found.get(dtype, {}) if channels_last else {}
-    keep_gemm(model, (dtype or torch.float32) if channels_last else None)
     if not chosen:
         if channels_last:
             reporter.line("convolutions: torch's in every layer (timing found no part faster as GEMM)")

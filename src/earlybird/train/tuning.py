@@ -127,12 +127,29 @@ def step_timings(model: nn.Module, input_shape, num_classes: int, batch_size: in
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         probe = copy.deepcopy(model).to(device, memory_format=fmt).train()
         probes[channels_last] = probe, x.contiguous(memory_format=fmt)
-    times = {setting: [] for setting in settings}
+    settings = list(dict.fromkeys(settings))
+    runs = [lambda s=s: _timed_step(*probes[s[0]], y, s[1]) for s in settings]
+    return dict(zip(settings, _medians(runs, repeats)))
+
+
+def _medians(runs, repeats: int) -> list[float]:
+    """The median of what each function returns (the seconds it took) over ``repeats`` calls after
+    a warm-up call; the functions alternate, so that a slow moment of a shared machine falls on all
+    of them alike."""
+    times = [[] for _ in runs]
     for _ in range(repeats + 1):
-        for (channels_last, dtype), seconds in times.items():
-            probe, inputs = probes[channels_last]
-            seconds.append(_timed_step(probe, inputs, y, dtype))
-    return {setting: sorted(t[1:])[repeats // 2] for setting, t in times.items()}
+        for fn, t in zip(runs, times):
+            t.append(fn())
+    return [sorted(t[1:])[repeats // 2] for t in times]
+
+
+def _timed(fn):
+    """``fn`` as a function that returns the seconds it took (CPU work: no device to wait for)."""
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
 
 
 def fastest_setting(model: nn.Module, input_shape, num_classes: int, batch_size: int, device, settings,
@@ -157,17 +174,6 @@ class ConvChoice:
     gemm: tuple[bool, bool, bool]
     torch_ms: float
     chosen_ms: float
-
-
-def _median_ms(runs, repeats: int) -> list[float]:
-    """Median milliseconds of each function, after a warm-up, the functions alternating."""
-    times = [[] for _ in runs]
-    for _ in range(repeats + 1):
-        for fn, t in zip(runs, times):
-            start = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - start)
-    return [sorted(t[1:])[repeats // 2] * 1000 for t in times]
 
 
 def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, amp_dtype: torch.dtype | None,
@@ -216,10 +222,10 @@ def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, am
             out = F.conv2d(x, weight, None, 1, conv.padding, conv.dilation)
             grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=cl)
             runs = gemm.part_runs(x, weight, grad, conv.padding, conv.dilation)
-            ms = _median_ms([fn for pair in runs for fn in pair], repeats)
-            pairs = list(zip(ms[::2], ms[1::2]))
-            use = tuple(ours < margin * theirs for theirs, ours in pairs)
-            timed[key] = ConvChoice(use, sum(t for t, _ in pairs), sum(o if u else t for (t, o), u in zip(pairs, use)))
+            ms = [1000 * t for t in _medians([_timed(fn) for pair in runs for fn in pair], repeats)]
+            use = tuple(ours < margin * theirs for theirs, ours in zip(ms[::2], ms[1::2]))
+            timed[key] = _confirmed(conv, x, grad, amp_dtype, use, repeats, margin) if any(use) else \
+                ConvChoice(use, sum(ms[::2]), sum(ms[::2]))
         choices[name] = timed[key]
     # every worker must run the same code: the first's choice, as a flat 0/1 vector
     flat = torch.tensor([float(u) for c in choices.values() for u in c.gemm] if distributed.is_main()
@@ -227,6 +233,31 @@ def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, am
     agreed = distributed.all_reduce_sum(flat).view(-1, 3).bool().tolist()
     choices = {name: ConvChoice(tuple(a), c.torch_ms, c.chosen_ms) for (name, c), a in zip(choices.items(), agreed)}
     return {name: c for name, c in choices.items() if any(c.gemm)}
+
+
+def _confirmed(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor, amp_dtype: torch.dtype | None,
+               use: tuple[bool, bool, bool], repeats: int, margin: float) -> ConvChoice:
+    """``use`` if the whole layer (module, casts and autograd included: they outweigh what GEMM
+    saves on a small layer) trains faster with it than with torch's convolution; no GEMM part
+    otherwise. The milliseconds are those of the whole layer's forward + backward."""
+    plain = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    gemm.keep_gemm(plain, None)  # torch's, whatever choices another precision left on it
+    ours = copy.deepcopy(plain)
+    gemm.to_gemm(ours, amp_dtype or torch.float32, use)
+    x = x.detach().requires_grad_()
+
+    def step(layer):
+        def run():
+            layer.weight.grad = x.grad = None
+            with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+                y = layer(x)
+            y.backward(grad)
+        return run
+
+    theirs, mine = (1000 * t for t in _medians([_timed(step(plain)), _timed(step(ours))], repeats))
+    if mine < margin * theirs:
+        return ConvChoice(use, theirs, mine)
+    return ConvChoice((False, False, False), theirs, theirs)
 
 
 def gemm_layers(model: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, list[bool]]:

@@ -93,17 +93,22 @@ def _search(capsys, root, save, *extra):
 SAME_CONVS = ["--no-gemm-conv"]
 
 
-def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
+def interrupt_epoch(monkeypatch, n: int) -> None:
+    """Ctrl-C in the ``n``-th training epoch of the process (counting every stage's)."""
     calls = {"n": 0}
     real = common.train_epoch
 
-    def crash_on_third(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "train_epoch", crash_on_third)
+    monkeypatch.setattr(common, "train_epoch", interrupted)
+
+
+def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
+    interrupt_epoch(monkeypatch, 3)
     code, out, err = _search(capsys, cifar10_root, tmp_path / "b", *SAME_CONVS)
     assert code == 130 and "--resume" in err
     started = next(line for line in out.splitlines() if line.startswith("training in "))

@@ -17,7 +17,7 @@ from earlybird.stages.common import choose_gemm, report_gemm
 from earlybird.train import distributed, load_checkpoint, tuning
 from earlybird.train.tuning import ConvChoice, gemm_convolutions, gemm_layers, restore_gemm, use_gemm
 
-from test_cli import TINY, cli
+from test_cli import TINY, cli, interrupt_epoch
 
 CL = torch.channels_last
 ALL = (True, True, True)
@@ -279,16 +279,7 @@ def test_the_cli_chooses_saves_and_restores_gemm_layers(capsys, tmp_path, cifar1
     monkeypatch.setattr(tuning, "_medians", medians)
     real_runs = gemm.part_runs
     monkeypatch.setattr(gemm, "part_runs", lambda x, *a: widths.append(x.shape[1]) or real_runs(x, *a))
-    calls = {"n": 0}
-    real_epoch = common.train_epoch
-
-    def stop_in_the_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(common, "train_epoch", stop_in_the_second_epoch)
+    interrupt_epoch(monkeypatch, 2)
     save = tmp_path / "s"
     code, out, err = _search(capsys, cifar10_root, save)
     assert code == 130, err

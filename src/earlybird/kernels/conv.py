@@ -49,6 +49,11 @@ def _forward(x, weight, bias, padding, dilation) -> torch.Tensor:
     return _gemm(x, matrix, bias, weight.shape[2:], padding, dilation)
 
 
+def _forward_part(x, weight, bias, padding, dilation, by_gemm: bool) -> torch.Tensor:
+    """The forward, as GEMM or as torch's convolution."""
+    return _forward(x, weight, bias, padding, dilation) if by_gemm else F.conv2d(x, weight, bias, 1, padding, dilation)
+
+
 PARTS = ("forward", "input gradient", "weight gradient")
 
 
@@ -83,9 +88,7 @@ class _GemmConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding, dilation, gemm):
         ctx.save_for_backward(x, weight)
         ctx.conf = padding, dilation, bias is not None, gemm
-        if gemm[0]:
-            return _forward(x, weight, bias, padding, dilation)
-        return F.conv2d(x, weight, bias, 1, padding, dilation)
+        return _forward_part(x, weight, bias, padding, dilation, gemm[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -149,8 +152,7 @@ class GemmConv2d(nn.Conv2d):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
             if not torch.is_grad_enabled():  # evaluation: the forward alone, without autograd's bookkeeping
-                return _forward(x, weight, bias, self.padding, self.dilation) if parts[0] else \
-                    F.conv2d(x, weight, bias, 1, self.padding, self.dilation)
+                return _forward_part(x, weight, bias, self.padding, self.dilation, parts[0])
             return _GemmConv.apply(x, weight, bias, self.padding, self.dilation, parts)
 
 
@@ -193,7 +195,8 @@ def part_runs(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding
             grad, x, weight, None, [1, 1], list(padding), list(dilation), False, [0, 0], 1, mask)
 
     return [
-        (lambda: F.conv2d(x, weight, None, 1, padding, dilation), lambda: _forward(x, weight, None, padding, dilation)),
+        tuple(lambda by_gemm=by_gemm: _forward_part(x, weight, None, padding, dilation, by_gemm)
+              for by_gemm in (False, True)),
         (torch_backward([True, False, False]), lambda: input_gradient(grad, weight, padding, dilation)),
         (torch_backward([False, True, False]), lambda: weight_gradient(grad, x, weight.shape, padding, dilation)),
     ]

@@ -271,17 +271,18 @@ def restore_gemm(model: nn.Module, layers: dict[str, list[bool]], amp_dtype: tor
     """Make the layers a checkpoint's ``gemm_layers`` names GEMM again (those ``model`` has and
     ``gemm_eligible`` accepts); returns how many."""
     modules = dict(model.named_modules())
-    count = 0
-    for name, parts in layers.items():
-        if name in modules and gemm.gemm_eligible(modules[name]) and any(parts):
-            gemm.to_gemm(modules[name], amp_dtype or torch.float32, tuple(parts))
-            count += 1
-    return count
+    kept = {name: tuple(parts) for name, parts in layers.items()
+            if name in modules and gemm.gemm_eligible(modules[name]) and any(parts)}
+    _switch(modules, kept, amp_dtype)
+    return len(kept)
 
 
 def use_gemm(model: nn.Module, choices: dict[str, ConvChoice], amp_dtype: torch.dtype | None) -> None:
     """Make the chosen convolutions of ``model`` ``kernels.conv.GemmConv2d`` layers with their
     choices for ``amp_dtype`` (None: fp32), in place."""
-    modules = dict(model.named_modules())
-    for name, choice in choices.items():
-        gemm.to_gemm(modules[name], amp_dtype or torch.float32, choice.gemm)
+    _switch(dict(model.named_modules()), {name: choice.gemm for name, choice in choices.items()}, amp_dtype)
+
+
+def _switch(modules: dict[str, nn.Module], parts: dict[str, tuple], amp_dtype: torch.dtype | None) -> None:
+    for name, on in parts.items():
+        gemm.to_gemm(modules[name], amp_dtype or torch.float32, on)

@@ -11,6 +11,8 @@ import time
 import torch
 from torch import nn
 
+from .probe import probe_forward
+
 TRAIN_PASSES = 3
 
 
@@ -38,15 +40,8 @@ def count_macs(model: nn.Module, input_shape) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    device = next(model.parameters()).device
+    probe_forward(model, torch.zeros(1, *input_shape, device=device), hooks)
     return total
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..probe import probe_forward
 from .formats import BlockFloat, quantize
 
 
@@ -70,14 +71,7 @@ def quantize_layer_outputs(model: nn.Module, lp: LowPrecision, generator: torch.
     order: list[nn.Module] = []
     probes = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in model.modules()
               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was_training)
-        for h in probes:
-            h.remove()
+    probe_forward(model, example, probes)
     fwd, bwd = lp.fmt(lp.activate), lp.fmt(lp.error)
 
     def hook(module, inputs, output):

@@ -39,6 +39,7 @@ from torch_pruning import ops
 
 from ..errors import PruneError
 from ..masks import check_not_empty, prunable_bns, split_mask
+from ..probe import probe_forward
 from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d
 
 # Functional ops that act on each channel separately (Torch-Pruning treats unknown ops as such).
@@ -272,14 +273,7 @@ def _probe(masked: nn.Module, example: torch.Tensor, wanted: dict[str, list[int]
         def grab(module, inputs, name=name, idxs=idxs):
             seen[name] = inputs[0][:, idxs].detach().double()
         hooks.append(masked.get_submodule(name).register_forward_pre_hook(grab))
-    was_training = masked.training
-    try:
-        masked.eval()
-        masked(example)
-    finally:
-        masked.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(masked, example, hooks)
     out = {}
     for name, x in seen.items():
         value = x[0].reshape(x.shape[1], -1)[:, 0]

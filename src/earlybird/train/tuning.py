@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
 from ..kernels import conv as gemm
+from ..probe import probe_forward
+from . import distributed
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -197,14 +198,7 @@ def gemm_convolutions(model: nn.Module, input_shape, batch_size: int, device, am
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if gemm.gemm_eligible(m)]
     g = torch.Generator().manual_seed(0)
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.randn(1, *input_shape, generator=g))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, torch.randn(1, *input_shape, generator=g), hooks)
     dtype = amp_dtype or torch.float32
     modules = dict(model.named_modules())
     timed: dict[tuple, ConvChoice] = {}

@@ -1,5 +1,6 @@
-"""The fused channels-last batch norm (+ ReLU): values, gradients and running statistics against
-torch's batch norm in float64, bf16 under autocast, the model switch, and the fallbacks."""
+"""The fused channels-last batch norm (+ ReLU) (+ 2x2 max-pool): values, gradients and running
+statistics against torch's batch norm in float64, bf16 under autocast, the model switch, and the
+fallbacks."""
 import copy
 import os
 
@@ -158,43 +159,150 @@ def test_cumulative_average_without_momentum():
     assert torch.allclose(fused.running_var, bn.running_var, atol=1e-6)
 
 
+def _pooled(bn, activation):
+    """Two fused copies of ``bn``: one followed by torch's 2x2 max-pool, one with the pool fused."""
+    apart = copy.deepcopy(bn)
+    apart.__class__, apart.activation = FusedBatchNorm2d, activation
+    fused = copy.deepcopy(apart)
+    fused.pool = True
+    return (lambda x: F.max_pool2d(apart(x), 2)), fused, apart
+
+
+# odd sizes leave a last row / column out of every window. Ties: integer inputs tie within windows
+# (torch's pool takes the first largest); "rounded": a small scale and a large offset make bf16 round
+# distinct values to ties, which torch's pool sees in the stored activation
+@pytest.mark.parametrize("shape", [(3, 6, 8), (2, 7, 5), (1, 3, 2)])
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("data", ["random", "integers", "rounded"])
+def test_fused_pool_is_batch_norm_then_torch_max_pool(shape, activation, dtype, data):
+    torch.manual_seed(len(shape) + shape[1])
+    n, h, w = shape
+    bn = nn.BatchNorm2d(24)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 3.0)
+        bn.bias.normal_(0, 1.0)
+        if data == "rounded":
+            bn.weight.fill_(0.05)
+            bn.bias.fill_(4.0)
+    x = torch.randint(-2, 3, (n, 24, h, w)).float() if data == "integers" else torch.randn(n, 24, h, w) * 3 + 1
+    x = x.to(dtype).contiguous(memory_format=CL)
+    separate, fused, apart = _pooled(bn, activation)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = separate(xa), fused(xb)
+    assert got.shape == (n, 24, h // 2, w // 2) and got.dtype == dtype and got.is_contiguous(memory_format=CL)
+    assert torch.equal(got, want)
+    dy = torch.randn_like(want)
+    want.backward(dy), got.backward(dy)
+    # the same elements get the gradient: the results differ only by the order of the channel sums
+    # (and in bf16 by the rounding of that), within an ulp of each element
+    a, b = xa.grad.float(), xb.grad.float()
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6
+    assert ((b - a).abs() <= ulp * a.abs() + 1e-5 * a.abs().max()).all()
+    for a, b in ((apart.weight.grad, fused.weight.grad), (apart.bias.grad, fused.bias.grad),
+                 (apart.running_mean, fused.running_mean), (apart.running_var, fused.running_var)):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7
+    apart.eval(), fused.eval()
+    with torch.inference_mode():
+        assert torch.equal(fused(x), separate(x))
+
+
+def test_fused_pool_matches_torch_in_float64():
+    torch.manual_seed(5)
+    bn = nn.BatchNorm2d(40)
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 3.0)
+        bn.bias.normal_(0, 0.5)
+    x = (torch.randn(4, 40, 8, 6) * 2 + 5).contiguous(memory_format=CL)
+    dy = torch.randn(4, 40, 4, 3).contiguous(memory_format=CL)
+    ref = copy.deepcopy(bn).double()
+    xr = x.double().requires_grad_()
+    y_ref = F.max_pool2d(F.relu(ref(xr)), 2)
+    y_ref.backward(dy.double())
+    _, fused, _ = _pooled(bn, "relu")
+    xf = x.clone().requires_grad_()
+    y = fused(xf)
+    y.backward(dy)
+    for got, want, tol in ((y, y_ref, 1e-5), (xf.grad, xr.grad, 1e-4), (fused.weight.grad, ref.weight.grad, 1e-4),
+                           (fused.running_var, ref.running_var, 1e-5)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_only_a_plain_2x2_max_pool_after_the_batch_norm_folds():
+    model = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),  # folds: BN, ReLU, pool
+                          nn.BatchNorm2d(8), nn.MaxPool2d(2, 2),  # folds: no activation between
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2),  # not 2x2
+                          nn.BatchNorm2d(8), nn.MaxPool2d(2, ceil_mode=True),  # not floor mode
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2, padding=1),  # padded
+                          nn.BatchNorm2d(8), nn.AvgPool2d(2))
+    reference = copy.deepcopy(model)
+    assert fuse_batch_norm(model) == 6
+    assert [type(m).__name__ for m in model] == [
+        "FusedBatchNorm2d", "Identity", "Identity", "FusedBatchNorm2d", "Identity",
+        "FusedBatchNorm2d", "Identity", "MaxPool2d", "FusedBatchNorm2d", "MaxPool2d",
+        "FusedBatchNorm2d", "Identity", "MaxPool2d", "FusedBatchNorm2d", "AvgPool2d"]
+    assert [m.pool for m in model if isinstance(m, FusedBatchNorm2d)] == [True, True, False, False, False, False]
+    assert "pool=max 2x2" in repr(model[0])
+    x = torch.randn(2, 8, 64, 64).contiguous(memory_format=CL)
+    assert (model(x) - reference(x)).abs().max() <= 1e-4
+    kept = copy.deepcopy(reference)
+    fuse_batch_norm(kept, pools=False)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in kept) == 5 and not any(
+        m.pool for m in kept if isinstance(m, FusedBatchNorm2d))
+
+
+def test_fused_pool_outside_the_kernel_is_torch_exactly():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(16)
+    separate, fused, apart = _pooled(bn, "relu")
+    x = torch.randn(4, 16, 6, 6)  # contiguous: torch's kernels, the pool applied after them
+    assert torch.equal(fused(x), separate(x))
+    apart.eval(), fused.eval()
+    assert torch.equal(fused(x), separate(x))  # eval mode under autograd
+    with pytest.raises(ValueError, match="without a pool"):
+        fused(x.contiguous(memory_format=CL), x.contiguous(memory_format=CL), "relu")
+
+
 def _vgg():
     torch.manual_seed(0)
     return create_model(ModelSpec("vgg", 11, 0.125, 1, 10, 16))
 
 
 class _CountingKernel:
-    """The compiled kernel, counting the forward calls with and without a fused activation."""
+    """The compiled kernel, counting the forward calls with and without a fused activation, and
+    those with a fused pool."""
 
     def __init__(self, kernel):
-        self.kernel, self.calls = kernel, {True: 0, False: 0}
+        self.kernel, self.calls, self.pools = kernel, {True: 0, False: 0}, 0
 
-    def forward(self, x, residual, weight, bias, eps, activation):
+    def forward(self, x, residual, weight, bias, eps, activation, pool):
         self.calls[activation != 0] += 1
-        return self.kernel.forward(x, residual, weight, bias, eps, activation)
+        self.pools += pool
+        return self.kernel.forward(x, residual, weight, bias, eps, activation, pool)
 
     def backward(self, *args):
         return self.kernel.backward(*args)
 
-    def affine(self, x, residual, scale, offset, activation):
+    def affine(self, x, residual, scale, offset, activation, pool):
         self.calls[activation != 0] += 1
-        return self.kernel.affine(x, residual, scale, offset, activation)
+        self.pools += pool
+        return self.kernel.affine(x, residual, scale, offset, activation, pool)
 
     def __getattr__(self, name):  # gather, scatter
         return getattr(self.kernel, name)
 
 
-# VGG, MobileNetV2: ReLU / ReLU6 modules after BNs in a Sequential; ResNet, PreResNet, DenseNet: bn_relu
-# in the model code. MobileNetV2 this small trains chaotically (torch's own float32 drifts O(1) from
+# VGG, MobileNetV2: ReLU / ReLU6 modules after BNs in a Sequential (VGG11's 2x2 max-pools after four
+# of them); ResNet, PreResNet, DenseNet: bn_relu in the model code. MobileNetV2 this small trains chaotically (torch's own float32 drifts O(1) from
 # float64 within 3 steps), so it is compared on one step's gradients.
-@pytest.mark.parametrize("spec,relus,plain_only,steps", [
-    (ModelSpec("vgg", 11, 0.125, 1, 10, 16), 8, 0, 3),
-    (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 17, 3, 3),  # the stem, each block's bn1 and bn2 (+ residual); shortcuts
-    (ModelSpec("preresnet", 11, 1.0, 1, 10, 16), 10, 0, 3),
-    (ModelSpec("densenet", 10, 0.5, 1, 10, 16), 9, 0, 3),
-    (ModelSpec("mobilenetv2", 0, 0.25, 1, 10, 16), 35, 17, 1),  # ReLU6 after all but the projections
+@pytest.mark.parametrize("spec,relus,plain_only,pools,steps", [
+    (ModelSpec("vgg", 11, 0.125, 1, 10, 16), 8, 0, 4, 3),
+    (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 17, 3, 0, 3),  # the stem, each block's bn1 and bn2 (+ residual); shortcuts
+    (ModelSpec("preresnet", 11, 1.0, 1, 10, 16), 10, 0, 0, 3),
+    (ModelSpec("densenet", 10, 0.5, 1, 10, 16), 9, 0, 0, 3),
+    (ModelSpec("mobilenetv2", 0, 0.25, 1, 10, 16), 35, 17, 0, 1),  # ReLU6 after all but the projections
 ])
-def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, steps, monkeypatch):
+def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, pools, steps, monkeypatch):
     torch.manual_seed(0)
     plain = create_model(spec).to(memory_format=CL)
     fused = copy.deepcopy(plain)
@@ -206,10 +314,12 @@ def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, steps, m
         assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fused.modules())
         assert {m.activation for m in fused.modules() if isinstance(m, FusedBatchNorm2d)} == (
             {"relu"} if spec.arch == "vgg" else {"relu6", None})
+    assert sum(isinstance(m, nn.MaxPool2d) for m in fused.modules()) == sum(
+        isinstance(m, nn.MaxPool2d) for m in plain.modules()) - pools
     counter = _CountingKernel(kernels._extension)
     monkeypatch.setattr(kernels, "_extension", counter)
     copy.deepcopy(fused)(torch.randn(2, 1, 16, 16).contiguous(memory_format=CL))  # a copy: stats stay as they are
-    assert counter.calls == {True: relus, False: plain_only}
+    assert counter.calls == {True: relus, False: plain_only} and counter.pools == pools
     _trains_like_float64(plain, fused, steps, spec.in_channels)
 
 

@@ -1,11 +1,12 @@
-"""A fused batch norm (+ ReLU) for training in channels-last on CPUs, compiled on first use.
+"""A fused batch norm (+ ReLU) (+ 2x2 max-pool) for training in channels-last on CPUs, compiled on first use.
 
 ATen's channels-last batch norm walks the activation row by row (one row = one pixel's C
 channels), and its backward pays for every row whose width is not a multiple of the vector width:
 at the widths pruning leaves (24, 40, 72, ...) it was 2-10x slower per element than at 64 on a
 2-core AVX-512 CPU, and batch norm became half of a pruned network's training step. The kernel in
 ``batch_norm.cpp`` walks the same memory in full-width blocks of whole rows and folds the ReLU that
-follows into the same passes (benchmarks/README.md has the figures).
+follows into the same passes, and a 2x2 max-pool after that (VGG's blocks end so) as well: then
+the full-size activation and its gradient are never stored (benchmarks/README.md has the figures).
 
 :func:`fuse_batch_norm` switches a model's batch norms over in place; model code that applies
 its own ReLU (and residual add) calls :func:`bn_relu` to have them fused too. Parameters, buffers,
@@ -99,21 +100,23 @@ class _BatchNorm(torch.autograd.Function):
     """Batch norm (+ residual) (+ activation) on the kernel: (output, [mean; biased var; invstd])."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps: float, activation: int):
-        output, stats = _extension.forward(x, residual, weight, bias, eps, activation)
+    def forward(ctx, x, residual, weight, bias, eps: float, activation: int, pool: bool):
+        output, stats, *codes = _extension.forward(x, residual, weight, bias, eps, activation, pool)
         ctx.activation = activation
-        # after a residual the ReLU's mask is read from the output; without one it is recomputed from x
-        ctx.save_for_backward(x, None if residual is None else output, weight, bias, stats)
+        # after a residual the ReLU's mask is read from the output; without one it is recomputed from
+        # x; after a pool, codes say which element of each window won (or that none passes a gradient)
+        ctx.save_for_backward(x, None if residual is None else output, weight, bias, stats, *codes)
         ctx.mark_non_differentiable(stats)
         return output, stats
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        x, output, weight, bias, stats = ctx.saved_tensors
+        x, output, weight, bias, stats, *codes = ctx.saved_tensors
         grad_output = grad_output.to(x.dtype).contiguous(memory_format=torch.channels_last)
         grad_input, grad_weight, grad_bias, grad_residual = _extension.backward(
-            grad_output, x, output, weight, bias, stats, ctx.activation, ctx.needs_input_grad[0])
-        return grad_input, grad_residual, grad_weight, grad_bias, None, None
+            grad_output, x, output, weight, bias, stats, ctx.activation, ctx.needs_input_grad[0],
+            codes[0] if codes else None)
+        return grad_input, grad_residual, grad_weight, grad_bias, None, None, None
 
 
 def _kernel_takes(t: torch.Tensor) -> bool:
@@ -152,44 +155,46 @@ _OWN = object()  # FusedBatchNorm2d.forward's default: the module's own activati
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d``, followed by ``activation`` (None, "relu" or "relu6"), that trains and
-    evaluates (without autograd) channels-last CPU tensors (float32, or bfloat16 under autocast)
-    with the fused kernel."""
+    """``nn.BatchNorm2d``, followed by ``activation`` (None, "relu" or "relu6") and, where ``pool``,
+    a 2x2 max-pool of stride 2, that trains and evaluates (without autograd) channels-last CPU
+    tensors (float32, or bfloat16 under autocast) with the fused kernel."""
 
     activation: str | None = None
+    pool: bool = False
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+        return (super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+                + (", pool=max 2x2" if self.pool else ""))
 
     def _fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether the kernel serves this call: training, or evaluation with running statistics
         and no autograd (eval mode under autograd, or without running statistics, is torch's)."""
         mode = x.numel() > x.shape[1] if self.training else (
             self.running_mean is not None and not torch.is_grad_enabled())
-        return (mode and self.affine and _extension is not None and self.weight.dtype == torch.float32
+        return (mode and self.affine and (not self.pool or (x.dim() == 4 and min(x.shape[2:]) >= 2)) and _extension is not None and self.weight.dtype == torch.float32
                 and _kernel_takes(x) and not torch.compiler.is_compiling()
                 and (residual is None or (_kernel_takes(residual) and residual.shape == x.shape
                                           and residual.dtype == x.dtype)))
 
     def forward(self, x, residual: torch.Tensor | None = None, activation=_OWN):
-        """Batch norm, plus ``residual`` if given, then ``activation`` (default: the module's own);
-        a residual goes with a ReLU only."""
+        """Batch norm, plus ``residual`` if given, then ``activation`` (default: the module's own),
+        then the module's pool if it has one; a residual goes with a ReLU and no pool only."""
         activation = self.activation if activation is _OWN else activation
         if activation not in _ACTIVATIONS:
             raise ValueError(f"FusedBatchNorm2d's activation is None, 'relu' or 'relu6', not {activation!r}")
-        if residual is not None and activation != "relu":
-            raise ValueError("FusedBatchNorm2d adds a residual only before a ReLU")
+        if residual is not None and (activation != "relu" or self.pool):
+            raise ValueError("FusedBatchNorm2d adds a residual only before a ReLU, and without a pool")
         if not self._fused(x, residual):
             y = super().forward(x)
             y = y if residual is None else y + residual
-            if activation is None:
-                return y
-            return F.relu(y, inplace=True) if activation == "relu" else F.relu6(y, inplace=True)
+            if activation is not None:
+                y = F.relu(y, inplace=True) if activation == "relu" else F.relu6(y, inplace=True)
+            return F.max_pool2d(y, 2) if self.pool else y
         code = _ACTIVATIONS[activation]
         if not self.training:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            return _extension.affine(x, residual, scale, self.bias - self.running_mean * scale, code)
-        output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, code)
+            return _extension.affine(x, residual, scale, self.bias - self.running_mean * scale, code, self.pool)
+        output, stats = _BatchNorm.apply(x, residual, self.weight, self.bias, self.eps, code, self.pool)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -213,12 +218,23 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
     return F.relu(y if residual is None else y + residual, inplace=True)
 
 
-def fuse_batch_norm(model: nn.Module) -> int:
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _max_pool_2x2(m: nn.Module | None) -> bool:
+    """Whether ``m`` is the pool the kernel folds: a plain 2x2 max-pool of stride 2, unpadded, floor mode."""
+    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (2, 2) and _pair(m.stride) == (2, 2)
+            and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and not m.return_indices)
+
+
+def fuse_batch_norm(model: nn.Module, pools: bool = True) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d` (and each
     class in ``FUSED_FORMS`` to its fused form: a pruned network's select BNs), in place,
     and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
-    it (the activation becomes ``nn.Identity``: it has no state, so checkpoints are unchanged); model
-    code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so
+    it, and (where ``pools``) a 2x2 max-pool right after that (those modules become ``nn.Identity``:
+    they have no state, so checkpoints are unchanged); model code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so
     optimizers and references to their parameters stay valid. Returns how many batch norms were
     switched; 0 where the kernel cannot be built (``failure()`` says why)."""
     if load() is None:
@@ -234,8 +250,14 @@ def fuse_batch_norm(model: nn.Module) -> int:
                 continue
             child.__class__ = fused
             count += 1
-            following = children[i + 1][1] if i + 1 < len(children) else None
-            if in_order and type(following) in _MODULES:
-                child.activation = _MODULES[type(following)]
+            if not in_order:
+                continue
+            after = [m for _, m in children[i + 1:i + 3]] + [None, None]
+            if type(after[0]) in _MODULES:
+                child.activation = _MODULES[type(after[0])]
                 setattr(parent, children[i + 1][0], nn.Identity())
+                after.pop(0)
+            if pools and _max_pool_2x2(after[0]):
+                child.pool = True
+                setattr(parent, children[i + 1 + (child.activation is not None)][0], nn.Identity())
     return count

@@ -10,6 +10,11 @@
 // mask from x instead of reading the output, which saves the activation's own passes over memory. A
 // residual (ResNet's relu(bn(x) + identity)) is added in the same pass.
 //
+// VGG's conv -> BN -> ReLU -> 2x2 max-pool can end in the pool too: the forward writes only the pooled
+// output (not the full-size activation, which the pool would read again, nor its int64 indices) and
+// one byte per pooled value saying which element won, and the backward takes the pooled gradient, so
+// the full-size gradient the pool's backward would zero-fill and scatter is never stored.
+//
 // A pruned pre-activation BN reads some channels of a stream: gather copies them out of the
 // channels-last input (torch's index_select returns them contiguous, so every layer after it converts
 // back), and scatter is its backward.
@@ -40,6 +45,21 @@ inline void from_float(float v, uint16_t* out) {
   std::memcpy(&w, &v, 4);
   uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;  // round to nearest even
   *out = uint16_t(v != v ? 0x7FC0u : rounded);                 // NaN stays NaN
+}
+
+// v as the storage type holds it: what torch's max-pool compares after a bf16 batch norm.
+template <typename T>
+inline float stored(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {  // from_float's rounding, kept in a float's upper 16 bits
+    uint32_t w;
+    std::memcpy(&w, &v, 4);
+    w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return v != v ? v : f;
+  }
 }
 
 // The (M, C) matrix as `count` blocks of L = k*C elements (k whole rows), then M % k rows left over.
@@ -164,9 +184,176 @@ at::Tensor affine_impl(const at::Tensor& input, const at::Tensor& residual, cons
   return output;
 }
 
+// The 2x2, stride-2 max-pool over a channels-last (N, C, H, W) input, floor mode: output row r is
+// image r / OH, input rows 2 (r % OH) and the one below; a window's four elements lie at these steps
+// from its first.
+struct Steps {
+  int64_t right, down;  // to the element on the right, and to the one below
+  int64_t operator[](int k) const { return (k & 1 ? right : 0) + (k & 2 ? down : 0); }
+};
+
+struct Pool {
+  int64_t N, C, H, W, OH, OW;
+  Steps step;
+  int64_t grain;  // output rows per parallel task: at least ~16k input elements
+};
+
+Pool pool_of(const at::Tensor& input) {
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t OW = W / 2;
+  return {N, C, H, W, H / 2, OW, {C, W * C}, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * OW * C))};
+}
+
+// What the training forward keeps for the backward, one byte per pooled output: the index (0-3) of
+// the window's element that torch's max-pool would pick from the stored activation (the first
+// largest; a NaN wins), or kBlocked where the activation passes no gradient there. The backward
+// then neither recomputes the windows nor needs the full-size gradient the pool would scatter.
+constexpr uint8_t kBlocked = 4;
+
+// Output rows [begin, end): y = max over each window of act(scale * x + offset), and the codes
+// where codes is not null. Selects rather than branches, and locals rather than captured
+// references, so that the loop over channels vectorizes.
+template <typename T, Tail tail, bool with_codes>
+void pooled_rows(const Pool& p, int64_t begin, int64_t end, const T* x, T* y, uint8_t* codes, const float* scale,
+                 const float* offset) {
+  const Steps step = p.step;
+  const int64_t C = p.C, OW = p.OW;
+  // a window's codes as floats first: storing bytes in the loop that loads bf16 stops it vectorizing
+  std::vector<float> code_v(with_codes ? C : 0);
+  float* code = code_v.data();
+  for (int64_t r = begin; r < end; ++r) {
+    const T* row = x + ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const T* win = row + 2 * ow * C;
+      const int64_t o = (r * OW + ow) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        float a = to_float(win[c]) * scale[c] + offset[c];
+        float m = stored<T>(activate<tail>(a)), best = 0.f;
+#pragma GCC unroll 3
+        for (int k = 1; k < 4; ++k) {
+          const float ak = to_float(win[step[k] + c]) * scale[c] + offset[c], v = stored<T>(activate<tail>(ak));
+          const bool take = v > m || v != v;
+          best = take ? float(k) : best;
+          m = take ? v : m;
+          a = take ? ak : a;
+        }
+        from_float(activate<tail>(a), y + o + c);
+        if constexpr (with_codes) code[c] = passes<tail>(a) ? best : float(kBlocked);
+      }
+      if constexpr (with_codes)
+        for (int64_t c = 0; c < C; ++c) codes[o + c] = uint8_t(code[c]);
+    }
+  }
+}
+
+// The pooled forward's second pass (with codes), and evaluation (without).
+template <typename T, Tail tail>
+std::vector<at::Tensor> pooled_affine_impl(const at::Tensor& input, const float* scale, const float* offset,
+                                           bool with_codes) {
+  const Pool p = pool_of(input);
+  const T* x = reinterpret_cast<const T*>(input.data_ptr());
+  auto output = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  T* y = reinterpret_cast<T*>(output.data_ptr());
+  at::Tensor codes = with_codes ? at::empty({output.numel()}, input.options().dtype(at::kByte)) : at::Tensor();
+  uint8_t* k = with_codes ? codes.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, p.N * p.OH, p.grain, [&](int64_t begin, int64_t end) {
+    if (with_codes)
+      pooled_rows<T, tail, true>(p, begin, end, x, y, k, scale, offset);
+    else
+      pooled_rows<T, tail, false>(p, begin, end, x, y, nullptr, scale, offset);
+  });
+  return {output, codes};
+}
+
+// The pooled backward's two sums per channel: only where a code names an element does the pooled
+// gradient reach the batch norm.
+template <typename T>
+std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, const T* x_, const T* dy_,
+                                                                 const uint8_t* codes_, const float* mean_) {
+  const int64_t C = p.C;
+  std::vector<double> partial(size_t(at::get_num_threads()) * 2 * C, 0.0);
+  at::parallel_for(0, p.N * p.OH, p.grain, [&](int64_t begin, int64_t end) {
+    const T *x = x_, *dy = dy_;
+    const uint8_t* codes = codes_;
+    const float* mean = mean_;
+    const Steps step = p.step;
+    const int64_t C = p.C, OW = p.OW;
+    double* s1 = partial.data() + size_t(at::get_thread_num()) * 2 * C;
+    double* s2 = s1 + C;
+    std::vector<float> f1_v(C), f2_v(C);
+    float *f1 = f1_v.data(), *f2 = f2_v.data();
+    for (int64_t r = begin; r < end; ++r) {  // a row's windows summed in float, rows in double
+      std::fill(f1, f1 + C, 0.f);
+      std::fill(f2, f2 + C, 0.f);
+      const T* row = x + ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const T* win = row + 2 * ow * C;
+        const int64_t o = (r * OW + ow) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float k = codes[o + c], g = to_float(dy[o + c]);
+          float xv = to_float(win[c]), gv = k == 0.f ? g : 0.f;
+#pragma GCC unroll 3
+          for (int j = 1; j < 4; ++j) {
+            xv = k == float(j) ? to_float(win[step[j] + c]) : xv;
+            gv = k == float(j) ? g : gv;
+          }
+          f1[c] += gv;
+          f2[c] += gv * (xv - mean[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) s1[c] += f1[c], s2[c] += f2[c];
+    }
+  });
+  std::vector<double> sum1(C, 0.0), sum2(C, 0.0);
+  for (size_t t = 0; t < partial.size() / (2 * C); ++t)
+    for (int64_t c = 0; c < C; ++c) sum1[c] += partial[t * 2 * C + c], sum2[c] += partial[t * 2 * C + C + c];
+  return {sum1, sum2};
+}
+
+// dx = g * gain + x * xcoef + constant for every input element, g the pooled gradient where the
+// window's code names the element and zero elsewhere (also in a last row or column that an odd
+// size leaves out).
+template <typename T>
+void pooled_grad_input(const Pool& p, const T* x_, const T* dy_, const uint8_t* codes_, T* dx_, const float* gain_,
+                       const float* xcoef_, const float* constant_) {
+  at::parallel_for(0, p.N * p.OH, p.grain, [&](int64_t begin, int64_t end) {
+    const T *x = x_, *dy = dy_;
+    const uint8_t* codes = codes_;
+    T* dx = dx_;
+    const float *gain = gain_, *xcoef = xcoef_, *constant = constant_;
+    const Steps step = p.step;
+    const int64_t C = p.C, OW = p.OW;
+    auto no_gradient = [&](int64_t start, int64_t count) {  // count elements from start, past every window
+      for (int64_t i = start; i < start + count; ++i)
+        from_float(to_float(x[i]) * xcoef[i % C] + constant[i % C], dx + i);
+    };
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t first = ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const T* win = x + first + 2 * ow * C;
+        T* out = dx + first + 2 * ow * C;
+        const int64_t o = (r * OW + ow) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float k = codes[o + c], gv = to_float(dy[o + c]) * gain[c];
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j)
+            from_float((k == float(j) ? gv : 0.f) + to_float(win[step[j] + c]) * xcoef[c] + constant[c],
+                       out + step[j] + c);
+        }
+      }
+      if (p.W % 2)
+        for (int64_t row = 0; row < 2; ++row) no_gradient(first + (row * p.W + p.W - 1) * C, C);
+      if (p.H % 2 && r % p.OH == p.OH - 1) no_gradient(first + 2 * p.W * C, p.W * C);
+    }
+  });
+}
+
 template <typename T, Tail tail>
 std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
-                                     const at::Tensor& bias, double eps) {
+                                     const at::Tensor& bias, double eps, bool pool) {
   const int64_t C = input.size(1), M = input.numel() / C;
   const T* x = reinterpret_cast<const T*>(input.data_ptr());
   const Blocks b = blocks_of(M, C);
@@ -194,6 +381,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& 
     scale[c] = w[c] * invstd[c];
     offset[c] = bi[c] - mean[c] * scale[c];
   }
+  if (pool) {  // (output, stats, codes)
+    auto pooled = pooled_affine_impl<T, tail>(input, scale, offset, true);
+    return {pooled[0], stats, pooled[1]};
+  }
   return {affine_impl<T, tail>(input, residual, scale_t, offset_t), stats};
 }
 
@@ -202,7 +393,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& 
 template <typename T, Tail tail>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
                                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& stats,
-                                      bool input_grad) {
+                                      bool input_grad, const at::Tensor& codes) {
+  const bool pool = codes.defined();
   const int64_t C = input.size(1), M = input.numel() / C;
   const T* x = reinterpret_cast<const T*>(input.data_ptr());
   const T* dy = reinterpret_cast<const T*>(grad_output.data_ptr());
@@ -228,12 +420,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
     if constexpr (tail == Tail::add_relu) return to_float(z[i]) > 0.f ? g : 0.f;
     return passes<tail>(xv * scale_l[j] + offset_l[j]) ? g : 0.f;
   };
-  auto [sum_g, sum_gx] = channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
-    const float xv = to_float(x[i]);
-    t1 = grad_at(i, j, xv);
-    if constexpr (tail == Tail::add_relu) from_float(t1, gres + i);  // exact: g is dy or 0
-    t2 = t1 * (xv - mean_l[j]);
-  });
+  // with the pool, dy is the pooled gradient
+  const auto sums = pool ? pooled_sums<T>(pool_of(input), x, dy, codes.data_ptr<uint8_t>(), mean)
+                         : channel_sums(b, M, [&](int64_t i, int64_t j, float& t1, float& t2) {
+                             const float xv = to_float(x[i]);
+                             t1 = grad_at(i, j, xv);
+                             if constexpr (tail == Tail::add_relu) from_float(t1, gres + i);  // exact: g is dy or 0
+                             t2 = t1 * (xv - mean_l[j]);
+                           });
+  const std::vector<double>&sum_g = sums.first, &sum_gx = sums.second;
   auto grad_weight_t = at::empty({C}, weight.options()), grad_bias_t = at::empty({C}, weight.options());
   float *grad_weight = grad_weight_t.data_ptr<float>(), *grad_bias = grad_bias_t.data_ptr<float>();
   std::vector<float> gain(C), xcoef(C), constant(C);
@@ -250,6 +445,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_output, const at::T
   if (input_grad) {
     grad_input = at::empty_like(input, at::MemoryFormat::ChannelsLast);
     T* dx = reinterpret_cast<T*>(grad_input.data_ptr());
+    if (pool) {
+      pooled_grad_input<T>(pool_of(input), x, dy, codes.data_ptr<uint8_t>(), dx, gain.data(), xcoef.data(),
+                           constant.data());
+      return {grad_input, grad_weight_t, grad_bias_t, grad_residual};
+    }
     const std::vector<float> gain_l = repeat(gain, L), xcoef_l = repeat(xcoef, L), constant_l = repeat(constant, L);
     for_each_element(b, M, [&](int64_t i, int64_t j) {
       const float xv = to_float(x[i]);
@@ -292,50 +492,76 @@ void check_params(const at::Tensor& input, const at::Tensor& weight, const at::T
                 "weight and bias (scale and offset) must be float32 vectors of the input's channels");
 }
 
-// The checked residual: None (undefined), or a tensor to add before a ReLU (the activation must be 1).
+void check_pool(const at::Tensor& input) {
+  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2, "the 2x2 max-pool needs inputs of at least 2x2");
+}
+
+// The checked residual: None (undefined), or a tensor to add before a ReLU (the activation must be 1)
+// where no pool follows.
 at::Tensor checked_inputs(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
-                          const at::Tensor& weight, const at::Tensor& bias, int64_t activation) {
+                          const at::Tensor& weight, const at::Tensor& bias, int64_t activation, bool pool) {
   check(input, "input");
   check_params(input, weight, bias);
+  if (pool) check_pool(input);
   const at::Tensor residual = residual_or_none.value_or(at::Tensor());
   if (residual.defined()) {
-    TORCH_CHECK(activation == int64_t(Tail::relu), "a residual is added before a ReLU only");
+    TORCH_CHECK(activation == int64_t(Tail::relu) && !pool, "a residual is added before a ReLU (and no pool) only");
     check_like(residual, input, "residual");
   }
   return residual;
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none,
-                                const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t activation) {
-  const at::Tensor residual = checked_inputs(input, residual_or_none, weight, bias, activation);
+                                const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t activation,
+                                bool pool) {
+  const at::Tensor residual = checked_inputs(input, residual_or_none, weight, bias, activation, pool);
   return dispatch(input, activation, residual.defined(), [&](auto t, auto tail) {
-    return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps);
+    return forward_impl<decltype(t), decltype(tail)::value>(input, residual, weight, bias, eps, pool);
   });
 }
 
 // scale and offset: float32 per channel (the running statistics, weight and bias folded).
 at::Tensor affine(const at::Tensor& input, const std::optional<at::Tensor>& residual_or_none, const at::Tensor& scale,
-                  const at::Tensor& offset, int64_t activation) {
-  const at::Tensor residual = checked_inputs(input, residual_or_none, scale, offset, activation);
+                  const at::Tensor& offset, int64_t activation, bool pool) {
+  const at::Tensor residual = checked_inputs(input, residual_or_none, scale, offset, activation, pool);
   return dispatch(input, activation, residual.defined(), [&](auto t, auto tail) {
-    return std::vector<at::Tensor>{affine_impl<decltype(t), decltype(tail)::value>(input, residual, scale, offset)};
+    using T = decltype(t);
+    constexpr Tail tail_v = decltype(tail)::value;
+    return std::vector<at::Tensor>{pool ? pooled_affine_impl<T, tail_v>(input, scale.data_ptr<float>(),
+                                                                         offset.data_ptr<float>(), false)[0]
+                                        : affine_impl<T, tail_v>(input, residual, scale, offset)};
   })[0];
 }
 
-// output: the forward's output where it added a residual (its ReLU mask), else undefined; returns
-// (grad_input or None, grad_weight, grad_bias, grad_residual or None).
+// output: the forward's output where it added a residual (its ReLU mask), else undefined; codes: the
+// pooled forward's third output, where a pool followed (grad_output is then the pooled output's
+// gradient), else undefined. Returns (grad_input or None, grad_weight, grad_bias, grad_residual or None).
 std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
                                  const std::optional<at::Tensor>& output_or_none, const at::Tensor& weight,
                                  const at::Tensor& bias, const at::Tensor& stats, int64_t activation,
-                                 bool input_grad) {
+                                 bool input_grad, const std::optional<at::Tensor>& codes_or_none) {
   check(input, "input");
   check_params(input, weight, bias);
   const at::Tensor output = output_or_none.value_or(at::Tensor());
-  check_like(grad_output, input, "grad_output");
+  const at::Tensor codes = codes_or_none.value_or(at::Tensor());
+  TORCH_CHECK(!(codes.defined() && output.defined()), "a pool follows a batch norm without a residual only");
+  if (codes.defined()) {
+    check_pool(input);
+    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                    codes.numel() == grad_output.numel(),
+                "codes must be the pooled forward's codes: a uint8 vector of the pooled output's size");
+    check(grad_output, "grad_output");
+    TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({input.size(0), input.size(1), input.size(2) / 2,
+                                                        input.size(3) / 2}) &&
+                    grad_output.scalar_type() == input.scalar_type(),
+                "grad_output must have the pooled output's shape and the input's dtype");
+  } else {
+    check_like(grad_output, input, "grad_output");
+  }
   if (output.defined()) check_like(output, input, "output");
   return dispatch(input, activation, output.defined(), [&](auto t, auto tail) {
     return backward_impl<decltype(t), decltype(tail)::value>(grad_output, input, output, weight, bias, stats,
-                                                              input_grad);
+                                                              input_grad, codes);
   });
 }
 
@@ -411,8 +637,10 @@ at::Tensor scatter(const at::Tensor& grad, const at::Tensor& index, int64_t Cin)
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "batch norm (+ residual) (+ activation) in training mode: (output, [mean; var; invstd])");
-  m.def("affine", &affine, "evaluation: act(scale * input + offset (+ residual)) in one pass");
+  m.def("forward", &forward,
+        "batch norm (+ residual) (+ activation) (+ 2x2 max-pool) in training mode: (output, [mean; var; invstd]"
+        "[, the pool's codes])");
+  m.def("affine", &affine, "evaluation: act(scale * input + offset (+ residual)) (+ 2x2 max-pool) in one pass");
   m.def("gather", &gather, "a select BN's input channels: the index's channels, channels-last");
   m.def("scatter", &scatter, "the gather's backward: the gradient in the listed channels, zero elsewhere");
   m.def("backward", &backward, "its backward: (grad_input or None, grad_weight, grad_bias, grad_residual or None)");

@@ -330,9 +330,11 @@ def use_fused_batch_norm(model, rt: RuntimeConfig, device, reporter: Reporter | 
     if reporter is None:
         return count
     if count:
-        acts = sum(m.activation is not None for m in model.modules() if isinstance(m, kernels.FusedBatchNorm2d))
-        reporter.line(f"batch norm: {count} layers ({acts} with the activation after them) on earlybird's fused "
-                      "kernel in channels-last steps (--no-fused-bn: torch's)")
+        fused = [m for m in model.modules() if isinstance(m, kernels.FusedBatchNorm2d)]
+        acts, pools = sum(m.activation is not None for m in fused), sum(m.pool for m in fused)
+        pooled = f", {pools} with the max-pool after that" if pools else ""
+        reporter.line(f"batch norm: {count} layers ({acts} with the activation after them{pooled}) on earlybird's "
+                      "fused kernel in channels-last steps (--no-fused-bn: torch's)")
     elif kernels.failure():
         reporter.line(f"fused batch norm unavailable ({kernels.failure()}): torch's kernel serves (--no-fused-bn "
                       "silences this)")

@@ -3,8 +3,9 @@ measured ratio of inference latency and training throughput (pruning must give a
 
 Each model runs in the setting the CLI would pick to train it (``--channels-last auto --amp auto``
 time the memory formats with and without autocast), with the CLI's allocator setting, fused
-batch norm and GEMM convolutions on CPUs (``--bn both`` adds every model again with torch's batch
-norm, ``--gemm both`` with torch's convolutions: each ratio against the dense model of its kind),
+batch norm (2x2 max-pools folded into it) and GEMM convolutions on CPUs (``--bn both`` adds every
+model again with torch's batch norm, ``--pool both`` with the fused batch norm but torch's max-pools,
+``--gemm both`` with torch's convolutions: each ratio against the dense model of its kind),
 and the models' timings are interleaved repeat by repeat so that a
 slow moment of a shared machine falls on all of them alike.
 
@@ -57,6 +58,9 @@ def main() -> None:
     p.add_argument("--no-keep-memory", action="store_true", help="leave the C allocator as it is")
     p.add_argument("--bn", default="fused", choices=["fused", "torch", "both"],
                    help="batch norm kernel on CPUs: earlybird's fused one (the CLI's default), torch's, or both")
+    p.add_argument("--pool", default="on", choices=["on", "off", "both"],
+                   help="CPUs, with the fused batch norm: the 2x2 max-pool after it folded in (the CLI's default), "
+                        "torch's, or both")
     p.add_argument("--gemm", default="on", choices=["on", "off", "both"],
                    help="CPUs: convolutions partly as im2col + GEMM where timing finds it faster (the CLI's "
                         "default), torch's only, or both")
@@ -83,17 +87,19 @@ def main() -> None:
         mask = detector.layer_masks(r, detector.mask(r))
         models[f"p={r:g}"] = prune_model(dense, mask, example, args.keep_streams, args.round_to)[0]
     bns = {"fused": [True], "torch": [False], "both": [True, False]}[args.bn]
+    pools = {"on": [True], "off": [False], "both": [True, False]}[args.pool]
     gemms = {"on": [True], "off": [False], "both": [True, False]}[args.gemm]
-    # (row suffix, fused batch norm?, GEMM convolutions?); both are for CPUs
-    kinds = [(("" if bn else " torch-bn") + ("" if g else " torch-conv"), bn, g) for bn in bns for g in gemms] \
-        if device.type == "cpu" else [("", False, False)]
+    # (row suffix, fused batch norm?, its pools?, GEMM convolutions?), all for CPUs; torch's batch norm has no pools
+    kinds = [(("" if bn else " torch-bn") + ("" if pool or not bn else " torch-pool") + ("" if g else " torch-conv"),
+              bn, pool, g) for bn in bns for pool in (pools if bn else [False]) for g in gemms] \
+        if device.type == "cpu" else [("", False, False, False)]
 
     runs = {}
-    for (name, model), (kind, fused, gemm) in [(m, k) for k in kinds for m in models.items()]:
+    for (name, model), (kind, fused, pool, gemm) in [(m, k) for k in kinds for m in models.items()]:
         macs = count_macs(model, (3, size, size))
         model = copy.deepcopy(model).to(device)
         if fused:
-            fuse_batch_norm(model)
+            fuse_batch_norm(model, pools=pool)
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
         dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
         settings = [(f, d) for f in formats for d in dtypes]

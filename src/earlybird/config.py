@@ -116,7 +116,8 @@ class RuntimeConfig:
     keep_memory: bool = opt(True, "on CPUs, keep freed memory in the process for reuse (glibc) instead of returning "
                                   "it to the OS each step: 1.1-1.4x faster training measured, for a resident "
                                   "size at the step's peak", action=argparse.BooleanOptionalAction)
-    fused_bn: bool = opt(True, "on CPUs, train channels-last batch norms (and the ReLUs right after them) with "
+    fused_bn: bool = opt(True, "on CPUs, train channels-last batch norms (and the ReLUs and 2x2 max-pools right after "
+                               "them) with "
                                "earlybird's fused kernel, compiled on first use (~25 s, once per machine): "
                                "1.5-10x faster than torch's batch norm + ReLU at the widths pruning leaves; "
                                "torch's serves where no C++ compiler is found",

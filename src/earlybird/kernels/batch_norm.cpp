@@ -266,6 +266,16 @@ std::vector<at::Tensor> pooled_affine_impl(const at::Tensor& input, const float*
   return {output, codes};
 }
 
+// An output row's codes as floats, converted in one long loop: read as bytes in the loops over a
+// window's channels, they made those loops 32 lanes wide, and at C < 32 every iteration ran scalar.
+inline const float* row_codes(const uint8_t* codes, int64_t n, std::vector<float>& buffer) {
+  buffer.resize(size_t(n));
+  float* out = buffer.data();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = codes[i];
+  return out;
+}
+
 // The pooled backward's two sums per channel: only where a code names an element does the pooled
 // gradient reach the batch norm.
 template <typename T>
@@ -281,18 +291,19 @@ std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, c
     const int64_t C = p.C, OW = p.OW;
     double* s1 = partial.data() + size_t(at::get_thread_num()) * 2 * C;
     double* s2 = s1 + C;
-    std::vector<float> f1_v(C), f2_v(C);
+    std::vector<float> f1_v(C), f2_v(C), code_v;
     float *f1 = f1_v.data(), *f2 = f2_v.data();
     for (int64_t r = begin; r < end; ++r) {  // a row's windows summed in float, rows in double
       std::fill(f1, f1 + C, 0.f);
       std::fill(f2, f2 + C, 0.f);
       const T* row = x + ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      const float* code = row_codes(codes + r * OW * C, OW * C, code_v);
       for (int64_t ow = 0; ow < OW; ++ow) {
         const T* win = row + 2 * ow * C;
         const int64_t o = (r * OW + ow) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const float k = codes[o + c], g = to_float(dy[o + c]);
+          const float k = code[ow * C + c], g = to_float(dy[o + c]);
           float xv = to_float(win[c]), gv = k == 0.f ? g : 0.f;
 #pragma GCC unroll 3
           for (int j = 1; j < 4; ++j) {
@@ -329,15 +340,17 @@ void pooled_grad_input(const Pool& p, const T* x_, const T* dy_, const uint8_t* 
       for (int64_t i = start; i < start + count; ++i)
         from_float(to_float(x[i]) * xcoef[i % C] + constant[i % C], dx + i);
     };
+    std::vector<float> code_v;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t first = ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      const float* code = row_codes(codes + r * OW * C, OW * C, code_v);
       for (int64_t ow = 0; ow < OW; ++ow) {
         const T* win = x + first + 2 * ow * C;
         T* out = dx + first + 2 * ow * C;
         const int64_t o = (r * OW + ow) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const float k = codes[o + c], gv = to_float(dy[o + c]) * gain[c];
+          const float k = code[ow * C + c], gv = to_float(dy[o + c]) * gain[c];
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j)
             from_float((k == float(j) ? gv : 0.f) + to_float(win[step[j] + c]) * xcoef[c] + constant[c],

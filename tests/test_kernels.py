@@ -293,8 +293,9 @@ class _CountingKernel:
 
 
 # VGG, MobileNetV2: ReLU / ReLU6 modules after BNs in a Sequential (VGG11's 2x2 max-pools after four
-# of them); ResNet, PreResNet, DenseNet: bn_relu in the model code. MobileNetV2 this small trains chaotically (torch's own float32 drifts O(1) from
-# float64 within 3 steps), so it is compared on one step's gradients.
+# of them); ResNet, PreResNet, DenseNet: bn_relu in the model code. MobileNetV2 this small trains
+# chaotically (torch's own float32 drifts O(1) from float64 within 3 steps), so it is compared on one
+# step's gradients.
 @pytest.mark.parametrize("spec,relus,plain_only,pools,steps", [
     (ModelSpec("vgg", 11, 0.125, 1, 10, 16), 8, 0, 4, 3),
     (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 17, 3, 0, 3),  # the stem, each block's bn1 and bn2 (+ residual); shortcuts

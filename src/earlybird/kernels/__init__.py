@@ -1,4 +1,4 @@
-"""A fused batch norm (+ ReLU) (+ 2x2 max-pool) for training in channels-last on CPUs, compiled on first use.
+"""A fused batch norm (+ ReLU) (+ 2x2 max-pool) for channels-last training on CPUs, compiled on first use.
 
 ATen's channels-last batch norm walks the activation row by row (one row = one pixel's C
 channels), and its backward pays for every row whose width is not a multiple of the vector width:
@@ -171,8 +171,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         and no autograd (eval mode under autograd, or without running statistics, is torch's)."""
         mode = x.numel() > x.shape[1] if self.training else (
             self.running_mean is not None and not torch.is_grad_enabled())
-        return (mode and self.affine and (not self.pool or (x.dim() == 4 and min(x.shape[2:]) >= 2)) and _extension is not None and self.weight.dtype == torch.float32
-                and _kernel_takes(x) and not torch.compiler.is_compiling()
+        return (mode and self.affine and _extension is not None and self.weight.dtype == torch.float32
+                and _kernel_takes(x) and (not self.pool or min(x.shape[2:]) >= 2) and not torch.compiler.is_compiling()
                 and (residual is None or (_kernel_takes(residual) and residual.shape == x.shape
                                           and residual.dtype == x.dtype)))
 
@@ -234,9 +234,10 @@ def fuse_batch_norm(model: nn.Module, pools: bool = True) -> int:
     class in ``FUSED_FORMS`` to its fused form: a pruned network's select BNs), in place,
     and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
     it, and (where ``pools``) a 2x2 max-pool right after that (those modules become ``nn.Identity``:
-    they have no state, so checkpoints are unchanged); model code that calls :func:`bn_relu` gets its ReLU fused too. The modules stay the same objects, so
-    optimizers and references to their parameters stay valid. Returns how many batch norms were
-    switched; 0 where the kernel cannot be built (``failure()`` says why)."""
+    they have no state, so checkpoints are unchanged); model code that calls :func:`bn_relu` gets
+    its ReLU fused too. The modules stay the same objects, so optimizers and references to their
+    parameters stay valid. Returns how many batch norms were switched; 0 where the kernel cannot be
+    built (``failure()`` says why)."""
     if load() is None:
         return 0
     count = 0

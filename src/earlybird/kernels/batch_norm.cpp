@@ -201,7 +201,8 @@ struct Pool {
 Pool pool_of(const at::Tensor& input) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t OW = W / 2;
-  return {N, C, H, W, H / 2, OW, {C, W * C}, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * OW * C))};
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * OW * C));
+  return {N, C, H, W, H / 2, OW, {C, W * C}, grain};
 }
 
 // What the training forward keeps for the backward, one byte per pooled output: the index (0-3) of

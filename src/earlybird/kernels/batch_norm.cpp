@@ -85,6 +85,16 @@ std::vector<float> repeat(const std::vector<float>& per_channel, int64_t L) {
   return out;
 }
 
+// The per-thread partial sums (each thread's L lanes of the first sum, then L of the second) folded
+// to two sums per channel, lane j holding channel j % C.
+std::pair<std::vector<double>, std::vector<double>> fold_partials(const std::vector<double>& partial, int64_t L,
+                                                                   int64_t C) {
+  std::vector<double> sum1(C, 0.0), sum2(C, 0.0);
+  for (size_t t = 0; t < partial.size() / (2 * L); ++t)
+    for (int64_t j = 0; j < L; ++j) sum1[j % C] += partial[t * 2 * L + j], sum2[j % C] += partial[t * 2 * L + L + j];
+  return {sum1, sum2};
+}
+
 constexpr int64_t kChunk = 256;  // blocks summed in float before adding to the double sums
 
 // Two sums per channel over all M rows. terms(i, j, t1, t2) sets element i's two terms, where j is a
@@ -115,9 +125,7 @@ std::pair<std::vector<double>, std::vector<double>> channel_sums(const Blocks& b
       for (int64_t j = 0; j < L; ++j) s1[j] += f1[j], s2[j] += f2[j];
     }
   });
-  std::vector<double> sum1(C, 0.0), sum2(C, 0.0);
-  for (size_t t = 0; t < partial.size() / (2 * L); ++t)
-    for (int64_t j = 0; j < L; ++j) sum1[j % C] += partial[t * 2 * L + j], sum2[j % C] += partial[t * 2 * L + L + j];
+  auto [sum1, sum2] = fold_partials(partial, L, C);
   for (int64_t i = b.count * L; i < M * C; ++i) {
     float t1, t2;
     terms(i, i % C, t1, t2);
@@ -196,6 +204,8 @@ struct Pool {
   int64_t N, C, H, W, OH, OW;
   Steps step;
   int64_t grain;  // output rows per parallel task: at least ~16k input elements
+
+  int64_t first(int64_t r) const { return ((r / OH) * H + 2 * (r % OH)) * W * C; }  // output row r's first input
 };
 
 Pool pool_of(const at::Tensor& input) {
@@ -223,7 +233,7 @@ void pooled_rows(const Pool& p, int64_t begin, int64_t end, const T* x, T* y, ui
   std::vector<float> code_v(with_codes ? C : 0);
   float* code = code_v.data();
   for (int64_t r = begin; r < end; ++r) {
-    const T* row = x + ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+    const T* row = x + p.first(r);
     for (int64_t ow = 0; ow < OW; ++ow) {
       const T* win = row + 2 * ow * C;
       const int64_t o = (r * OW + ow) * C;
@@ -297,7 +307,7 @@ std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, c
     for (int64_t r = begin; r < end; ++r) {  // a row's windows summed in float, rows in double
       std::fill(f1, f1 + C, 0.f);
       std::fill(f2, f2 + C, 0.f);
-      const T* row = x + ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      const T* row = x + p.first(r);
       const float* code = row_codes(codes + r * OW * C, OW * C, code_v);
       for (int64_t ow = 0; ow < OW; ++ow) {
         const T* win = row + 2 * ow * C;
@@ -318,10 +328,7 @@ std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, c
       for (int64_t c = 0; c < C; ++c) s1[c] += f1[c], s2[c] += f2[c];
     }
   });
-  std::vector<double> sum1(C, 0.0), sum2(C, 0.0);
-  for (size_t t = 0; t < partial.size() / (2 * C); ++t)
-    for (int64_t c = 0; c < C; ++c) sum1[c] += partial[t * 2 * C + c], sum2[c] += partial[t * 2 * C + C + c];
-  return {sum1, sum2};
+  return fold_partials(partial, C, C);
 }
 
 // dx = g * gain + x * xcoef + constant for every input element, g the pooled gradient where the
@@ -343,7 +350,7 @@ void pooled_grad_input(const Pool& p, const T* x_, const T* dy_, const uint8_t* 
     };
     std::vector<float> code_v;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t first = ((r / p.OH) * p.H + 2 * (r % p.OH)) * p.W * C;
+      const int64_t first = p.first(r);
       const float* code = row_codes(codes + r * OW * C, OW * C, code_v);
       for (int64_t ow = 0; ow < OW; ++ow) {
         const T* win = x + first + 2 * ow * C;

@@ -39,12 +39,14 @@ inline float to_float(uint16_t v) {
   std::memcpy(&f, &w, 4);
   return f;
 }
+// A float's bits rounded to nearest even at bf16's precision: the bf16 in the upper 16 bits.
+inline uint32_t rounded_to_bf16(uint32_t w) { return w + 0x7FFFu + ((w >> 16) & 1u); }
 inline void from_float(float v, float* out) { *out = v; }
 inline void from_float(float v, uint16_t* out) {
   uint32_t w;
   std::memcpy(&w, &v, 4);
-  uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;  // round to nearest even
-  *out = uint16_t(v != v ? 0x7FC0u : rounded);                 // NaN stays NaN
+  uint32_t rounded = rounded_to_bf16(w) >> 16;
+  *out = uint16_t(v != v ? 0x7FC0u : rounded);  // NaN stays NaN
 }
 
 // v as the storage type holds it: what torch's max-pool compares after a bf16 batch norm.
@@ -52,10 +54,10 @@ template <typename T>
 inline float stored(float v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
-  } else {  // from_float's rounding, kept in a float's upper 16 bits
+  } else {  // from_float's rounding, kept in a float (storing and loading a bf16 stops vectorization)
     uint32_t w;
     std::memcpy(&w, &v, 4);
-    w = (w + 0x7FFFu + ((w >> 16) & 1u)) & 0xFFFF0000u;
+    w = rounded_to_bf16(w) & 0xFFFF0000u;
     float f;
     std::memcpy(&f, &w, 4);
     return v != v ? v : f;
@@ -295,6 +297,7 @@ std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, c
   const int64_t C = p.C;
   std::vector<double> partial(size_t(at::get_num_threads()) * 2 * C, 0.0);
   at::parallel_for(0, p.N * p.OH, p.grain, [&](int64_t begin, int64_t end) {
+    // locals, not the closure's references, or the loop over channels does not vectorize
     const T *x = x_, *dy = dy_;
     const uint8_t* codes = codes_;
     const float* mean = mean_;
@@ -338,6 +341,7 @@ template <typename T>
 void pooled_grad_input(const Pool& p, const T* x_, const T* dy_, const uint8_t* codes_, T* dx_, const float* gain_,
                        const float* xcoef_, const float* constant_) {
   at::parallel_for(0, p.N * p.OH, p.grain, [&](int64_t begin, int64_t end) {
+    // locals, not the closure's references, or the loop over channels does not vectorize
     const T *x = x_, *dy = dy_;
     const uint8_t* codes = codes_;
     T* dx = dx_;

@@ -263,6 +263,24 @@ def test_fused_pool_outside_the_kernel_is_torch_exactly():
         fused(x.contiguous(memory_format=CL), x.contiguous(memory_format=CL), "relu")
 
 
+def test_pooled_kernel_refuses_bad_calls():
+    ext = kernels._extension
+    w, b = torch.ones(8), torch.zeros(8)
+    tiny = torch.randn(2, 8, 1, 4).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="at least 2x2"):
+        ext.forward(tiny, None, w, b, 1e-5, 1, True)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="no pool"):
+        ext.forward(x, x.clone(), w, b, 1e-5, 1, True)
+    _, stats, codes = ext.forward(x, None, w, b, 1e-5, 1, True)
+    pooled_grad = torch.randn(2, 8, 2, 2).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="pooled output's shape"):
+        ext.backward(torch.randn_like(x), x, None, w, b, stats, 1, True, codes)
+    with pytest.raises(RuntimeError, match="pooled forward's codes"):
+        ext.backward(pooled_grad, x, None, w, b, stats, 1, True, codes[:-1])
+    assert ext.backward(pooled_grad, x, None, w, b, stats, 1, True, codes)[0].shape == x.shape
+
+
 def _vgg():
     torch.manual_seed(0)
     return create_model(ModelSpec("vgg", 11, 0.125, 1, 10, 16))

@@ -572,14 +572,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor
   TORCH_CHECK(!(codes.defined() && output.defined()), "a pool follows a batch norm without a residual only");
   if (codes.defined()) {
     check_pool(input);
-    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                    codes.numel() == grad_output.numel(),
-                "codes must be the pooled forward's codes: a uint8 vector of the pooled output's size");
     check(grad_output, "grad_output");
     TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({input.size(0), input.size(1), input.size(2) / 2,
                                                         input.size(3) / 2}) &&
                     grad_output.scalar_type() == input.scalar_type(),
                 "grad_output must have the pooled output's shape and the input's dtype");
+    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                    codes.numel() == grad_output.numel(),
+                "codes must be the pooled forward's codes: a uint8 vector of the pooled output's size");
   } else {
     check_like(grad_output, input, "grad_output");
   }

@@ -313,7 +313,10 @@ class _CountingKernel:
 # VGG, MobileNetV2: ReLU / ReLU6 modules after BNs in a Sequential (VGG11's 2x2 max-pools after four
 # of them); ResNet, PreResNet, DenseNet: bn_relu in the model code. MobileNetV2 this small trains
 # chaotically (torch's own float32 drifts O(1) from float64 within 3 steps), so it is compared on one
-# step's gradients.
+# step's gradients, with its BN biases at 3: after 17 blocks float32 has drifted ~1e-5 from float64,
+# enough to flip a ReLU6 mask where an input sits at a kink, and with zero biases torch's own float32
+# gradients missed float64's by up to 14% on 4 of 6 seeds on an AVX2 CPU (one flip each); centred
+# between the kinks, torch's and the fused gradients stayed under 0.2 of the tolerance on all 6.
 @pytest.mark.parametrize("spec,relus,plain_only,pools,steps", [
     (ModelSpec("vgg", 11, 0.125, 1, 10, 16), 8, 0, 4, 3),
     (ModelSpec("resnet", 18, 0.25, 1, 10, 16), 17, 3, 0, 3),  # the stem, each block's bn1 and bn2 (+ residual); shortcuts
@@ -324,6 +327,11 @@ class _CountingKernel:
 def test_fused_model_trains_like_the_plain_one(spec, relus, plain_only, pools, steps, monkeypatch):
     torch.manual_seed(0)
     plain = create_model(spec).to(memory_format=CL)
+    if spec.arch == "mobilenetv2":
+        with torch.no_grad():
+            for m in plain.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.bias.fill_(3.0)
     fused = copy.deepcopy(plain)
     keys = fused.state_dict().keys()
     n_bn = sum(type(m) is nn.BatchNorm2d for m in plain.modules())

@@ -2,13 +2,16 @@
 import copy
 import json
 import platform
+import time
 
 import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.train.tuning import (channels_last_hazards, fastest_setting, keep_freed_memory, safe_formats,
-                                    step_timings)
+from earlybird.stages import common
+from earlybird.train import tuning
+from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, channels_last_hazards, fastest_setting, keep_freed_memory,
+                                    safe_formats, step_timings)
 
 from test_cli import assert_one_line_error, cli
 
@@ -72,7 +75,8 @@ TINY_VGG = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size
             "1", "--ratios", "0.5"]
 
 
-def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_root):
+def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_root, monkeypatch):
+    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: 1.0)  # bf16 worth timing on any CPU
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--save", tmp_path / "run")
     assert code == 0, err
@@ -87,6 +91,37 @@ def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_r
     assert code == 0, err
     summary = json.loads((tmp_path / "det" / "summary.json").read_text())
     assert "training in" not in out and (summary["memory_format"], summary["precision"]) == ("contiguous", "fp32")
+
+
+def test_auto_does_not_time_a_precision_the_probe_finds_far_slower(capsys, tmp_path, cifar10_root, monkeypatch):
+    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN + 0.5)
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
+                         "--save", tmp_path / "run")
+    assert code == 0, err
+    assert (f"precision: fp32 (bf16 autocast took {AUTOCAST_MAX_SLOWDOWN + 0.5:.1f}x as long as fp32 for a probe "
+            "convolution on this CPU, so it was not timed; --amp on forces it)") in out
+    line = next(line for line in out.splitlines() if line.startswith("training in "))
+    assert "contiguous fp32" in line and "channels-last fp32" in line and "bf16" not in line
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == "fp32"
+    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN)  # at the limit: timed
+    code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
+                         "--save", tmp_path / "limit")
+    assert code == 0, err
+    assert "precision: fp32" not in out and "channels-last bf16 autocast" in out
+
+
+def test_the_precision_probe_measures_the_autocast_type_against_fp32(monkeypatch):
+    def conv2d(x, w, **kwargs):  # a probe convolution that takes 20 ms in fp32 and 100 in bf16
+        time.sleep(0.02 if x.dtype == torch.float32 else 0.1)
+
+    tuning.autocast_slowdown.cache_clear()
+    monkeypatch.setattr(tuning.F, "conv2d", conv2d)
+    assert 4 < tuning.autocast_slowdown("cpu", torch.bfloat16) < 6
+    assert tuning.autocast_slowdown("cuda", torch.bfloat16) == 1.0  # GPUs time their steps
+    monkeypatch.undo()
+    tuning.autocast_slowdown.cache_clear()
+    assert 0.5 < tuning.autocast_slowdown("cpu", torch.float32) < 2  # the real convolution against itself
+    tuning.autocast_slowdown.cache_clear()
 
 
 def test_amp_on_a_cpu_trains_in_bf16_and_refuses_the_low_precision_formats(capsys, tmp_path, cifar10_root):

@@ -100,9 +100,10 @@ class RuntimeConfig:
     seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = opt("auto", "mixed precision: auto times a few training steps with and without autocast on this "
-                           "device and keeps the faster (bf16 was 1.6x faster than fp32 on a 2-core AVX-512 CPU, "
-                           "and is reported many times slower on CPUs without bf16 instructions); on (the bare "
-                           "flag) or off fix it; --deterministic and the --wl-* formats make auto mean off",
+                           "device and keeps the faster (bf16 was 1.6x faster than fp32 on a 2-core AVX-512 CPU); "
+                           "on a CPU where one probe convolution takes over 3x as long in bf16 (7.9x on an AVX2 "
+                           "CPU without bf16 instructions) it keeps fp32 untimed; on (the bare flag) or off fix "
+                           "it; --deterministic and the --wl-* formats make auto mean off",
                    nargs="?", const="on", choices=["auto", "on", "off"])
     amp_dtype: str = opt("auto", "autocast type of --amp: auto (bf16 where the device has it, else fp16 with loss "
                                  "scaling), bf16 or fp16", choices=["auto", "bf16", "fp16"])

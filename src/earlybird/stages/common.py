@@ -20,9 +20,9 @@ from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
-from ..train.tuning import (ConvChoice, Setting, channels_last_hazards, default_autocast_dtype, fastest_setting,
-                            gemm_convolutions, keep_freed_memory, restore_gemm, setting_from_dict, setting_name,
-                            use_gemm)
+from ..train.tuning import (AUTOCAST_MAX_SLOWDOWN, ConvChoice, Setting, autocast_slowdown, channels_last_hazards,
+                            default_autocast_dtype, fastest_setting, gemm_convolutions, keep_freed_memory,
+                            precision_name, restore_gemm, setting_from_dict, setting_name, use_gemm)
 
 SUMMARY = "summary.json"
 LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
@@ -209,13 +209,23 @@ def autocast_dtype(rt: RuntimeConfig, device) -> torch.dtype:
     return default_autocast_dtype(device)
 
 
-def speed_candidates(rt: RuntimeConfig, device, hazards: bool, low_precision_active: bool = False) -> list[Setting]:
-    """The (channels-last?, autocast type) settings --channels-last and --amp leave open to timing."""
+def speed_candidates(rt: RuntimeConfig, device, hazards: bool, low_precision_active: bool = False,
+                     reporter: Reporter | None = None) -> list[Setting]:
+    """The (channels-last?, autocast type) settings --channels-last and --amp leave open to timing:
+    under --amp auto not the autocast type where a probe convolution finds it over
+    ``AUTOCAST_MAX_SLOWDOWN`` times slower than fp32 (``reporter`` says so)."""
     timed = not rt.deterministic  # a timing can come out either way, and each choice rounds differently
     formats = [False, True] if rt.channels_last == "auto" and timed and not hazards else [rt.channels_last == "on"]
     amp = autocast_dtype(rt, device)
     if rt.amp == "auto" and timed and not low_precision_active:
         dtypes = [None, amp]
+        kind = torch.device(device).type
+        slowdown = autocast_slowdown(kind, amp)
+        if slowdown > AUTOCAST_MAX_SLOWDOWN:
+            dtypes = [None]
+            if reporter is not None:
+                reporter.line(f"precision: fp32 ({precision_name(amp)} took {slowdown:.1f}x as long as fp32 for a "
+                              f"probe convolution on this {kind.upper()}, so it was not timed; --amp on forces it)")
     else:
         dtypes = [amp if rt.amp == "on" else None]
     return [(channels_last, dtype) for channels_last in formats for dtype in dtypes]
@@ -246,7 +256,7 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
     else:
         if rt.channels_last == "auto" and not rt.deterministic and hazards:
             reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
-        settings = speed_candidates(rt, device, bool(hazards), low_precision_active)
+        settings = speed_candidates(rt, device, bool(hazards), low_precision_active, reporter)
     if resumed is not None and "gemm" in resumed and settings == [setting_from_dict(resumed)] \
             and gemm_allowed(rt, device):
         # the layers the run started with: a new timing could round the rest of the run differently

@@ -11,7 +11,10 @@ Three things decide much of a run's speed and none is the same everywhere:
   which is what pruning leaves.
 - The precision. bf16 autocast was 1.6x faster than fp32 on the 2-core CPU (oneDNN with AVX-512
   bf16) although older builds and CPUs without it are many times slower in it.
-``fastest_setting`` times the candidate settings on the model itself.
+``fastest_setting`` times the candidate settings on the model itself; ``autocast_slowdown`` first
+times one small convolution in each precision, so that a CPU without bf16 instructions (a VGG16
+step at batch 256 took minutes in bf16 on an AVX2 CPU) does not spend the start of every run
+timing a precision that cannot win.
 
 - The convolution algorithm. On CPUs oneDNN computes some convolutions (small images, many
   channels: a VGG's last layers) several times slower than the same arithmetic as one matrix
@@ -22,6 +25,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import time
 from dataclasses import dataclass
 
@@ -71,6 +75,26 @@ def default_autocast_dtype(device) -> torch.dtype:
     """bf16 where the device has it, else fp16 (which needs loss scaling)."""
     cuda = torch.device(device).type == "cuda"
     return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
+# With its convolutions 3x as long, a step in the autocast type could only win if over 80% of its
+# fp32 time were memory-bound work that half-size values at best halve.
+AUTOCAST_MAX_SLOWDOWN = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def autocast_slowdown(device_type: str, dtype: torch.dtype) -> float:
+    """How many times as long a probe convolution (3x3, 64 -> 64 channels, 16x16, batch 32,
+    channels-last: ~0.3 GFLOP) takes in ``dtype`` as in fp32 on this CPU, median of 3 after a
+    warm-up; 1.0 on other devices, where the steps themselves are cheap to time. Once per process."""
+    if device_type != "cpu":
+        return 1.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    runs = [_timed(lambda x=x.to(t), w=w.to(t): F.conv2d(x, w, padding=1)) for t in (torch.float32, dtype)]
+    fp32, other = _medians(runs, 3)
+    return other / fp32
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

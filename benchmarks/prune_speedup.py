@@ -28,7 +28,8 @@ from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
 from earlybird.prune import prunable_layers
 from earlybird.stages.common import fastest_with_gemm
-from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, safe_formats, setting_name
+from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, autocast_slowdown, default_autocast_dtype, keep_freed_memory,
+                                    safe_formats, setting_name)
 
 
 def seconds(fn, device) -> float:
@@ -101,7 +102,8 @@ def main() -> None:
         if fused:
             fuse_batch_norm(model, pools=pool)
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
-        dtypes = [None, amp] if args.amp == "auto" else [amp if args.amp == "on" else None]
+        dtypes = [amp if args.amp == "on" else None] if args.amp != "auto" else (
+            [None, amp] if autocast_slowdown(device.type, amp) <= AUTOCAST_MAX_SLOWDOWN else [None])  # as the CLI
         settings = [(f, d) for f in formats for d in dtypes]
         # as the CLI does: GEMM parts timed per channels-last precision, then the settings with them
         setting = fastest_with_gemm(model, RuntimeConfig(gemm_conv=gemm), (3, size, size), 10, args.train_batch,

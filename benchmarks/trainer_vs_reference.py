@@ -27,7 +27,8 @@ from earlybird.data import BatchLoader, dataset_info
 from earlybird.kernels import fuse_batch_norm
 from earlybird.stages.common import choose_gemm, fastest_with_gemm
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, setting_name
+from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, autocast_slowdown, default_autocast_dtype, keep_freed_memory,
+                                    precision_name, setting_name)
 
 INFO = dataset_info("cifar10")
 
@@ -112,11 +113,13 @@ def main() -> None:
 
     # The allocator setting is process-wide and cannot be undone: our rows without it come first.
     amp = default_autocast_dtype(device)
+    slowdown = autocast_slowdown(device.type, amp)
+    amps = ((None, amp) if slowdown <= AUTOCAST_MAX_SLOWDOWN else (None,))  # as --amp auto leaves them open
     for keep_memory in (False, True) if device.type == "cpu" else (False,):
         if keep_memory:
             keep_freed_memory()
         last_pass = keep_memory or device.type == "cuda"  # autocast rows once, with the CLI's allocator setting
-        settings = ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass else ())
+        settings = ((False, None), (True, None)) + (((False, amp), (True, amp)) if last_pass and amp in amps else ())
         # the fused batch norm and the GEMM convolutions (the CLI's defaults on CPUs) serve channels-last
         # steps: with the allocator setting, the fused BN alone and with GEMM
         extra = keep_memory and device.type == "cpu"
@@ -145,7 +148,7 @@ def main() -> None:
             name = f"earlybird, {setting_name(setting)}" + (", keep memory" if keep_memory else "") + (
                 ", fused BN" if fused else "") + (", GEMM conv" if gemm else "")
             rows[name] = (result.images_per_second, args.images / (time.perf_counter() - start))
-    settings = [(cl, dtype) for cl in (False, True) for dtype in (None, amp)]
+    settings = [(cl, dtype) for cl in (False, True) for dtype in amps]
     timed = create_model(spec)
     cpu = device.type == "cpu"
     if cpu:
@@ -157,6 +160,9 @@ def main() -> None:
 
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
           f"{torch.get_num_threads()} CPU threads")
+    if amp not in amps:
+        print(f"no {precision_name(amp)} rows: a probe convolution took {slowdown:.1f}x as long as in fp32 here, "
+              "so --amp auto does not time it")
     print("trainer | train img/s | train ratio | eval img/s | eval ratio")
     base = rows["reference style"]
     for name, (tr, ev) in rows.items():

@@ -11,7 +11,7 @@ from earlybird import ModelSpec, create_model
 from earlybird.stages import common
 from earlybird.train import tuning
 from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, channels_last_hazards, fastest_setting, keep_freed_memory,
-                                    safe_formats, step_timings)
+                                    safe_formats, side_by_side, step_runs, step_timings)
 
 from test_cli import assert_one_line_error, cli
 
@@ -44,6 +44,25 @@ def test_each_setting_is_timed_in_its_format_and_precision():
     assert list(timings) == settings and all(t > 0 for t in timings.values())
     # alternating, warm-up included: contiguous fp32, then channels-last bf16
     assert seen == [(True, torch.float32), (False, torch.bfloat16)] * 2
+
+
+def test_two_models_are_timed_in_one_interleaved_series():
+    calls = []
+
+    def run(name, seconds):
+        def fn():
+            calls.append(name)
+            return seconds.pop(0)
+        return fn
+
+    # the dense model's warm-up is slow and one of its steps hits a slow moment: the medians skip both
+    dense = {(True, None): run("dense", [9.0, 1.0, 5.0, 1.2])}
+    pruned = {(False, None): run("pruned fp32", [9.0, 0.5, 0.4, 0.6]), (True, None): run("pruned cl", [9.0, 0.3, 0.3, 0.3])}
+    assert side_by_side([dense, pruned]) == [{(True, None): 1.2}, {(False, None): 0.5, (True, None): 0.3}]
+    assert calls == ["dense", "pruned fp32", "pruned cl"] * 4
+    model = create_model(ModelSpec("vgg", 11, 0.0625, 3, 10, 32))
+    runs = step_runs(model, (3, 32, 32), 10, 2, torch.device("cpu"), [(False, None), (True, None)])
+    assert list(runs) == [(False, None), (True, None)] and all(fn() > 0 for fn in runs.values())
 
 
 def test_timing_leaves_the_model_as_it_was_and_picks_the_fastest():

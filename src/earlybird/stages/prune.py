@@ -14,7 +14,7 @@ from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from ..progress import Reporter
 from ..prune import apply_mask, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from ..train.tuning import channels_last_hazards, setting_name, step_timings
+from ..train.tuning import channels_last_hazards, setting_name, side_by_side, step_runs
 from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loaders, prepare_save_dir, setup_runtime,
                      speed_candidates, use_fused_batch_norm, write_summary)
 
@@ -48,14 +48,16 @@ def training_table(dense, pruned, shape, num_classes: int, batch_size: int, devi
     """Measured training images/s of the dense and the pruned network at ``batch_size``, each in the
     fastest of the settings --channels-last and --amp leave open (as search and retrain pick them):
     what the retrain gains per image, which fewer MACs only promise."""
-    rows = {"batch": batch_size}
-    for name, model in (("dense", dense), ("pruned", pruned)):
+    runs = []
+    for model in (dense, pruned):
         model = copy.deepcopy(model)  # fused for timing only: the pruned network is saved as it is
         use_fused_batch_norm(model, rt, torch.device(device))
         hazards = bool(channels_last_hazards(model, device))
         settings = [s for s in speed_candidates(rt, device, hazards) if not (hazards and s[0])]
         choose_gemm(model, rt, shape, batch_size, torch.device(device), settings)
-        seconds = step_timings(model, shape, num_classes, batch_size, device, settings or [(False, None)])
+        runs.append(step_runs(model, shape, num_classes, batch_size, device, settings or [(False, None)]))
+    rows = {"batch": batch_size}
+    for name, seconds in zip(("dense", "pruned"), side_by_side(runs)):  # interleaved: the same moments for both
         best = min(seconds, key=seconds.get)
         rows[name] = {"images_per_s": round(batch_size / seconds[best], 1), "setting": setting_name(best)}
     rows["speedup"] = round(rows["pruned"]["images_per_s"] / rows["dense"]["images_per_s"], 3)

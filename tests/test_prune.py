@@ -1,10 +1,12 @@
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from conftest import randomize_bn
 from earlybird import PruneError, apply_mask, apply_plan, channel_masks, create_model, prune_model, ModelSpec
-from earlybird.cost import count_macs, count_params
+from earlybird.cost import count_macs, count_params, inference_side_by_side
 from earlybird.prune import ConstantFoldConv2d, PrunePlan
 
 
@@ -136,3 +138,24 @@ def test_pruned_model_trains():
     loss = pruned(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
     loss.backward()
     assert all(p.grad is not None for p in pruned.parameters())
+
+
+def test_dense_and_pruned_inference_is_timed_in_turns():
+    calls = []
+
+    class Sleeper(nn.Module):  # a forward of known length
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, x):
+            calls.append(self.name)
+            time.sleep(self.seconds)
+            return x
+
+    slow, fast = Sleeper("dense", 0.02), Sleeper("pruned", 0.005)
+    dense, pruned = inference_side_by_side([slow, fast], (3, 4, 4), 8, "cpu", rounds=3, min_seconds=0.03)
+    assert 8 / 0.02 / 1.5 < dense < 8 / 0.02 and 8 / 0.005 / 1.5 < pruned < 8 / 0.005
+    # each round: one model's warm-up and timed forwards, then the other's
+    rounds = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert rounds == ["dense", "pruned"] * 3

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig, validate_prune
-from ..cost import count_macs, count_params, inference_throughput
+from ..cost import count_macs, count_params, inference_side_by_side
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
@@ -39,7 +39,7 @@ def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
     """Measured inference images/s of the dense and the pruned network, side by side."""
     rows = {}
     for b in batch_sizes:
-        d, p = (inference_throughput(m, shape, b, device) for m in (dense, pruned))
+        d, p = inference_side_by_side([dense, pruned], shape, b, device)
         rows[str(b)] = {"dense": round(d, 1), "pruned": round(p, 1), "speedup": round(p / d, 3)}
     return rows
 

@@ -27,9 +27,8 @@ from earlybird.cost import count_macs
 from earlybird.config import RuntimeConfig
 from earlybird.kernels import fuse_batch_norm
 from earlybird.prune import prunable_layers
-from earlybird.stages.common import fastest_with_gemm
-from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, autocast_slowdown, default_autocast_dtype, keep_freed_memory,
-                                    safe_formats, setting_name)
+from earlybird.stages.common import fastest_with_gemm, speed_candidates
+from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, safe_formats, setting_name
 
 
 def seconds(fn, device) -> float:
@@ -102,8 +101,9 @@ def main() -> None:
         if fused:
             fuse_batch_norm(model, pools=pool)
         formats = safe_formats(model, device) if args.channels_last == "auto" else [args.channels_last == "on"]
-        dtypes = [amp if args.amp == "on" else None] if args.amp != "auto" else (
-            [None, amp] if autocast_slowdown(device.type, amp) <= AUTOCAST_MAX_SLOWDOWN else [None])  # as the CLI
+        # auto: the precisions the CLI would time here (not bf16 where a probe finds it far slower)
+        dtypes = list(dict.fromkeys(d for _, d in speed_candidates(RuntimeConfig(), device, False))) \
+            if args.amp == "auto" else [amp if args.amp == "on" else None]
         settings = [(f, d) for f in formats for d in dtypes]
         # as the CLI does: GEMM parts timed per channels-last precision, then the settings with them
         setting = fastest_with_gemm(model, RuntimeConfig(gemm_conv=gemm), (3, size, size), 10, args.train_batch,

@@ -25,10 +25,10 @@ from earlybird import ModelSpec, create_model
 from earlybird.config import RuntimeConfig
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.kernels import fuse_batch_norm
-from earlybird.stages.common import choose_gemm, fastest_with_gemm
+from earlybird.stages.common import choose_gemm, fastest_with_gemm, speed_candidates
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, autocast_slowdown, default_autocast_dtype, keep_freed_memory,
-                                    precision_name, setting_name)
+from earlybird.train.tuning import (autocast_slowdown, default_autocast_dtype, keep_freed_memory, precision_name,
+                                    setting_name)
 
 INFO = dataset_info("cifar10")
 
@@ -113,8 +113,7 @@ def main() -> None:
 
     # The allocator setting is process-wide and cannot be undone: our rows without it come first.
     amp = default_autocast_dtype(device)
-    slowdown = autocast_slowdown(device.type, amp)
-    amps = ((None, amp) if slowdown <= AUTOCAST_MAX_SLOWDOWN else (None,))  # as --amp auto leaves them open
+    amps = tuple(dict.fromkeys(d for _, d in speed_candidates(RuntimeConfig(), device, False)))  # as --amp auto
     for keep_memory in (False, True) if device.type == "cpu" else (False,):
         if keep_memory:
             keep_freed_memory()
@@ -161,8 +160,8 @@ def main() -> None:
     print(f"VGG{args.depth} width {args.width:g}, {args.images} CIFAR-size images, batch {args.batch}, on {device}, "
           f"{torch.get_num_threads()} CPU threads")
     if amp not in amps:
-        print(f"no {precision_name(amp)} rows: a probe convolution took {slowdown:.1f}x as long as in fp32 here, "
-              "so --amp auto does not time it")
+        print(f"no {precision_name(amp)} rows: a probe convolution took {autocast_slowdown(device.type, amp):.1f}x "
+              "as long as in fp32 here, so --amp auto does not time it")
     print("trainer | train img/s | train ratio | eval img/s | eval ratio")
     base = rows["reference style"]
     for name, (tr, ev) in rows.items():

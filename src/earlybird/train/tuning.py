@@ -12,9 +12,9 @@ Three things decide much of a run's speed and none is the same everywhere:
 - The precision. bf16 autocast was 1.6x faster than fp32 on the 2-core CPU (oneDNN with AVX-512
   bf16) although older builds and CPUs without it are many times slower in it.
 ``fastest_setting`` times the candidate settings on the model itself; ``autocast_slowdown`` first
-times one small convolution in each precision, so that a CPU without bf16 instructions (a VGG16
-step at batch 256 took minutes in bf16 on an AVX2 CPU) does not spend the start of every run
-timing a precision that cannot win.
+times one small convolution in each precision, so that a CPU without bf16 instructions (on an AVX2
+CPU a VGG16 step took 9.2x as long in bf16: about a minute at batch 256) does not spend the start
+of every run timing a precision that cannot win.
 
 - The convolution algorithm. On CPUs oneDNN computes some convolutions (small images, many
   channels: a VGG's last layers) several times slower than the same arithmetic as one matrix

@@ -80,3 +80,27 @@ def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cif
     wa = load_checkpoint(tmp_path / "clean" / "checkpoint.pth")["state_dict"]
     wb = load_checkpoint(save / "checkpoint.pth")["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+PROBE = """
+import json, time, torch
+from earlybird.train import distributed, tuning
+distributed.init_from_env(False)
+if distributed.world().rank == 1:  # this worker alone finds bf16 far slower
+    conv2d = tuning.F.conv2d
+    def slow(x, w, **kw):
+        if x.dtype == torch.bfloat16:
+            time.sleep(0.05)
+        return conv2d(x, w, **kw)
+    tuning.F.conv2d = slow
+print(json.dumps([distributed.world().rank, tuning.autocast_slowdown("cpu", torch.bfloat16)]))
+"""
+
+
+def test_the_workers_take_the_first_workers_precision_probe():
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", sys.executable, "-c", PROBE], env=ENV,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    found = dict(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
+    assert set(found) == {0, 1} and found[0] == found[1] > 0  # without agreeing, rank 1 measured 50 ms more

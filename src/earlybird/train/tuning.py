@@ -87,7 +87,8 @@ AUTOCAST_MAX_SLOWDOWN = 3.0
 def autocast_slowdown(device_type: str, dtype: torch.dtype) -> float:
     """How many times as long a probe convolution (3x3, 64 -> 64 channels, 16x16, batch 32,
     channels-last: ~0.3 GFLOP) takes in ``dtype`` as in fp32 on this CPU, median of 3 after a
-    warm-up; 1.0 on other devices, where the steps themselves are cheap to time. Once per process."""
+    warm-up; 1.0 on other devices, where the steps themselves are cheap to time. Once per process;
+    with several workers, all take the first's figure, so that all time the same settings."""
     if device_type != "cpu":
         return 1.0
     g = torch.Generator().manual_seed(0)
@@ -95,7 +96,7 @@ def autocast_slowdown(device_type: str, dtype: torch.dtype) -> float:
     w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     runs = [_timed(lambda x=x.to(t), w=w.to(t): F.conv2d(x, w, padding=1)) for t in (torch.float32, dtype)]
     fp32, other = _medians(runs, 3)
-    return other / fp32
+    return distributed.all_reduce_sum(torch.tensor([other / fp32 if distributed.is_main() else 0.0])).item()
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -83,7 +83,8 @@ def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cif
 
 
 PROBE = """
-import json, time, torch
+import json, sys, time, torch
+from pathlib import Path
 from earlybird.train import distributed, tuning
 distributed.init_from_env(False)
 if distributed.world().rank == 1:  # this worker alone finds bf16 far slower
@@ -93,14 +94,15 @@ if distributed.world().rank == 1:  # this worker alone finds bf16 far slower
             time.sleep(0.05)
         return conv2d(x, w, **kw)
     tuning.F.conv2d = slow
-print(json.dumps([distributed.world().rank, tuning.autocast_slowdown("cpu", torch.bfloat16)]))
+found = tuning.autocast_slowdown("cpu", torch.bfloat16)
+Path(sys.argv[1], f"{distributed.world().rank}.json").write_text(json.dumps(found))  # the workers' prints interleave
 """
 
 
-def test_the_workers_take_the_first_workers_precision_probe():
+def test_the_workers_take_the_first_workers_precision_probe(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--no-python", sys.executable, "-c", PROBE], env=ENV,
+                           "--no-python", sys.executable, "-c", PROBE, tmp_path], env=ENV,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
-    found = dict(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
-    assert set(found) == {0, 1} and found[0] == found[1] > 0  # without agreeing, rank 1 measured 50 ms more
+    found = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert found[0] == found[1] > 0  # without agreeing, rank 1 measured 50 ms more

@@ -66,7 +66,7 @@ inline float stored(float v) {
 
 // a where take, else b, as bit arithmetic. Written as ?: on a window's code, GCC threads the four
 // tests of one code into branches (k == 1 rules out k == 2), and the loop no longer vectorizes.
-inline float select(bool take, float a, float b) {
+inline float pick(bool take, float a, float b) {
   uint32_t wa, wb;
   std::memcpy(&wa, &a, 4);
   std::memcpy(&wb, &b, 4);
@@ -330,10 +330,10 @@ std::pair<std::vector<double>, std::vector<double>> pooled_sums(const Pool& p, c
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           // all four loaded, then selected: a load under a condition needs masked loads (AVX-512's)
-          const float k = code[ow * C + c], gv = select(k < float(kBlocked), to_float(dy[o + c]), 0.f);
+          const float k = code[ow * C + c], gv = pick(k < float(kBlocked), to_float(dy[o + c]), 0.f);
           float xv = to_float(win[c]);
 #pragma GCC unroll 3
-          for (int j = 1; j < 4; ++j) xv = select(k == float(j), to_float(win[step[j] + c]), xv);
+          for (int j = 1; j < 4; ++j) xv = pick(k == float(j), to_float(win[step[j] + c]), xv);
           f1[c] += gv;
           f2[c] += gv * (xv - mean[c]);
         }
@@ -375,7 +375,7 @@ void pooled_grad_input(const Pool& p, const T* x_, const T* dy_, const uint8_t* 
           const float k = code[ow * C + c], gv = to_float(dy[o + c]) * gain[c];
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j)
-            from_float(select(k == float(j), gv, 0.f) + to_float(win[step[j] + c]) * xcoef[c] + constant[c],
+            from_float(pick(k == float(j), gv, 0.f) + to_float(win[step[j] + c]) * xcoef[c] + constant[c],
                        out + step[j] + c);
         }
       }

@@ -27,6 +27,11 @@ def global_batches(n: int, batch_size: int, train: bool, world: int) -> list[tup
     return bounds
 
 
+def count_batches(n: int, batch_size: int, train: bool, rank: int, world: int) -> int:
+    """How many batches a worker's loader yields: the global batches in which its part is not empty."""
+    return sum(1 for start, stop in global_batches(n, batch_size, train, world) if stop - start > rank)
+
+
 def shard(start: int, stop: int, rank: int, world: int) -> tuple[int, int]:
     """This worker's part of the global batch [start, stop): equal parts, the first ones one larger."""
     bounds = torch.tensor_split(torch.arange(start, stop), world)[rank]
@@ -53,7 +58,7 @@ class BatchLoader:
         self._scale, self._shift = normalizer(info, device)
 
     def __len__(self) -> int:
-        return len(global_batches(len(self.images), self.batch_size, self.train, self.world))
+        return count_batches(len(self.images), self.batch_size, self.train, self.rank, self.world)
 
     @property
     def num_samples(self) -> int:
@@ -114,6 +119,8 @@ class FolderLoader:
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, self.device)
+        # once: a progress bar asks for the length every few steps, and a million-image index is slow to walk
+        self._length = count_batches(len(self.dataset), batch_size, train, rank, world)
 
     def _batches(self, order: list[int]) -> list[list[int]]:
         """This worker's part of every global batch."""
@@ -121,7 +128,7 @@ class FolderLoader:
                 for start, stop in global_batches(len(order), self.batch_size, self.train, self.world)]
 
     def __len__(self) -> int:
-        return len(self._batches(list(range(len(self.dataset)))))
+        return self._length
 
     @property
     def num_samples(self) -> int:

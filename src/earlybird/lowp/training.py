@@ -13,6 +13,7 @@ sample for activations and errors, per element for 1-D tensors) is the format of
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -193,11 +194,25 @@ class Precision:
         return self.swa.model
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state() if self.generator is not None else None,
+        gen = self.generator
+        return {"generator": gen.get_state() if gen is not None else None,
+                "generator_device": gen.device.type if gen is not None else None,
                 "swa": self.swa.state_dict() if self.swa is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.generator is not None and state.get("generator") is not None:
-            self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict) -> str | None:
+        """Restore a checkpoint's state; a note where the rounding stream could not continue."""
+        note = None
+        saved = state.get("generator")
+        if self.generator is not None and saved is not None:
+            # a generator's state is its device type's own (a CPU Mersenne twister: 5,056 bytes; a
+            # CUDA Philox seed and offset: 16), and set_state refuses another type's
+            was = state.get("generator_device") or ("cpu" if saved.numel() > 16 else "cuda")
+            if was == self.generator.device.type:
+                self.generator.set_state(saved)
+            else:
+                self.generator.manual_seed(zlib.crc32(saved.numpy().tobytes()))  # the same checkpoint, the same stream
+                note = (f"stochastic rounding continues with a new random stream (the checkpoint's is for "
+                        f"{was}, this run is on {self.generator.device.type})")
         if self.swa is not None and state.get("swa") is not None:
             self.swa.load_state_dict(state["swa"])
+        return note

@@ -44,14 +44,21 @@ class ConstantFoldConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + ", constant_fold=True"
 
+    def _fold(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(1, 1, height, width, device=like.device, dtype=like.dtype)
+        return F.conv2d(ones, self.fold_kernel.to(like.dtype), None, self.stride, self.padding, self.dilation)
+
     def fold_map(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # torch.compile and torch.export trace the map as one small conv: the cache's key (data
+            # pointers, versions, inference mode) would break the graph in every fold conv and
+            # recompile per block shape, and a fake tensor has no data pointer at all
+            return self._fold(height, width, like)
         kernel = self.fold_kernel  # the key changes when the kernel is replaced, sliced or loaded into
         key = (height, width, like.device, like.dtype, kernel.data_ptr(), tuple(kernel.shape), kernel._version,
                torch.is_inference_mode_enabled())  # a map made in inference mode cannot serve autograd
         if key not in self._fold_cache:
-            ones = torch.ones(1, 1, height, width, device=like.device, dtype=like.dtype)
-            kernel = kernel.to(like.dtype)
-            self._fold_cache = {key: F.conv2d(ones, kernel, None, self.stride, self.padding, self.dilation)}
+            self._fold_cache = {key: self._fold(height, width, like)}
         return self._fold_cache[key]
 
     def forward(self, x):

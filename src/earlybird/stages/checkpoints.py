@@ -13,7 +13,7 @@ from ..errors import CheckpointError, ConfigError, RunDirError
 from ..progress import Reporter
 from ..reference import import_reference, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .common import autocast_dtype, check_expected, checkpoint_dataset, make_loaders, model_spec, setup_runtime
+from .common import autocast_dtype, check_expected, checkpoint_dataset, make_loader, model_spec, setup_runtime
 
 
 def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
@@ -53,7 +53,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
                               f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
-    _, test = make_loaders(dataset, data, device, rt.seed, channels_last)
+    test = make_loader(dataset, data, device, rt.seed, channels_last, train=False)
     result = evaluate(model, test, amp_dtype)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,

@@ -21,7 +21,7 @@ from ..models import ModelSpec, resolve_arch
 from ..progress import MetricsLog, Reporter, format_seconds
 from ..train import distributed, evaluate, lr_at, train_epoch
 from ..train.tuning import (AUTOCAST_MAX_SLOWDOWN, ConvChoice, Setting, autocast_slowdown, channels_last_hazards,
-                            default_autocast_dtype, fastest_setting, gemm_convolutions, keep_freed_memory,
+                            default_autocast_dtype, describe_gpu, fastest_setting, gemm_convolutions, keep_freed_memory,
                             precision_name, restore_gemm, setting_from_dict, setting_name, use_gemm)
 
 SUMMARY = "summary.json"
@@ -30,16 +30,31 @@ BEST = "model_best.pth"
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as this process's device. ``cuda`` (and ``auto`` where CUDA is) means this rank's
+    GPU: LOCAL_RANK under torchrun, GPU 0 alone. An explicit ``cuda:N`` is for one process only:
+    under torchrun it would put every rank on one GPU (NCCL: "duplicate GPU")."""
     if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", distributed.world().local_rank)  # torchrun: one GPU per process
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device '{name}' is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    w, count = distributed.world(), torch.cuda.device_count()
+    seen = f"{count} GPU(s), numbered 0..{count - 1}" + distributed.mask_note()
+    if device.index is None:
+        if w.local_rank >= count:
+            raise ConfigError(f"--device {name}: this is local process {w.local_rank} of a node with {seen}: start "
+                              f"at most {count} processes per node (torchrun --nproc-per-node {count})")
+        return torch.device("cuda", w.local_rank)
+    if w.active:
+        raise ConfigError(f"--device {name}: under torchrun each of the {w.size} processes takes its own GPU "
+                          "(LOCAL_RANK): use --device cuda (or auto)")
+    if device.index >= count:
+        raise ConfigError(f"--device {name}: this machine has {seen}")
     return device
 
 
@@ -158,22 +173,27 @@ def write_summary(save: Path, summary: dict) -> None:
     distributed.barrier()
 
 
-def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool,
+                train: bool) -> BatchLoader | FolderLoader:
+    """This worker's loader of the training or the test split (a uint8 split is copied to ``device``
+    whole: build only the ones a command uses)."""
     w = distributed.world()
     transform = InputTransform(data.filter, data.sigma, data.sparsify_gt)
-    for flag, size in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
-        if size % w.size:
-            raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
+    flag, size = ("--batch-size", data.batch_size) if train else ("--test-batch-size", data.test_batch_size)
+    if size % w.size:
+        raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
     if isinstance(dataset, FolderDataset):
-        return tuple(FolderLoader(split, bs, dataset.info, train, device, seed, channels_last, data.workers, w.rank,
-                                  w.size, transform)
-                     for split, bs, train in ((dataset.train, data.batch_size, True),
-                                              (dataset.test, data.test_batch_size, False)))
-    train = BatchLoader(dataset.train_images, dataset.train_labels, data.batch_size, dataset.info, True, device, seed,
-                        channels_last, w.rank, w.size, transform)
-    test = BatchLoader(dataset.test_images, dataset.test_labels, data.test_batch_size, dataset.info, False, device, seed,
-                       channels_last, w.rank, w.size, transform)
-    return train, test
+        return FolderLoader(dataset.train if train else dataset.test, size, dataset.info, train, device, seed,
+                            channels_last, data.workers, w.rank, w.size, transform)
+    images, labels = (dataset.train_images, dataset.train_labels) if train else (dataset.test_images,
+                                                                                  dataset.test_labels)
+    return BatchLoader(images, labels, size, dataset.info, train, device, seed, channels_last, w.rank, w.size,
+                       transform)
+
+
+def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+    """(training loader, test loader)."""
+    return tuple(make_loader(dataset, data, device, seed, channels_last, train) for train in (True, False))
 
 
 def for_workers(model, rt: RuntimeConfig, device):
@@ -245,20 +265,20 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
                           "use --channels-last off")
     per_worker = max(1, batch_size // distributed.world().size)
     input_shape = (spec.in_channels, spec.image_size, spec.image_size)
-    if resumed is not None and "auto" in (rt.channels_last, rt.amp):
-        channels_last, dtype = setting_from_dict(resumed)
-        if rt.channels_last != "auto":
-            channels_last = rt.channels_last == "on"
-        if rt.amp != "auto":
-            dtype = autocast_dtype(rt, device) if rt.amp == "on" else None
-        reporter.line(f"training in {setting_name((channels_last, dtype))}, as the run started")
-        settings = [(channels_last, dtype)]
+    kept, note = (resumed_setting(resumed, rt, device, hazards) if resumed is not None and "auto" in (
+        rt.channels_last, rt.amp) else (None, ""))
+    if note:
+        reporter.line(note)
+    if kept is not None:
+        reporter.line(f"training in {setting_name(kept)}, as the run started" if not note else
+                      f"training in {setting_name(kept)}")
+        settings = [kept]
     else:
         if rt.channels_last == "auto" and not rt.deterministic and hazards:
             reporter.line(f"memory format: contiguous (channels-last would break layer '{hazards[0]}' on this CPU)")
         settings = speed_candidates(rt, device, bool(hazards), low_precision_active, reporter)
     if resumed is not None and "gemm" in resumed and settings == [setting_from_dict(resumed)] \
-            and gemm_allowed(rt, device):
+            and resumed.get("device", device.type) == device.type and gemm_allowed(rt, device):
         # the layers the run started with: a new timing could round the rest of the run differently
         channels_last, dtype = settings[0]
         restored = restore_gemm(model, resumed["gemm"], dtype) if channels_last else 0
@@ -273,6 +293,39 @@ def choose_speed(rt: RuntimeConfig, model, spec: ModelSpec, batch_size: int, dev
     if found:
         report_gemm(best, found, per_worker, reporter)
     return best
+
+
+def resumed_setting(resumed: dict, rt: RuntimeConfig, device, hazards: list[str]) -> tuple[Setting | None, str]:
+    """(setting, note): the setting a resumed run continues in, which is the checkpoint's with
+    --channels-last and --amp where they are not auto, re-checked here, where the hardware may
+    differ: no channels-last for layers it breaks on CPUs, the autocast type this device trains in,
+    fp32 on a CPU that runs it over ``AUTOCAST_MAX_SLOWDOWN`` times slower. None where the run was on
+    another device type, whose measured setting means nothing here: it is chosen again."""
+    device = torch.device(device)
+    was = resumed.get("device", device.type)  # older checkpoints do not say
+    if was != device.type:
+        return None, f"the run started on {was}: choosing the speed settings for {device.type} again"
+    channels_last, dtype = setting_from_dict(resumed)
+    if rt.channels_last != "auto":
+        channels_last = rt.channels_last == "on"
+    if rt.amp != "auto":
+        dtype = autocast_dtype(rt, device) if rt.amp == "on" else None
+    changed = []
+    if channels_last and hazards:
+        channels_last = False
+        changed.append(f"contiguous (channels-last breaks layer '{hazards[0]}' on this CPU)")
+    if dtype is not None and rt.amp == "auto":
+        if dtype != autocast_dtype(rt, device):
+            changed.append(f"{precision_name(autocast_dtype(rt, device))} (this device's autocast type)")
+            dtype = autocast_dtype(rt, device)
+        slowdown = autocast_slowdown(device.type, dtype)
+        if slowdown > AUTOCAST_MAX_SLOWDOWN:
+            changed.append(f"fp32 ({precision_name(dtype)} took {slowdown:.1f}x as long as fp32 on this "
+                           f"{device.type.upper()})")
+            dtype = None
+    old = setting_name(setting_from_dict(resumed))
+    return (channels_last, dtype), (f"the run started in {old}; it continues in " + ", ".join(changed)
+                                    if changed else "")
 
 
 def gemm_allowed(rt: RuntimeConfig, device) -> bool:
@@ -356,6 +409,9 @@ def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfi
     """(model, speed setting, precision, optimizer) of a training stage: the model on its device and
     workers, in its memory format, with its number formats and a fresh optimizer; the setting's
     autocast type goes to ``fit``, and ``resumed`` is the setting a resumed run's checkpoint holds."""
+    if device.type == "cuda":
+        reporter.line(f"GPU: {describe_gpu(device)}" + (f"; --amp-dtype {rt.amp_dtype} sets the autocast type"
+                                                         if rt.amp_dtype != "auto" else ""))
     model = for_workers(model.to(device), rt, device)
     use_fused_batch_norm(model, rt, device, reporter)
     lowp = lowp or LowPrecisionConfig()

@@ -13,9 +13,9 @@ from ..errors import CheckpointError, ConfigError
 from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from ..progress import Reporter
 from ..prune import apply_mask, prunable_layers, prune_model
-from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.tuning import channels_last_hazards, setting_name, side_by_side, step_runs
-from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loaders, prepare_save_dir, setup_runtime,
+from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime,
                      speed_candidates, use_fused_batch_norm, write_summary)
 
 
@@ -81,7 +81,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     check_expected(check, spec, cfg.model)
     dense = dense.to(device).eval()
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
-    _, test = make_loaders(dataset, data, device, rt.seed, False)
+    test = make_loader(dataset, data, device, rt.seed, False, train=False)
     example = next(iter(test))[0][:8]
     requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
     keep_streams = bool(ckpt.get("keep_streams", False))
@@ -95,6 +95,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     prunable = sum(int(m.numel()) for m in requested.values())
     asked = sum(int((~m).sum()) for m in requested.values())
     dead = sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)
+    timer, per_worker = distributed.is_main(), max(1, data.batch_size // distributed.world().size)
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
@@ -108,9 +109,11 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "test_top5": {k: r.top5 for k, r in results.items()},
         "max_output_diff_pruned_vs_masked": out_diff,
         "folds": plan.folds, "selects": plan.selects,
-        "throughput": latency_table(dense, pruned, shape, options.latency_batches, device),
-        "training_throughput": (training_table(dense, pruned, shape, spec.num_classes, data.batch_size, device, rt)
-                                if options.latency_batches else None),
+        # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
+        # the global batch on one GPU is not what training runs, and may not fit
+        "throughput": latency_table(dense, pruned, shape, options.latency_batches, device) if timer else {},
+        "training_throughput": (training_table(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
+                                if timer and options.latency_batches else None),
         "device": str(device),
     }
     save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),

@@ -54,7 +54,9 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
             raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
         load_weights(model, state["state_dict"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
-        precision.load_state_dict(state.get("precision") or {})
+        note = precision.load_state_dict(state.get("precision") or {})
+        if note:
+            reporter.line(note)
         start, best, scaler_state = state["epoch"], state["best"], state.get("scaler")
         progress["test_acc"] = state["test_acc"]
         torch.set_rng_state(state["rng"])
@@ -78,7 +80,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
                         scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(),
-                        speed=setting_to_dict((channels_last, amp_dtype), model), **meta)
+                        speed=setting_to_dict((channels_last, amp_dtype), model, device), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, plan, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

@@ -56,7 +56,9 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         load_weights(model, ckpt["state_dict"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         detector.load_state_dict(ckpt["detector"])
-        precision.load_state_dict(ckpt.get("precision") or {})
+        note = precision.load_state_dict(ckpt.get("precision") or {})
+        if note:
+            reporter.line(note)
         gammas = list(ckpt["gammas"])
         start, scaler_state, tickets = ckpt["epoch"], ckpt.get("scaler"), ckpt["tickets"]
         progress.update(epoch=start, test_acc=ckpt["test_acc"])
@@ -89,7 +91,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                         detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
                         precision=precision.state_dict(), test_acc=record["test_acc"],
-                        speed=setting_to_dict((channels_last, amp_dtype), model), **meta)
+                        speed=setting_to_dict((channels_last, amp_dtype), model, device), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
+from ..prune.layers import SelectBatchNorm2d
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,46 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _group_device_types() -> set[str]:
+    """The device types the process group's collectives take: {'cuda'} under NCCL (which has no CPU
+    backend), {'cpu', 'cuda'} under gloo. Read from the group, not assumed from the run's device."""
+    config = dist.get_backend_config()  # "cuda:nccl", "cpu:gloo,cuda:gloo", ...
+    return {part.split(":")[0] for part in config.split(",") if ":" in part} or {"cpu"}
+
+
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where a collective over ``t`` runs: ``t``'s own device where the group serves it, else this
+    rank's GPU (an NCCL group given a CPU tensor) or the CPU."""
+    types = _group_device_types()
+    if t.device.type in types:
+        return t.device
+    return torch.device("cuda", torch.cuda.current_device()) if "cuda" in types else torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """The one place earlybird issues a collective: ``t`` reduced over the workers (in place), moved
+    to a device the group serves and back. A CPU tensor in an NCCL collective is a RuntimeError
+    ("No backend type associated with device type cpu"), raised only once a run has started."""
+    device = collective_device(t)
+    if device == t.device:
+        dist.all_reduce(t, op)
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved, op)
+    return t.copy_(moved)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the workers (in place, and returned); the tensor itself for one process."""
-    if _WORLD.active:
-        dist.all_reduce(t)
-    return t
+    return _all_reduce(t) if _WORLD.active else t
 
 
 def check_agree(t: torch.Tensor, what: str) -> None:
     """Fail loudly when the workers hold different values (they must compute the same masks)."""
     if not _WORLD.active:
         return
-    hi, lo = t.detach().clone(), t.detach().clone()
-    dist.all_reduce(hi, dist.ReduceOp.MAX)
-    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    hi = _all_reduce(t.detach().clone(), dist.ReduceOp.MAX)
+    lo = _all_reduce(t.detach().clone(), dist.ReduceOp.MIN)
     if not torch.equal(hi, lo):
         raise TrainingError(f"the workers disagree on {what} (largest difference {(hi - lo).abs().max().item():.3g}): "
                             "their models diverged; check that every rank runs the same code and data")
@@ -94,15 +121,11 @@ class _SumOverWorkers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+        return _all_reduce(t.clone())
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _all_reduce(grad.clone())
 
 
 def finish() -> None:
@@ -122,13 +145,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     torch's SyncBatchNorm runs on GPUs only; this one all-reduces per-channel sums (with autograd,
     so gradients flow across workers as they must), which gloo does on CPUs.
     """
-
-    @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d) -> "GlobalBatchNorm2d":
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  device=bn.weight.device, dtype=bn.weight.dtype)
-        new.load_state_dict(bn.state_dict())
-        return new
 
     def forward(self, x):
         if not self.training or not _WORLD.active:
@@ -150,14 +166,47 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
 
 
+class SyncSelectBatchNorm2d(SelectBatchNorm2d, nn.SyncBatchNorm):
+    """A pruned network's select BN (a channel gather, then BN) with torch's SyncBatchNorm statistics."""
+
+
+class GlobalSelectBatchNorm2d(SelectBatchNorm2d, GlobalBatchNorm2d):
+    """A pruned network's select BN (a channel gather, then BN) with GlobalBatchNorm2d statistics."""
+
+
+# By exact type, the synchronized form on GPUs and elsewhere. Subclasses with a forward of their
+# own (a select BN's gather, a fused kernel) must not become a plain SyncBatchNorm, as torch's
+# convert_sync_batchnorm makes them: that drops the gather, and a pruned PreResNet or DenseNet then
+# fails at its first forward.
+SYNC_FORMS: dict[type, tuple[type, type]] = {
+    nn.BatchNorm2d: (nn.SyncBatchNorm, GlobalBatchNorm2d),
+    SelectBatchNorm2d: (SyncSelectBatchNorm2d, GlobalSelectBatchNorm2d),
+}
+
+
+def _synchronized(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
+    like = bn.weight if bn.affine else bn.running_mean
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+              device=like.device if like is not None else None, dtype=like.dtype if like is not None else None)
+    new.load_state_dict(bn.state_dict())
+    if isinstance(bn, SelectBatchNorm2d):
+        new.in_channels = bn.in_channels
+    return new.train(bn.training)
+
+
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Global batch statistics: torch's SyncBatchNorm on GPUs, GlobalBatchNorm2d elsewhere."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """Global batch statistics (in place, and returned): torch's SyncBatchNorm on GPUs,
+    GlobalBatchNorm2d elsewhere, each with a select form for pruned networks' select BNs."""
+    gpu = torch.device(device).type == "cuda"
     for name, m in list(model.named_modules()):
-        if type(m) is nn.BatchNorm2d:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, GlobalBatchNorm2d.from_bn(m))
+        forms = SYNC_FORMS.get(type(m))
+        if forms is None:
+            continue
+        new = _synchronized(m, forms[0] if gpu else forms[1])
+        if not name:
+            return new
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
 
 
@@ -181,8 +230,25 @@ def parse_gpu_ids(text: str) -> list[int]:
         raise ConfigError("--gpu-ids: no CUDA GPU is available here; drop --gpu-ids to run on the CPU")
     count = torch.cuda.device_count()
     if max(ids) >= count:
-        raise ConfigError(f"--gpu-ids {text}: this machine has {count} GPU(s), numbered 0..{count - 1}")
+        raise ConfigError(f"--gpu-ids {text}: this machine has {count} GPU(s), numbered 0..{count - 1}"
+                          + mask_note())
     return ids
+
+
+def mask_note() -> str:
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (the ones CUDA_VISIBLE_DEVICES={mask} lets this process see)" if mask is not None else ""
+
+
+def visible_devices(ids: list[int]) -> str:
+    """CUDA_VISIBLE_DEVICES for the workers of GPUs ``ids``, which are numbered as this process sees
+    them: through the mask already set (SLURM and containers set one), so that ``--gpu-ids 0,1``
+    under CUDA_VISIBLE_DEVICES=4,5,6,7 is 4,5, not another job's 0,1."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return ",".join(map(str, ids))
+    entries = [e.strip() for e in mask.split(",") if e.strip()]  # indices, GPU-<uuid> or MIG-<uuid>
+    return ",".join(entries[i] for i in ids)
 
 
 def launch_on_gpus(ids: list[int], argv: list[str], port: int | None = None) -> int:
@@ -190,7 +256,8 @@ def launch_on_gpus(ids: list[int], argv: list[str], port: int | None = None) -> 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))  # worker k uses the k-th listed GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(ids)  # worker k uses the k-th listed GPU
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N workers with all cores each oversubscribe
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=len(ids), run_id=f"earlybird-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"localhost:{port or 0}", max_restarts=0)
     try:

@@ -43,12 +43,21 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     on_batch: Callable[[int, float, float, float], None] | None = None,
 ) -> EpochResult:
-    """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step."""
+    """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step.
+
+    Under loss scaling (``scaler``, fp16) a step whose loss overflowed is skipped by the scaler,
+    which then lowers the scale: such steps count in neither the loss nor the accuracy, and the
+    epoch fails as diverged only when over half of its samples had no finite loss (after real
+    divergence every loss is NaN). Without a scaler any non-finite loss fails it.
+    """
     model.train()
     device = next(model.parameters()).device
+    # per-step sums stay on the device: a .item() a step would make the CPU wait for a GPU
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    counted = torch.zeros((), device=device, dtype=torch.long)  # samples of steps with a finite loss
     seen = 0
+    steps = len(loader)  # once: a folder loader's length is not free
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         with _autocast(device, amp_dtype):
@@ -67,18 +76,27 @@ def train_epoch(
             scaler.update()
         else:
             optimizer.step()
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        hits = (logits.argmax(1) == y).sum()
+        if scaler is None:
+            total_loss += loss.detach() * len(y)
+            correct += hits
+            counted += len(y)
+        else:  # the scaler skipped the step if its loss overflowed: it counts nowhere
+            taken = torch.isfinite(loss.detach())
+            total_loss += torch.where(taken, loss.detach() * len(y), 0.0)
+            correct += hits * taken
+            counted += taken * len(y)
         seen += len(y)
-        if on_batch is not None and ((i + 1) % 10 == 0 or i + 1 == len(loader)):  # .item() syncs a GPU
+        if on_batch is not None and ((i + 1) % 10 == 0 or i + 1 == steps):  # .item() syncs a GPU
             elapsed = time.perf_counter() - start
-            on_batch(i + 1, loss.item(), 100.0 * correct.item() / seen, seen / max(elapsed, 1e-9))
-    loss_sum, hits, seen = all_reduce_sum(torch.stack([total_loss, correct.to(total_loss), torch.tensor(
-        float(seen), device=device)])).tolist()
-    if not math.isfinite(loss_sum):
-        raise TrainingError("training loss became NaN or infinite: lower --lr or --s")
+            on_batch(i + 1, loss.item(), 100.0 * correct.item() / max(counted.item(), 1), seen / max(elapsed, 1e-9))
+    sums = torch.stack([total_loss, correct.to(total_loss), counted.to(total_loss), torch.tensor(float(seen), device=device)])
+    loss_sum, hits, counted, seen = all_reduce_sum(sums).tolist()
+    if not math.isfinite(loss_sum) or counted * 2 < seen:
+        skipped = f" in {1 - counted / seen:.0%} of the epoch's samples" if scaler is not None else ""
+        raise TrainingError(f"training diverged: the loss was NaN or infinite{skipped}: lower --lr or --s")
     elapsed = time.perf_counter() - start
-    return EpochResult(loss_sum / seen, 100.0 * hits / seen, elapsed, seen / elapsed)
+    return EpochResult(loss_sum / counted, 100.0 * hits / counted, elapsed, seen / elapsed)
 
 
 @dataclass

@@ -72,10 +72,25 @@ def channels_last_hazards(model: nn.Module, device) -> list[str]:
 Setting = tuple[bool, "torch.dtype | None"]  # (channels-last?, autocast type or None for fp32)
 
 
+# bf16 tensor cores came with compute capability 8.0 (A100). torch.cuda.is_bf16_supported() is
+# also True on a V100 or T4, where bf16 is emulated and cuDNN runs it far slower than fp16.
+BF16_CAPABILITY = (8, 0)
+
+
 def default_autocast_dtype(device) -> torch.dtype:
-    """bf16 where the device has it, else fp16 (which needs loss scaling)."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    """bf16 on CPUs and on GPUs with bf16 tensor cores, else fp16 (which needs loss scaling)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < BF16_CAPABILITY:
+        return torch.float16
+    return torch.bfloat16
+
+
+def describe_gpu(device) -> str:
+    """'NVIDIA A100 (compute capability 8.0: bf16 autocast)': what a run says of its GPU first."""
+    major, minor = torch.cuda.get_device_capability(device)
+    dtype = default_autocast_dtype(device)
+    why = "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast with loss scaling; bf16 is emulated below 8.0"
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}: {why})"
 
 
 # With its convolutions 3x as long, a step in the autocast type could only win if over 80% of its
@@ -103,11 +118,14 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
 
 
-def setting_to_dict(setting: Setting, model: nn.Module | None = None) -> dict:
+def setting_to_dict(setting: Setting, model: nn.Module | None = None, device=None) -> dict:
     """A setting as plain values, for a checkpoint, with the GEMM parts of ``model``'s convolutions
-    in that setting's precision (``gemm_layers``), so that a resumed run computes as it started."""
+    in that setting's precision (``gemm_layers``), so that a resumed run computes as it started,
+    and the type of the device it was chosen on (a resume elsewhere chooses again)."""
     channels_last, dtype = setting
     d = {"channels_last": channels_last, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
+    if device is not None:
+        d["device"] = torch.device(device).type
     if model is not None:
         d["gemm"] = gemm_layers(model, dtype)
     return d

@@ -85,3 +85,22 @@ def randomize_bn(model, seed=0):
 def small_vgg():
     torch.manual_seed(0)
     return randomize_bn(create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32))).eval()
+
+
+@pytest.fixture(autouse=True)
+def _device_named(request, monkeypatch):
+    """Every test names its device. Under --device auto a GPU machine would run a test written for
+    the CPU (the fused kernel, gloo workers) on its GPU, and the suite would fail there; tests marked
+    ``cuda`` are the GPU's own."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    from earlybird.stages import common
+
+    real = common.resolve_device
+
+    def named(name):
+        if name == "auto":
+            pytest.fail("this test runs earlybird with --device auto: pass --device cpu, or mark it cuda")
+        return real(name)
+
+    monkeypatch.setattr(common, "resolve_device", named)

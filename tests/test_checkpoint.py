@@ -100,7 +100,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     torch.save({"format": "earlybird-checkpoint", "kind": "ticket", "payload": RunsCode(marker)}, path)
     with pytest.raises(CheckpointError, match="would run code when loaded.*import-reference"):
         load_checkpoint(path)
-    code = main(["prune", "--model", str(path), "--save", str(tmp_path / "p")])
+    code = main(["prune", "--model", str(path), "--save", str(tmp_path / "p"), "--device", "cpu"])
     assert code == 2 and "would run code" in capsys.readouterr().err
     assert not marker.exists()
 

@@ -13,8 +13,20 @@ TINY = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size", "
         "--seed", "0"]
 
 
+TRAINING_COMMANDS = {"search", "prune", "retrain", "run", "eval"}
+
+
+def on_cpu(argv) -> list[str]:
+    """``argv`` with --device cpu unless it names a device: the suite's runs are CPU runs on a GPU
+    machine too (under auto they would take its GPUs; tests marked cuda are the GPU's)."""
+    argv = [str(a) for a in argv]
+    if argv and argv[0] in TRAINING_COMMANDS and "--device" not in argv:
+        argv[1:1] = ["--device", "cpu"]
+    return argv
+
+
 def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
+    code = main(on_cpu(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -279,7 +291,7 @@ def test_progress_bars_on_a_terminal(capsys, tmp_path, cifar10_root):
 
     data = DataConfig(dataset="cifar10", data=str(cifar10_root), download=False, batch_size=8)
     summary = stages.search(data, ModelConfig(depth=11, width=0.0625), OptimConfig(epochs=1, schedule=[]),
-                            DetectConfig(ratios=[0.5]), RuntimeConfig(save=str(tmp_path / "s")), Reporter(bars=True))
+                            DetectConfig(ratios=[0.5]), RuntimeConfig(save=str(tmp_path / "s"), device="cpu"), Reporter(bars=True))
     err = capsys.readouterr().err
     assert summary["epochs_trained"] == 1
     assert "search 1/1" in err and "img/s" in err and "loss" in err

@@ -12,7 +12,7 @@ import torch
 from earlybird.train import load_checkpoint
 
 ARGS = ["search", "--dataset", "cifar10", "--no-download", "--arch", "vgg", "--depth", "11", "--width", "0.0625",
-        "--batch-size", "16", "--test-batch-size", "64", "--seed", "0", "--epochs", "6", "--schedule", "3",
+        "--batch-size", "16", "--test-batch-size", "64", "--seed", "0", "--device", "cpu", "--epochs", "6", "--schedule", "3",
         "--ratios", "0.3", "0.5", "--eb-window", "2", "--eb-threshold", "0.2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 

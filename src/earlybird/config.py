@@ -98,7 +98,8 @@ class RuntimeConfig:
     save: str | None = opt(None, "output directory (default: runs/<dataset>-<arch><depth> for search and run; "
                                  "next to the input checkpoint for prune and retrain)")
     seed: int = opt(1, "random seed (weights, data order, augmentation)", type=int)
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = opt("auto", "auto (a GPU where CUDA is), cpu, cuda (this process's GPU: LOCAL_RANK under "
+                              "torchrun) or cuda:N (one process)")
     amp: str = opt("auto", "mixed precision: auto times a few training steps with and without autocast on this "
                            "device and keeps the faster (bf16 was 1.6x faster than fp32 on a 2-core AVX-512 CPU); "
                            "on a CPU where one probe convolution takes over 3x as long in bf16 (7.9x on an AVX2 "

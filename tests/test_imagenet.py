@@ -60,6 +60,23 @@ def test_crops_and_determinism(imagenet_root):
     assert img[2, :, :110].mean() < 0.05 and img[0, :, 114:].mean() < 0.05
 
 
+@pytest.mark.parametrize("train, batch, rank, world", [(True, 5, 0, 1), (True, 5, 1, 2), (False, 3, 2, 3),
+                                                     (False, 16, 1, 2)])
+def test_a_folder_loaders_length_is_what_it_yields_and_costs_nothing(imagenet_root, monkeypatch, train, batch,
+                                                                     rank, world):
+    d = load_dataset("imagenet", imagenet_root)
+    loader = FolderLoader(d.train if train else d.test, batch, d.info, train, workers=0, rank=rank, world=world)
+
+    def walk(order):
+        raise AssertionError("len() walked the index")  # 0.26 s a call on ImageNet, asked every few steps
+
+    with monkeypatch.context() as m:
+        m.setattr(loader, "_batches", walk)
+        length = len(loader)
+    # 7 validation images in batches of 3: the last holds one image, and rank 2 of 3 gets none of it
+    assert length == sum(1 for _ in loader)
+
+
 def test_missing_and_broken_images(tmp_path, imagenet_root):
     with pytest.raises(DataError, match="train/<wnid>"):
         load_dataset("imagenet", tmp_path)

@@ -52,6 +52,31 @@ def test_two_gloo_workers_find_the_same_tickets_as_one_process(tmp_path, cifar10
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4), k
 
 
+def test_two_gloo_workers_retrain_a_pruned_preresnet_with_sync_bn_as_one_process(tmp_path, cifar10_root):
+    # a pruned PreResNet reads its residual streams through select BNs (a channel gather before the
+    # BN): under --sync-bn they keep the gather and take the global batch's statistics
+    data = ["--dataset", "cifar10", "--no-download", "--data", cifar10_root, "--device", "cpu", "--seed", "0",
+            "--batch-size", "16", "--test-batch-size", "64", "--amp", "off", "--channels-last", "off"]
+    search = earlybird("search", *data, "--arch", "preresnet", "--depth", "20", "--width", "0.25", "--epochs", "2",
+                       "--schedule", "1", "--ratios", "0.5", "--full", "--save", tmp_path / "s")
+    assert search.returncode == 0, search.stderr[-3000:]
+    pruned = earlybird("prune", "--model", tmp_path / "s" / "checkpoint.pth", "--data", cifar10_root, "--device", "cpu",
+                       "--latency-batches", "--save", tmp_path / "p")
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["selects"]
+    retrain = ["retrain", "--model", tmp_path / "p" / "pruned.pth", *data, "--epochs", "4", "--schedule", "3",
+               "--start-epoch", "2"]
+    two = earlybird(*retrain, "--sync-bn", "--save", tmp_path / "two", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = earlybird(*retrain, "--save", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    wa = load_checkpoint(tmp_path / "one" / "checkpoint.pth")["state_dict"]
+    wb = load_checkpoint(tmp_path / "two" / "checkpoint.pth")["state_dict"]
+    assert wa.keys() == wb.keys()  # a synchronized network saves what the plain one loads
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4), k
+
+
 def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cifar10_root):
     # wider and longer than ARGS, so that epochs take long enough to be killed in the middle
     argv = [*ARGS, "--width", "0.25", "--epochs", "12", "--full", "--deterministic", "--data", cifar10_root]

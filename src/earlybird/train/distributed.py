@@ -60,6 +60,9 @@ def init_from_env(use_cuda: bool) -> World:
     except KeyError as exc:
         raise ConfigError(f"WORLD_SIZE is {size} but {exc} is not set: start many processes with torchrun") from None
     if not dist.is_initialized():
+        if use_cuda and local < torch.cuda.device_count():  # past it: resolve_device says what to do
+            # NCCL's communicators and barriers use the current GPU: GPU 0 on every rank unless set first
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     _WORLD = World(rank, size, local)
     return _WORLD

@@ -6,6 +6,7 @@ import copy
 import importlib
 import os
 import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from earlybird.stages import common
 from earlybird.train import distributed, train_epoch, tuning
 from earlybird.train.distributed import World
 from test_cli import TINY, cli, interrupt_epoch
+from test_distributed import ENV
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "earlybird"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
@@ -429,3 +431,11 @@ def test_a_gpu_runs_checkpoint_resumes_on_the_cpu(capsys, tmp_path, cifar10_root
     assert "stochastic rounding continues with a new random stream" in out
     done = torch.load(path, weights_only=True)
     assert done["epoch"] == 4 and done["speed"]["device"] == "cpu" and done["speed"]["autocast"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script would run in full")
+def test_gpu_sh_checks_its_machine_before_it_starts(tmp_path):
+    done = subprocess.run(["bash", str(SRC.parents[1] / "benchmarks" / "gpu.sh")], env={**ENV, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no GPU visible" in done.stdout  # one line, to the log too
+    assert "no GPU visible" in (tmp_path / "device.txt").read_text() and not (tmp_path / "tests.txt").exists()

@@ -5,6 +5,9 @@ WORLD_SIZE and LOCAL_RANK from the environment, joins the process group (NCCL on
 CPUs) and trains on its share of every global batch. Only rank 0 writes files and prints. Masks and
 the Early-Bird decision are computed on every rank from the same BN scales, which are checked to be
 identical after every epoch.
+
+Every collective earlybird issues goes through ``_all_reduce``, which puts its tensor on a device
+the process group serves: NCCL has no CPU backend, and a CPU tensor there fails a run mid-way.
 """
 from __future__ import annotations
 

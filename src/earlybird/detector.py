@@ -32,6 +32,7 @@ class EarlyBird:
         threshold: float = 0.1,
         min_channels: int = 1,
         layers=None,
+        ties=(),
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
@@ -56,6 +57,10 @@ class EarlyBird:
         if not self._bns:
             raise ConfigError("the model has no batch-norm layers: Early-Bird masks come from BN scales")
         self.layer_sizes = [m.weight.numel() for m in self._bns]
+        # ``ties``: lists of (BN name, channel) that go together (earlybird.prune.channel_ties)
+        offset = dict(zip(self.layer_names, [sum(self.layer_sizes[:i]) for i in range(len(self.layer_sizes))]))
+        self.ties = [[offset[n] + c for n, c in tied if n in offset] for tied in ties]
+        self.ties = [t for t in self.ties if len(t) > 1]
         self.window = window
         self.threshold = threshold
         self.min_channels = min_channels
@@ -89,7 +94,7 @@ class EarlyBird:
         gammas = bn_gammas(self._bns)
         new = []
         for r in self.ratios:
-            mask = channel_mask(gammas, r, self.layer_sizes, self.min_channels)
+            mask = channel_mask(gammas, r, self.layer_sizes, self.min_channels, self.ties)
             recent = self._recent[r]
             recent.append(mask)
             self.distances[r] = [mask_distance(mask, old) for old in list(recent)[:-1]]

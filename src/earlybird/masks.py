@@ -48,20 +48,28 @@ def check_ratio(ratio: float) -> float:
 
 
 def channel_mask(
-    gammas: torch.Tensor, ratio: float, layer_sizes: Sequence[int], min_channels: int = 1
+    gammas: torch.Tensor, ratio: float, layer_sizes: Sequence[int], min_channels: int = 1,
+    ties: Sequence[Sequence[int]] = (),
 ) -> torch.Tensor:
     """Keep-mask that prunes the ``floor(N * ratio)`` smallest |gamma| over all layers.
 
     Ties are broken by position (a stable sort), so a mask is a deterministic function of the
-    gammas. The collapse guard then gives back, in every layer left with fewer than
-    ``min_channels`` channels, that layer's largest-|gamma| channels: the mask prunes slightly
-    fewer channels than asked, but never empties a layer. ``min_channels=0`` turns the guard off.
+    gammas. Each index set in ``ties`` (flat positions that can only be removed together) is
+    ranked by its mean |gamma|, so it is kept or removed as one. The collapse guard then gives
+    back, in every layer left with fewer than ``min_channels`` channels, that layer's
+    largest-|gamma| channels: the mask prunes slightly fewer channels than asked, but never
+    empties a layer. ``min_channels=0`` turns the guard off.
     """
     ratio = check_ratio(ratio)
     n = gammas.numel()
     if sum(layer_sizes) != n:
         raise ValueError(f"layer sizes add up to {sum(layer_sizes)} but there are {n} gammas")
-    order = torch.sort(gammas, stable=True).indices
+    scores = gammas
+    if ties:  # channels that go together (one position in every group of a grouped conv) rank as one
+        scores = gammas.clone()
+        for tied in ties:
+            scores[list(tied)] = gammas[list(tied)].mean()
+    order = torch.sort(scores, stable=True).indices
     keep = torch.ones(n, dtype=torch.bool)
     keep[order[: int(n * ratio)]] = False
     if min_channels > 0:

@@ -1,7 +1,9 @@
 """Physical pruning: the dependency-aware engine and the layers a pruned network may need."""
-from .engine import PrunePlan, apply_mask, apply_plan, layer_masks, plan_pruning, prunable_layers, prune_model
+from .engine import (PrunePlan, apply_mask, apply_plan, channel_ties, layer_masks, plan_pruning, prunable_layers,
+                     prune_model)
 from .layers import ConstantFoldConv2d, SelectBatchNorm2d
 
-__all__ = ["ConstantFoldConv2d", "PrunePlan", "SelectBatchNorm2d", "apply_mask", "apply_plan", "layer_masks",
+__all__ = ["ConstantFoldConv2d", "PrunePlan", "SelectBatchNorm2d", "apply_mask", "apply_plan", "channel_ties",
+           "layer_masks",
            "plan_pruning", "prunable_layers",
            "prune_model"]

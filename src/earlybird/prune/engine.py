@@ -37,7 +37,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
-from ..errors import PruneError
+from ..errors import EarlyBirdError, PruneError
 from ..masks import check_not_empty, prunable_bns, split_mask
 from ..probe import probe_forward
 from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d
@@ -48,6 +48,8 @@ _CHANNELWISE_OPS = (
     "softplus", "mish", "add", "sub", "mul", "div", "neg", "clamp", "maxpool", "avgpool", "adaptiveavgpool",
     "adaptivemaxpool", "mean", "clone", "upsample", "dropout", "constantpadnd", "reflectionpad", "replicationpad",
     "tocopy", "alias",
+    # a BN computed inside a module whose output is taken later (timm's BatchNormAct2d: BN, drop, act)
+    "nativebatchnorm", "cudnnbatchnorm", "miopenbatchnorm",
 )
 # Modules Torch-Pruning can slice whose channels stay channels (anything else mixes or moves them).
 _LAYERS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -59,7 +61,10 @@ class PrunePlan:
 
     ``keep``: per BN, the output channels it keeps (the effective mask); ``selects``: BNs that
     became :class:`SelectBatchNorm2d`; ``folds``: consumer -> "bias" | "map"; ``removed``:
-    "module:out" / "module:in" -> the channel indices removed from that side of that module.
+    "module:out" / "module:in" -> the channel indices removed from that side of that module;
+    ``zeroed``: per BN, removed channels whose shift is zeroed as well as their scale (their
+    constant reaches a conv through a per-sample gate or a padded pool, so it cannot be folded; a
+    zero stays zero there).
     """
 
     input_shape: list[int]
@@ -67,15 +72,21 @@ class PrunePlan:
     folds: dict[str, str] = field(default_factory=dict)
     selects: list[str] = field(default_factory=list)
     removed: dict[str, list[int]] = field(default_factory=dict)
+    zeroed: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "keep": self.keep, "folds": self.folds,
-                "selects": list(self.selects), "removed": self.removed}
+                "selects": list(self.selects), "removed": self.removed, "zeroed": self.zeroed}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
         return cls(list(d["input_shape"]), {k: list(v) for k, v in d["keep"].items()}, dict(d["folds"]),
-                   list(d["selects"]), {k: list(v) for k, v in d["removed"].items()})
+                   list(d["selects"]), {k: list(v) for k, v in d["removed"].items()},
+                   {k: list(v) for k, v in d.get("zeroed", {}).items()})
+
+    def masked(self, model: nn.Module) -> nn.Module:
+        """The masked dense network the pruned one equals: scales masked, and zeroed shifts zeroed."""
+        return apply_mask(model, self.masks(model), self.zeroed)
 
     def masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The effective keep-mask per BN of the dense ``model``."""
@@ -108,21 +119,42 @@ def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
     return {n: piece.bool().cpu() for (n, _), piece in zip(named, split_mask(mask, sizes))}
 
 
-def apply_mask(model: nn.Module, mask) -> nn.Module:
-    """A copy of ``model`` with the scale of every pruned channel set to zero (the masked net)."""
+def apply_mask(model: nn.Module, mask, zeroed: dict[str, list[int]] | None = None) -> nn.Module:
+    """A copy of ``model`` with the scale of every pruned channel set to zero (the masked net), and
+    the shift too of the channels ``zeroed`` names (per BN, as a plan's ``zeroed``)."""
     masked = copy.deepcopy(model)
     bns = dict(prunable_bns(masked))
     with torch.no_grad():
         for name, keep in layer_masks(masked, mask).items():
             bns[name].weight.mul_(keep.to(bns[name].weight))
+        for name, channels in (zeroed or {}).items():
+            bns[name].bias[channels] = 0
     return masked
 
 
 # ----------------------------------------------------------------------------- the graph
 
 def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
-                                                  customized_pruners=dict(CUSTOM_PRUNERS))
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False,
+                                                      customized_pruners=dict(CUSTOM_PRUNERS))
+    except Exception as exc:  # noqa: BLE001 - whatever tracing a foreign model raises becomes one line
+        raise PruneError(f"the pruning engine cannot trace this model's channels ({_first_line(exc)}): it has an "
+                         "operation Torch-Pruning's graph does not follow") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
+def _group(dg: tp.DependencyGraph, module: nn.Module, fn, idxs: list[int], name: str):
+    """Torch-Pruning's pruning group, its failures as a PruneError naming the layer."""
+    try:
+        return dg.get_pruning_group(module, fn, idxs)
+    except Exception as exc:  # noqa: BLE001
+        raise PruneError(f"the channels of '{name}' cannot be followed through the model ({_first_line(exc)}): it "
+                         "splits, shuffles or slices them in a way the engine does not handle") from exc
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -149,9 +181,7 @@ def _check_supported(node, name: str | None, bn_name: str) -> None:
             return
         what = f"operation {op}"
     elif isinstance(module, _LAYERS):
-        if not isinstance(module, nn.Conv2d) or module.groups == 1 or _is_depthwise(module):
-            return
-        what = f"layer '{name}' (grouped Conv2d, groups={module.groups})"
+        return
     elif isinstance(module, nn.Parameter):
         what = f"parameter '{name}' used outside a layer"
     else:
@@ -185,6 +215,10 @@ class _Coupling:
     classes: _Classes
     streams: set  # class roots that pass through a residual add or a concatenation
     consumers: dict[str, dict[int, tuple]]  # conv/linear -> input index -> (bn, channel) it reads
+    refused: dict[str, str] = field(default_factory=dict)  # BN -> why its channels cannot go (they all stay)
+    pinned: set = field(default_factory=set)  # class roots that must stay (a grouped conv's lone group position)
+    tied: set = field(default_factory=set)  # class roots tied across the groups of a grouped conv
+    grouped: dict[str, int] = field(default_factory=dict)  # grouped (not depthwise) conv -> its groups
     members: dict = field(default_factory=dict)  # class root -> its (bn, channel) members
     # BN -> the BNs its channels reach through channel-preserving ops, and whether they reach anything else
     reach: dict[str, tuple[set[str], bool]] = field(default_factory=dict)
@@ -197,30 +231,66 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
     bns = {n: m for n, m in prunable_bns(model) if m in dg.module2node}
     bn_of = {m: n for n, m in bns.items()}
     coupling = _Coupling({n: m.weight.numel() for n, m in bns.items()}, _Classes(), set(), {})
+    grouped_sides: dict[tuple[str, bool], dict[int, tuple]] = {}  # (grouped conv, output side?) -> index -> BN channel
     for name, bn in bns.items():
         size = bn.weight.numel()
-        group = dg.get_pruning_group(bn, dg.get_pruner_of_module(bn).prune_out_channels, list(range(size)))
+        try:
+            group = _group(dg, bn, dg.get_pruner_of_module(bn).prune_out_channels, list(range(size)), name)
+            for item in group:
+                _check_supported(item.dep.target, names.get(item.dep.target.module), name)
+        except PruneError as exc:  # this BN's channels stay; the others can still go
+            coupling.refused[name] = str(exc)
+            continue
         stream = False
         for item in group:
             module = item.dep.target.module
-            _check_supported(item.dep.target, names.get(module), name)
             stream |= _is_stream_op(module)
+            out = dg.is_out_channel_pruning_fn(item.dep.handler)
             if module in bn_of:
                 for i, r in zip(item.idxs, item.root_idxs):
                     coupling.classes.union((name, r), (bn_of[module], i))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not dg.is_out_channel_pruning_fn(item.dep.handler):
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not out:
                 reads = coupling.consumers.setdefault(names[module], {})
                 for i, r in zip(item.idxs, item.root_idxs):
                     reads[i] = (name, r)
+            if _is_grouped(module):
+                sides = grouped_sides.setdefault((names[module], out), {})
+                sides.update({i: (name, r) for i, r in zip(item.idxs, item.root_idxs)})
         if stream:
             coupling.streams.update(coupling.classes.find((name, c)) for c in range(size))
-    coupling.reach = {name: _reach(dg, bn, bn_of) for name, bn in bns.items()}
+    _tie_groups(coupling, grouped_sides, model)
+    coupling.reach = {name: _reach(dg, bn, bn_of) if name not in coupling.refused else (set(), True)
+                      for name, bn in bns.items()}
     # unions made after a class was marked may have moved its root
-    coupling.streams = {coupling.classes.find(c) for c in coupling.streams}
+    for attr in ("streams", "pinned", "tied"):
+        setattr(coupling, attr, {coupling.classes.find(c) for c in getattr(coupling, attr)})
     for name, size in coupling.sizes.items():
         for c in range(size):
             coupling.members.setdefault(coupling.classes.find((name, c)), []).append((name, c))
     return coupling
+
+
+def _tie_groups(coupling: _Coupling, sides: dict[tuple[str, bool], dict[int, tuple]], model: nn.Module) -> None:
+    """A grouped conv keeps the same number of channels in every group: a channel position goes from
+    all groups (input or output side) or from none, as Torch-Pruning removes them. Each position's
+    channels become one class; a position some of whose channels are no BN's stays."""
+    for (name, out), index in sides.items():
+        conv = model.get_submodule(name)
+        coupling.grouped[name] = conv.groups
+        per = (conv.out_channels if out else conv.in_channels) // conv.groups
+        for i, member in index.items():
+            mates = [index.get(i % per + k * per) for k in range(conv.groups)]
+            if any(m is None for m in mates):
+                coupling.pinned.add(member)
+                continue
+            for mate in mates:
+                coupling.classes.union(member, mate)
+            coupling.tied.add(member)
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (those couple their inputs and outputs instead)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
 
 
 def _reach(dg: tp.DependencyGraph, bn: nn.Module, bn_of: dict) -> tuple[set[str], bool]:
@@ -337,8 +407,12 @@ def _round_up(keep: torch.Tensor, gammas: torch.Tensor, free: torch.Tensor, mult
 
 
 def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
-                 round_to: int = 1) -> PrunePlan:
-    """Decide what to remove for ``mask`` (see the module doc) and return it as a plan."""
+                 round_to: int = 1, strict: bool = True, refused: dict[str, str] | None = None) -> PrunePlan:
+    """Decide what to remove for ``mask`` (see the module doc) and return it as a plan.
+
+    A BN whose channels reach an operation the engine cannot prune through keeps them all: with
+    ``strict``, a mask that removes some of them is a PruneError naming the operation; ``refused``
+    (a dict) receives every such BN with the reason."""
     requested = layer_masks(model, mask)
     for name, keep in requested.items():
         check_not_empty(name, keep)
@@ -347,10 +421,27 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     model.eval()
     try:
         coupling = _couple(model, example)
+        if refused is not None:
+            refused.update(coupling.refused)
+        return _plan(model, requested, coupling, example_inputs, keep_streams, round_to, strict)
+    except EarlyBirdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an engine failure on a foreign model is one line, never a traceback
+        raise PruneError(f"the pruning engine failed on this model ({_first_line(exc)}): it has a structure the "
+                         "engine does not handle") from exc
     finally:
         model.train(was_training)
+
+
+def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupling, example_inputs: torch.Tensor,
+          keep_streams: bool, round_to: int, strict: bool) -> PrunePlan:
+    example = example_inputs[:1]
+    for name, why in coupling.refused.items():
+        if strict and name in requested and not bool(requested[name].all()):
+            raise PruneError(why)
     find = coupling.classes.find
-    masked = {n: requested.get(n, torch.ones(s, dtype=torch.bool)) for n, s in coupling.sizes.items()}
+    masked = {n: requested.get(n, torch.ones(s, dtype=torch.bool)) if n not in coupling.refused else
+              torch.ones(s, dtype=torch.bool) for n, s in coupling.sizes.items()}
 
     # A class goes when all its BNs are masked (or dead) and every reader sees a constant.
     dead = _dead(coupling, masked)
@@ -365,12 +456,32 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     if keep_streams:
         for root in coupling.streams:
             gone[root] = False
-    probe = _probe(apply_mask(model, masked), example_inputs, {n: sorted(r) for n, r in coupling.consumers.items()})
-    for consumer, reads in coupling.consumers.items():
-        _, constant = probe[consumer]
-        for pos, i in enumerate(sorted(reads)):
-            if not constant[pos]:
-                gone[find(reads[i])] = False
+    for root in coupling.pinned:
+        gone[root] = False
+    # Readers must see a constant in the network prune_model compares with: the effective masks
+    # (classes given back change what a gate computes), so decide again until that network agrees.
+    probe_masks, zeroed = masked, None
+    for _ in range(4):
+        before = dict(gone)
+        found = _constant_reads(model, probe_masks, coupling, gone, example_inputs)
+        if zeroed is not None and gone == before and found == zeroed:
+            break
+        zeroed = found
+        effective, selects = _effective(model, masked, coupling, gone, deciders, example, round_to)
+        probe_masks = effective
+    else:
+        raise PruneError("the pruning decisions do not settle: the model has a structure the engine does not handle")
+    plan = _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
+    plan.zeroed = {n: sorted(c for c in chans if not effective[n][c]) for n, chans in sorted(zeroed.items())}
+    plan.zeroed = {n: chans for n, chans in plan.zeroed.items() if chans}
+    return plan
+
+
+def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Coupling, gone: dict, deciders: dict,
+               example: torch.Tensor, round_to: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Per BN the channels it keeps once classes are decided (``gone``, which --round-to may give
+    back to), and the BNs that become selects."""
+    find = coupling.classes.find
 
     # Masked channels of kept classes: readers select them away, other members keep them.
     def staying(name: str) -> torch.Tensor:  # per channel of a BN: does its class stay?
@@ -396,7 +507,47 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
                 gone[find((name, c))] = False
     # every other BN keeps the classes that stay, given back or not
     effective = {name: chosen[name] if name in selects else staying(name) for name in masked}
-    return _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)
+    return effective, selects
+
+
+def _constant_reads(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Coupling, gone: dict,
+                    example_inputs: torch.Tensor) -> dict[str, set[int]]:
+    """Keep (in ``gone``) the classes some conv or linear reads as a varying value, except where
+    zeroing their BN shifts too makes every read constant: a masked channel emits its shift through
+    the activation, which a per-sample gate (squeeze-and-excitation) or a zero-padded average pool
+    turns into a varying value; a zero passes both as a zero. The shift-zeroed channels, per BN."""
+    find = coupling.classes.find
+    wanted = {n: sorted(r) for n, r in coupling.consumers.items()}
+
+    def varying(zeroed: dict[str, set[int]]) -> set:
+        probe = _probe(apply_mask(model, masked, {n: sorted(c) for n, c in zeroed.items()}), example_inputs, wanted)
+        return {find(reads[i]) for consumer, reads in coupling.consumers.items()
+                for pos, i in enumerate(wanted[consumer]) if not probe[consumer][1][pos]}
+
+    def shifts_of(roots) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for root in roots:
+            for bn, c in coupling.members[root]:
+                out.setdefault(bn, set()).add(c)
+        return out
+
+    first = varying({})
+    candidates = {root for root in first if gone[root]}
+    if not candidates:
+        for root in first:
+            gone[root] = False
+        return {}
+    for _ in range(3):  # zeroing one class's shifts can change what another's readers see
+        still = varying(shifts_of(candidates)) & candidates
+        candidates -= still
+        if not still:
+            break
+    else:
+        candidates = set()  # did not settle: no zeroing
+    for root in first | varying(shifts_of(candidates)):
+        if root not in candidates:
+            gone[root] = False  # read as a varying value: the class stays
+    return shifts_of(candidates)
 
 
 def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams: bool = False) -> list[str]:
@@ -404,12 +555,33 @@ def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams
     these, so "p = 30%" means 30% of the channels that can really go.
 
     Found by planning the most extreme mask (every BN down to one channel): a BN that loses
-    nothing even then (a stream member under ``keep_streams``, a stream a raw layer reads) never will.
+    nothing even then (a stream member under ``keep_streams``, a stream a raw layer reads, a BN whose
+    channels reach an operation the engine cannot prune through) never will. A PruneError naming
+    such an operation where no BN is left.
     """
     names = [n for n, _ in prunable_bns(model)]
     extreme = {n: torch.arange(m.weight.numel()) == 0 for n, m in prunable_bns(model)}
-    plan = plan_pruning(model, extreme, example_inputs, keep_streams)
-    return [n for n in names if n in plan.keep]
+    refused: dict[str, str] = {}
+    plan = plan_pruning(model, extreme, example_inputs, keep_streams, strict=False, refused=refused)
+    layers = [n for n in names if n in plan.keep]
+    if not layers and refused:
+        raise PruneError(next(iter(refused.values())))
+    return layers
+
+
+def channel_ties(model: nn.Module, example_inputs: torch.Tensor) -> list[list[tuple[str, int]]]:
+    """The BN channels that can only be removed together, as lists of (BN name, channel): one
+    position in every group of a grouped (not depthwise) conv. Masks rank each list as one
+    (``EarlyBird(ties=...)``), so that "p = 50%" removes whole positions rather than channels the
+    engine would have to keep. Empty for models without grouped convs."""
+    if not any(_is_grouped(m) for m in model.modules()):
+        return []
+    was_training = model.training
+    try:
+        coupling = _couple(model.eval(), example_inputs[:1])
+    finally:
+        model.train(was_training)
+    return [sorted(coupling.members[root]) for root in sorted(coupling.tied, key=str)]
 
 
 def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str], example_inputs) -> PrunePlan:
@@ -428,22 +600,24 @@ def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str
                 side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
                 removed.setdefault(f"{names[module]}:{side}", set()).update(int(i) for i in item.idxs)
 
-    roots: dict[str, set[int]] = {}
-    done = set()
-    for name, size in coupling.sizes.items():
-        for c in range(size):
-            root = find((name, c))
-            if gone[root] and root not in done:
-                done.add(root)
-                # one member triggers the class: a plain BN by its outputs, a select BN by its inputs
-                plain = [m for m in coupling.members[root] if m[0] not in selects]
-                bn, ch = plain[0] if plain else coupling.members[root][0]
-                roots.setdefault(bn, set()).add(ch)
-    for bn, chans in roots.items():
-        module = trial.get_submodule(bn)
-        pruner = dg.get_pruner_of_module(module)
-        fn = pruner.prune_in_channels if bn in selects else pruner.prune_out_channels
-        add(dg.get_pruning_group(module, fn, sorted(chans)))
+    # One member triggers a class: a plain BN by its outputs, a select BN by its inputs. A class tied
+    # across a grouped conv's groups is several channels of the graph: members the first group did
+    # not reach trigger in a next round, until every member is removed.
+    classes = [coupling.members[root] for root in dict.fromkeys(
+        find((name, c)) for name, size in coupling.sizes.items() for c in range(size)) if gone[root]]
+    pending = [([m for m in members if m[0] not in selects] or members)[0] for members in classes]
+    while pending:
+        roots: dict[str, set[int]] = {}
+        for bn, ch in pending:
+            roots.setdefault(bn, set()).add(ch)
+        for bn, chans in roots.items():
+            module = trial.get_submodule(bn)
+            pruner = dg.get_pruner_of_module(module)
+            fn = pruner.prune_in_channels if bn in selects else pruner.prune_out_channels
+            add(_group(dg, module, fn, sorted(chans), bn))
+        left = [m for members in classes for m in members
+                if m[0] not in selects and m[1] not in removed.get(f"{m[0]}:out", ())]
+        pending = [] if set(left) & set(pending) else left  # no progress: the check below names the BN
     for bn in selects:
         drop = torch.nonzero(~effective[bn]).flatten().tolist()
         if drop:
@@ -491,7 +665,12 @@ def _fold_into(name: str, consumer: nn.Module, idxs: list[int], value: torch.Ten
     w = consumer.weight.detach().double()
     if isinstance(consumer, nn.Linear):
         return "bias", w[:, idxs] @ value
-    kernel = torch.einsum("oc...,c->o...", w[:, idxs], value)
+    # a grouped conv: input channel i is position i % per of group i // per, and reaches that group's outputs only
+    per_in, per_out = consumer.in_channels // consumer.groups, consumer.out_channels // consumer.groups
+    kernel = torch.zeros(consumer.out_channels, *w.shape[2:], dtype=w.dtype)
+    for i, v in zip(idxs, value.tolist()):
+        group, pos = divmod(i, per_in)
+        kernel[group * per_out:(group + 1) * per_out] += v * w[group * per_out:(group + 1) * per_out, pos]
     no_zero_padding = all(p == 0 for p in consumer.padding) or consumer.padding_mode != "zeros"
     if no_zero_padding:
         return "bias", kernel.sum(dim=(1, 2))
@@ -510,7 +689,17 @@ def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_strea
     of this many channels per layer) gave back.
     """
     plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to)
-    masked = apply_mask(model, plan.masks(model))
+    try:
+        return _prune(model, plan, example_inputs)
+    except EarlyBirdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in plan_pruning: one line, never a traceback
+        raise PruneError(f"the pruning engine failed on this model ({_first_line(exc)}): it has a structure the "
+                         "engine does not handle") from exc
+
+
+def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> tuple[nn.Module, PrunePlan]:
+    masked = plan.masked(model)
     consumers = {}
     dense = dict(model.named_modules())
     for key, idxs in plan.removed.items():

@@ -12,7 +12,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from ..progress import Reporter
-from ..prune import apply_mask, prunable_layers, prune_model
+from ..prune import prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.tuning import channels_last_hazards, setting_name, side_by_side, step_runs
 from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime,
@@ -87,7 +87,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     keep_streams = bool(ckpt.get("keep_streams", False))
     pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to)
     effective = plan.masks(dense)
-    masked = apply_mask(dense, effective)
+    masked = plan.masked(dense)
     with torch.no_grad():
         out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
     shape = ckpt.get("input_shape", list(example.shape[1:]))
@@ -109,6 +109,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "test_top5": {k: r.top5 for k, r in results.items()},
         "max_output_diff_pruned_vs_masked": out_diff,
         "folds": plan.folds, "selects": plan.selects,
+        "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
         "throughput": latency_table(dense, pruned, shape, options.latency_batches, device) if timer else {},
@@ -125,6 +126,10 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
                   + (f"; {dead} unasked went as they fed only masked BNs" if dead else "")
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
+    if plan.zeroed:
+        reporter.line(f"  {sum(map(len, plan.zeroed.values()))} removed channels of {len(plan.zeroed)} BNs have their "
+                      "shift zeroed as well (a gate or a padded pool lies between them and the next conv, so their "
+                      "constant cannot be folded): 'masked' below is the network with those shifts zeroed")
     reporter.line(f"  params {p['before']:,} -> {p['after']:,} ({p['before'] / p['after']:.2f}x less), "
                   f"MACs {m['before'] / 1e6:.2f}M -> {m['after'] / 1e6:.2f}M ({m['before'] / m['after']:.2f}x less)")
     for b, row in report["throughput"].items():

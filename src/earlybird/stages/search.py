@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from ..masks import bn_gammas, prunable_bns
 from ..models import ModelSpec, create_model
 from ..progress import MetricsLog, Reporter
-from ..prune import prunable_layers
+from ..prune import channel_ties, prunable_layers
 from ..train import distributed, load_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
 from ..train.tuning import precision_name, setting_to_dict
@@ -38,6 +38,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if not layers:
         raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
                           + (": drop --keep-streams" if detect.keep_streams else ""))
+    ties = channel_ties(model, probe_inputs(spec))  # a grouped conv's positions go from all its groups at once
     resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
@@ -45,7 +46,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     speed = ckpt.get("speed") if ckpt else None
     model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
                                                                                device, reporter, speed)
-    detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers)
+    detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers,
+                         ties)
     gammas = [bn_gammas(detector._bns)]
     start, scaler_state, tickets = 0, None, {}
     progress = {"epoch": 0, "test_acc": None}

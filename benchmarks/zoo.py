@@ -17,7 +17,9 @@ enough for ``torchvision.models`` (and for timm on top of it); earlybird itself 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import signal
 import sys
 import time
 import traceback
@@ -90,6 +92,32 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
+class TimedOut(BaseException):  # not an Exception: the tools' own handlers must not take it for a failure
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Stop one model's work after ``seconds`` (SIGALRM: the main thread, between Python bytecodes)."""
+    def expire(signum, frame):
+        raise TimedOut(f"over {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def limited(seconds: int, tool, model: nn.Module, x: torch.Tensor) -> dict:
+    try:
+        with time_limit(seconds):
+            return tool(model, x)
+    except TimedOut as exc:
+        return {"ok": False, "error": f"timed out ({exc})", "seconds": seconds}
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:110] if text else ''}"
@@ -145,6 +173,7 @@ def main() -> None:
     p.add_argument("--max-params", type=float, default=150, help="leave out models of more million parameters")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--no-torch-pruning", action="store_true")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per model and tool")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 2x3x{args.image_size}x{args.image_size}, "
           "random BN scales, 50% global mask")
@@ -167,8 +196,8 @@ def main() -> None:
         randomize_bn(model)
         size = max(args.image_size, MIN_SIZE.get(name.split(":", 1)[1], 0))
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        a = ours(model, x)
-        b = {"ok": None} if args.no_torch_pruning else torch_pruning(copy.deepcopy(model), x)
+        a = limited(args.timeout, ours, model, x)
+        b = {"ok": None} if args.no_torch_pruning else limited(args.timeout, torch_pruning, copy.deepcopy(model), x)
         counts["ours"] += bool(a["ok"])
         counts["tp"] += bool(b["ok"])
         counts["traceback"] += (not a["ok"]) and a["error"].startswith("TRACEBACK")

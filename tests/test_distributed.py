@@ -121,6 +121,7 @@ if distributed.world().rank == 1:  # this worker alone finds bf16 far slower
     tuning.F.conv2d = slow
 found = tuning.autocast_slowdown("cpu", torch.bfloat16)
 Path(sys.argv[1], f"{distributed.world().rank}.json").write_text(json.dumps(found))  # the workers' prints interleave
+distributed.finish()  # as the CLI does: gloo aborts a process that exits with the group still up
 """
 
 

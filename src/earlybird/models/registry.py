@@ -102,7 +102,8 @@ def _external(spec: ModelSpec) -> nn.Module:
     if source == "torchvision":
         if spec.in_channels != 3:
             raise ConfigError(f"torchvision models take 3 input channels, the dataset has {spec.in_channels}")
-        builder, kwargs = "get_model", {"name": name, "weights": None, "num_classes": spec.num_classes}
+        source, builder = "torchvision.models", "get_model"  # torchvision itself has no get_model
+        kwargs = {"name": name, "weights": None, "num_classes": spec.num_classes}
     elif source == "timm":
         builder, kwargs = "create_model", {"model_name": name, "num_classes": spec.num_classes,
                                            "in_chans": spec.in_channels, "pretrained": False}
@@ -110,13 +111,16 @@ def _external(spec: ModelSpec) -> nn.Module:
         builder, kwargs = name, {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
     try:
         fn = getattr(importlib.import_module(source), builder)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, RuntimeError) as exc:  # RuntimeError: a build for another torch
         raise ConfigError(f"cannot load --arch {spec.arch} ({exc}): install it, or check the module:function name "
                           "(the module must be importable, e.g. from the current directory)") from None
     try:
         model = fn(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"--arch {spec.arch}: {exc} (it is called with num_classes= and in_channels=)") from None
+    except (ValueError, RuntimeError, KeyError) as exc:  # torchvision's and timm's "unknown model"
+        raise ConfigError(f"--arch {spec.arch}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}: "
+                          "check the model name") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--arch {spec.arch} returned a {type(model).__name__}, not a torch.nn.Module")
     _check_output(model, spec)

@@ -191,6 +191,24 @@ def _check_supported(node, name: str | None, bn_name: str) -> None:
                      "(prune_model takes a mask per layer)")
 
 
+def _check_indices(item, dg: tp.DependencyGraph, names: dict, bn_name: str) -> None:
+    """Refuse a group whose channel numbers do not fit a layer it reaches: Torch-Pruning numbers the
+    channels after a split (torch.split, chunk) as before it."""
+    module = item.dep.target.module
+    if not isinstance(module, _LAYERS) or not item.idxs:
+        return
+    out = dg.is_out_channel_pruning_fn(item.dep.handler)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        size = module.num_features
+    elif isinstance(module, nn.Linear):
+        size = module.out_features if out else module.in_features
+    else:
+        size = module.out_channels if out else module.in_channels
+    if max(item.idxs) >= size:
+        raise PruneError(f"the channels of '{bn_name}' reach layer '{names.get(module)}' through a split or slice "
+                         "(torch.split, chunk) the pruning engine cannot follow: leave that BN out of the mask")
+
+
 class _Classes:
     """Union-find over (bn name, channel): which BN channels are one channel of the network."""
 
@@ -238,6 +256,7 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
             group = _group(dg, bn, dg.get_pruner_of_module(bn).prune_out_channels, list(range(size)), name)
             for item in group:
                 _check_supported(item.dep.target, names.get(item.dep.target.module), name)
+                _check_indices(item, dg, names, name)
         except PruneError as exc:  # this BN's channels stay; the others can still go
             coupling.refused[name] = str(exc)
             continue
@@ -489,7 +508,10 @@ def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Cou
 
     kept_class = {n: staying(n) for n in masked}
     bns = dict(prunable_bns(model))
-    candidates = {n for n, k in masked.items() if bool((~k & kept_class[n]).any()) and type(bns[n]) is nn.BatchNorm2d}
+    # a BN feeding a grouped conv does not select: its outputs must lose a position from every group
+    tied = {bn for root in coupling.tied for bn, _ in coupling.members[root]}
+    candidates = {n for n, k in masked.items() if bool((~k & kept_class[n]).any()) and type(bns[n]) is nn.BatchNorm2d
+                  and n not in tied}
     selects = _private_readers(model, candidates, example)
     chosen = {}  # a select's kept channels: its own choice
     for name, keep in masked.items():

@@ -12,7 +12,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
 from ..progress import Reporter
-from ..prune import prunable_layers, prune_model
+from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.tuning import channels_last_hazards, setting_name, side_by_side, step_runs
 from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime,
@@ -24,15 +24,32 @@ def _per_layer_channels(model) -> dict[str, int]:
 
 
 def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example) -> dict[str, torch.Tensor]:
-    """The ticket's own mask, or one recomputed at ``percent`` over the same prunable layers."""
+    """The ticket's own mask, or one recomputed at ``percent`` over the same prunable layers (with
+    a grouped conv's tied channels ranked as one, as the search ranks them)."""
     layers = ckpt.get("layers") or prunable_layers(dense, example, ckpt.get("keep_streams", False))
     bns = dict(prunable_bns(dense))
+    sizes = [bns[n].weight.numel() for n in layers]
     if percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
+        offset = dict(zip(layers, [sum(sizes[:i]) for i in range(len(sizes))]))
+        ties = [[offset[n] + c for n, c in tied if n in offset] for tied in channel_ties(dense, example)]
         mask = channel_mask(bn_gammas([bns[n] for n in layers]), check_ratio(percent or ckpt.get("ratio", 0.5)),
-                            [bns[n].weight.numel() for n in layers], min_channels)
-    return dict(zip(layers, torch.split(mask, [bns[n].weight.numel() for n in layers])))
+                            sizes, min_channels, [t for t in ties if len(t) > 1])
+    return dict(zip(layers, torch.split(mask, sizes)))
+
+
+def grouped_report(dense, pruned) -> dict:
+    """How each grouped (not depthwise) conv was pruned: the same positions left every group."""
+    after = dict(pruned.named_modules())
+    rows = {}
+    for name, m in dense.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and 1 < m.groups < m.out_channels and name in after:
+            p = after[name]
+            if (p.in_channels, p.out_channels) != (m.in_channels, m.out_channels):
+                rows[name] = {"groups": m.groups, "in_per_group": [m.in_channels // m.groups, p.in_channels // p.groups],
+                              "out_per_group": [m.out_channels // m.groups, p.out_channels // p.groups]}
+    return rows
 
 
 def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
@@ -89,7 +106,9 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     effective = plan.masks(dense)
     masked = plan.masked(dense)
     with torch.no_grad():
-        out_diff = (pruned.eval()(example) - masked.eval()(example)).abs().max().item()
+        want = masked.eval()(example)
+        out_diff = (pruned.eval()(example) - want).abs().max().item()
+        relative = out_diff / (1 + want.abs().max().item())  # the engine's own check: under 1e-3
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
     prunable = sum(int(m.numel()) for m in requested.values())
@@ -107,9 +126,10 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
         "test_acc": {k: r.top1 for k, r in results.items()},
         "test_top5": {k: r.top5 for k, r in results.items()},
-        "max_output_diff_pruned_vs_masked": out_diff,
+        "max_output_diff_pruned_vs_masked": out_diff, "max_output_diff_relative": relative,
         "folds": plan.folds, "selects": plan.selects,
         "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
+        "grouped": grouped_report(dense, pruned),
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
         "throughput": latency_table(dense, pruned, shape, options.latency_batches, device) if timer else {},
@@ -126,6 +146,12 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
                   + (f"; {dead} unasked went as they fed only masked BNs" if dead else "")
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
+    if report["grouped"]:
+        rows = report["grouped"].values()
+        reporter.line(f"  {len(rows)} grouped convolutions lost the same channel positions from each of their groups "
+                      f"(per group: {sum(r['in_per_group'][0] for r in rows)} -> {sum(r['in_per_group'][1] for r in rows)} "
+                      f"inputs, {sum(r['out_per_group'][0] for r in rows)} -> {sum(r['out_per_group'][1] for r in rows)} "
+                      "outputs over those layers)")
     if plan.zeroed:
         reporter.line(f"  {sum(map(len, plan.zeroed.values()))} removed channels of {len(plan.zeroed)} BNs have their "
                       "shift zeroed as well (a gate or a padded pool lies between them and the next conv, so their "
@@ -142,5 +168,5 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
                       f"({d['setting']}), pruned {q['images_per_s']:.0f} img/s ({q['setting']}): {train['speedup']:.2f}x for "
                       f"{m['before'] / m['after']:.2f}x fewer MACs")
     reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
-                  f"(max |pruned - masked| output {out_diff:.1e}) -> {save / 'pruned.pth'}")
+                  f"(max |pruned - masked| output {out_diff:.1e}, {relative:.1e} of the output's size) -> {save / 'pruned.pth'}")
     return report

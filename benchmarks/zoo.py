@@ -8,6 +8,7 @@ difference (relative to the output's size), how many BN channels were shift-zero
 plan and prune.
 
     python benchmarks/zoo.py [--source torchvision timm] [--models NAME ...] [--max-params 150]
+                             [--tools earlybird torch-pruning] [--timeout 300]
 
 torchvision's wheel on a CPU-only torch may be a CUDA build: its import then fails in
 ``torchvision._meta_registrations`` ("operator torchvision::nms does not exist"). This script
@@ -172,7 +173,7 @@ def main() -> None:
     p.add_argument("--models", nargs="*", help="names (with or without the source: prefix)")
     p.add_argument("--max-params", type=float, default=150, help="leave out models of more million parameters")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--no-torch-pruning", action="store_true")
+    p.add_argument("--tools", nargs="+", default=["earlybird", "torch-pruning"], choices=["earlybird", "torch-pruning"])
     p.add_argument("--timeout", type=int, default=300, help="seconds per model and tool")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, input 2x3x{args.image_size}x{args.image_size}, "
@@ -196,12 +197,13 @@ def main() -> None:
         randomize_bn(model)
         size = max(args.image_size, MIN_SIZE.get(name.split(":", 1)[1], 0))
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        a = limited(args.timeout, ours, model, x)
-        b = {"ok": None} if args.no_torch_pruning else limited(args.timeout, torch_pruning, copy.deepcopy(model), x)
+        a = limited(args.timeout, ours, model, x) if "earlybird" in args.tools else {"ok": None}
+        b = limited(args.timeout, torch_pruning, copy.deepcopy(model), x) if "torch-pruning" in args.tools else {"ok": None}
         counts["ours"] += bool(a["ok"])
         counts["tp"] += bool(b["ok"])
-        counts["traceback"] += (not a["ok"]) and a["error"].startswith("TRACEBACK")
-        ours_cells = (f"ok | {a['macs']:.2f} | {a['diff']:.1e} | {a['zeroed']} | {a['seconds']:.1f}" if a["ok"] else
+        counts["traceback"] += a["ok"] is False and a["error"].startswith("TRACEBACK")
+        ours_cells = ("- | | | |" if a["ok"] is None else
+                      f"ok | {a['macs']:.2f} | {a['diff']:.1e} | {a['zeroed']} | {a['seconds']:.1f}" if a["ok"] else
                       f"{a['error']} {a.get('where', '')} | | | | {a['seconds']:.1f}")
         tp_cells = ("-" if b["ok"] is None else f"ok | {b['macs']:.2f}" if b["ok"] else f"{b['error']} |")
         print(f"| {name} | {ours_cells} | {tp_cells} |", flush=True)

@@ -22,6 +22,16 @@ additions, concatenations and depthwise convolutions. Our rules on top of it:
   through the activation); it is folded into each consumer: into the bias of a linear layer or of
   a conv that sees no zero padding, or, for a zero-padded conv, as a per-position map
   (:class:`ConstantFoldConv2d`). The pruned network's outputs equal the masked dense network's.
+* **Shift-zeroing.** Where that constant reaches a consumer as a varying value (a
+  squeeze-and-excitation gate multiplies it per sample; a zero-padded average pool changes it at
+  the borders), the masked network zeroes the channel's shift too, so it emits act(0), a zero that
+  both pass as a zero; ``PrunePlan.zeroed`` lists those channels.
+* **Grouped convolutions** lose a channel position from every group or from none: position p of
+  each group is one class (and ``channel_ties`` gives the masks these classes to rank as one).
+* **Refusal.** A BN whose channels reach an operation the engine cannot prune through (a shuffle, a
+  split the graph numbers wrongly, a conv over channels) keeps them all; only a mask that removes
+  some of them is an error, and ``prunable_layers`` leaves such BNs out. Whatever Torch-Pruning or
+  a foreign model raises becomes a one-line :class:`PruneError`.
 
 The result is described by a :class:`PrunePlan` (plain values), which rebuilds the pruned
 architecture from the dense one, so checkpoints hold only tensors and plain values.
@@ -480,7 +490,7 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
     # Readers must see a constant in the network prune_model compares with: the effective masks
     # (classes given back change what a gate computes), so decide again until that network agrees.
     probe_masks, zeroed = masked, None
-    for _ in range(4):
+    for _ in range(12):  # each round only keeps more classes, so it ends; a gate network takes a few
         before = dict(gone)
         found = _constant_reads(model, probe_masks, coupling, gone, example_inputs)
         if zeroed is not None and gone == before and found == zeroed:

@@ -262,8 +262,14 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
     grouped_sides: dict[tuple[str, bool], dict[int, tuple]] = {}  # (grouped conv, output side?) -> index -> BN channel
     for name, bn in bns.items():
         size = bn.weight.numel()
+        fn = dg.get_pruner_of_module(bn).prune_out_channels
         try:
-            group = _group(dg, bn, dg.get_pruner_of_module(bn).prune_out_channels, list(range(size)), name)
+            # the layers and operations a channel reaches are the same for each of the BN's channels:
+            # check them on one channel first, since Torch-Pruning takes time quadratic in a group's
+            # size and a group through an unsupported operation (a slice-assign) can be vast
+            for item in _group(dg, bn, fn, [0], name):
+                _check_supported(item.dep.target, names.get(item.dep.target.module), name)
+            group = _group(dg, bn, fn, list(range(size)), name)
             for item in group:
                 _check_supported(item.dep.target, names.get(item.dep.target.module), name)
                 _check_indices(item, dg, names, name)

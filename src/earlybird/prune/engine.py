@@ -201,6 +201,12 @@ def _check_supported(node, name: str | None, bn_name: str) -> None:
                      "(prune_model takes a mask per layer)")
 
 
+def _is_sliced_stream(node) -> bool:
+    """A slice whose result meets other channels (ReXNet's ``x[:, :c] + shortcut``, then a concat):
+    Torch-Pruning's index bookkeeping through it takes seconds per channel."""
+    return any(isinstance(out.module, ops._ConcatOp) or _is_stream_op(out.module) for out in node.outputs)
+
+
 def _check_indices(item, dg: tp.DependencyGraph, names: dict, bn_name: str) -> None:
     """Refuse a group whose channel numbers do not fit a layer it reaches: Torch-Pruning numbers the
     channels after a split (torch.split, chunk) as before it."""
@@ -269,6 +275,9 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
             # size and a group through an unsupported operation (a slice-assign) can be vast
             for item in _group(dg, bn, fn, [0], name):
                 _check_supported(item.dep.target, names.get(item.dep.target.module), name)
+                if isinstance(item.dep.target.module, ops._SliceOp) and _is_sliced_stream(item.dep.target):
+                    raise PruneError(f"the channels of '{name}' reach a slice of a channel stream (x[:, a:b]) that is "
+                                     "added to or concatenated with others, which the engine does not follow")
             group = _group(dg, bn, fn, list(range(size)), name)
             for item in group:
                 _check_supported(item.dep.target, names.get(item.dep.target.module), name)

@@ -143,6 +143,22 @@ class Res2(nn.Module):
         return self.head(self.out(torch.cat(outs, 1)).mean((2, 3)))
 
 
+class SlicedStream(nn.Module):
+    """ReXNet's block: the residual is added to the first channels of a wider output (a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3)
+        self.body = nn.Sequential(conv_bn(16, 32), conv_bn(32, 24, act=None))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.body(x)
+        y = torch.cat([y[:, :16] + x, y[:, 16:]], 1)
+        return self.head(y.mean((2, 3)))
+
+
 def _prune_half(model, x):
     """The search's 50% ticket (tied channels ranked as one) pruned; checks pruned = masked."""
     layers = prunable_layers(model, x)
@@ -238,4 +254,15 @@ def test_a_res2_block_is_pruned_exactly_or_refused_in_one_line(x):
         assert len(str(exc).splitlines()) == 1
         return
     assert "out.1" in layers
+    _prune_half(model, x)
+
+
+def test_a_slice_that_meets_a_stream_is_left_out_at_once(x):
+    torch.manual_seed(0)
+    model = randomize_bn(SlicedStream()).eval()
+    layers = prunable_layers(model, x)
+    # the stream's BNs reach x[:, :16] + shortcut: Torch-Pruning takes seconds per channel there
+    assert "body.0.1" in layers and "stem.1" not in layers and "body.1.1" not in layers
+    with pytest.raises(PruneError, match="slice of a channel stream"):
+        prune_model(model, {"stem.1": torch.arange(16) % 2 == 0}, x)
     _prune_half(model, x)

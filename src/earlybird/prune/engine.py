@@ -252,7 +252,6 @@ class _Coupling:
     refused: dict[str, str] = field(default_factory=dict)  # BN -> why its channels cannot go (they all stay)
     pinned: set = field(default_factory=set)  # class roots that must stay (a grouped conv's lone group position)
     tied: set = field(default_factory=set)  # class roots tied across the groups of a grouped conv
-    grouped: dict[str, int] = field(default_factory=dict)  # grouped (not depthwise) conv -> its groups
     members: dict = field(default_factory=dict)  # class root -> its (bn, channel) members
     # BN -> the BNs its channels reach through channel-preserving ops, and whether they reach anything else
     reach: dict[str, tuple[set[str], bool]] = field(default_factory=dict)
@@ -270,9 +269,9 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
         size = bn.weight.numel()
         fn = dg.get_pruner_of_module(bn).prune_out_channels
         try:
-            # the layers and operations a channel reaches are the same for each of the BN's channels:
-            # check them on one channel first, since Torch-Pruning takes time quadratic in a group's
-            # size and a group through an unsupported operation (a slice-assign) can be vast
+            # one channel first: Torch-Pruning takes time quadratic in a group's size, and the group of
+            # all channels through an unsupported operation can take minutes; then all of them, since a
+            # split sends different channels to different layers
             for item in _group(dg, bn, fn, [0], name):
                 _check_supported(item.dep.target, names.get(item.dep.target.module), name)
                 if isinstance(item.dep.target.module, ops._SliceOp) and _is_sliced_stream(item.dep.target):
@@ -320,7 +319,6 @@ def _tie_groups(coupling: _Coupling, sides: dict[tuple[str, bool], dict[int, tup
     channels become one class; a position some of whose channels are no BN's stays."""
     for (name, out), index in sides.items():
         conv = model.get_submodule(name)
-        coupling.grouped[name] = conv.groups
         per = (conv.out_channels if out else conv.in_channels) // conv.groups
         for i, member in index.items():
             mates = [index.get(i % per + k * per) for k in range(conv.groups)]

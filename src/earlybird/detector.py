@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .masks import _as_bn_list, bn_gammas, channel_mask, check_ratio, mask_distance, prunable_bns
+from .masks import _as_bn_list, bn_gammas, channel_mask, check_ratio, flat_ties, mask_distance, prunable_bns
 
 
 class EarlyBird:
@@ -58,9 +58,7 @@ class EarlyBird:
             raise ConfigError("the model has no batch-norm layers: Early-Bird masks come from BN scales")
         self.layer_sizes = [m.weight.numel() for m in self._bns]
         # ``ties``: lists of (BN name, channel) that go together (earlybird.prune.channel_ties)
-        offset = dict(zip(self.layer_names, [sum(self.layer_sizes[:i]) for i in range(len(self.layer_sizes))]))
-        self.ties = [[offset[n] + c for n, c in tied if n in offset] for tied in ties]
-        self.ties = [t for t in self.ties if len(t) > 1]
+        self.ties = flat_ties(ties, self.layer_names, self.layer_sizes)
         self.window = window
         self.threshold = threshold
         self.min_channels = min_channels

@@ -47,6 +47,16 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
+def flat_ties(ties: Iterable[Iterable[tuple[str, int]]], layer_names: Sequence[str],
+              layer_sizes: Sequence[int]) -> list[list[int]]:
+    """``ties`` as (BN name, channel) lists (``earlybird.prune.channel_ties``) turned into positions
+    of the flat mask over ``layer_names``; channels of other layers are dropped, and so are lists
+    left with one position (nothing to tie)."""
+    offset = dict(zip(layer_names, [sum(layer_sizes[:i]) for i in range(len(layer_sizes))]))
+    flat = [[offset[n] + c for n, c in tied if n in offset] for tied in ties]
+    return [t for t in flat if len(t) > 1]
+
+
 def channel_mask(
     gammas: torch.Tensor, ratio: float, layer_sizes: Sequence[int], min_channels: int = 1,
     ties: Sequence[Sequence[int]] = (),

@@ -10,7 +10,7 @@ from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeC
 from ..cost import count_macs, count_params, inference_side_by_side
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
-from ..masks import bn_gammas, channel_mask, check_ratio, prunable_bns
+from ..masks import bn_gammas, channel_mask, check_ratio, flat_ties, prunable_bns
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -32,10 +32,8 @@ def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, ex
     if percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
-        offset = dict(zip(layers, [sum(sizes[:i]) for i in range(len(sizes))]))
-        ties = [[offset[n] + c for n, c in tied if n in offset] for tied in channel_ties(dense, example)]
         mask = channel_mask(bn_gammas([bns[n] for n in layers]), check_ratio(percent or ckpt.get("ratio", 0.5)),
-                            sizes, min_channels, [t for t in ties if len(t) > 1])
+                            sizes, min_channels, flat_ties(channel_ties(dense, example), layers, sizes))
     return dict(zip(layers, torch.split(mask, sizes)))
 
 

@@ -140,7 +140,7 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
     assert a["epoch"] == b["epoch"] == 4 and a["speed"] == b["speed"]
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-6), k
-    assert torch.allclose(a["gammas"], b["gammas"], atol=1e-6)
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-6)
 
 
 def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):

@@ -60,7 +60,7 @@ def test_deterministic_reruns_are_bit_identical(capsys, tmp_path, cifar10_root):
         assert cli(capsys, *argv, "--save", tmp_path / name)[0] == 0
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pth") for n in ("a", "b"))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert torch.equal(a["gammas"], b["gammas"])
+    assert torch.equal(a["scores"], b["scores"])
 
 
 def test_a_gpu_checkpoint_resumes_on_the_cpu(capsys, tmp_path, cifar10_root, monkeypatch):

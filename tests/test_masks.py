@@ -85,9 +85,9 @@ def test_channel_masks_reads_every_bn_of_a_model(small_vgg):
 
 
 def test_tied_channels_are_ranked_and_removed_as_one():
-    from earlybird.masks import channel_mask, flat_ties
+    from earlybird.masks import ChannelIndex, channel_mask
 
-    ties = flat_ties([[("a", 0), ("a", 2)], [("b", 1), ("x", 0)]], ["a", "b"], [4, 2])
+    ties = ChannelIndex(("a", "b"), (4, 2)).flat_ties([[("a", 0), ("a", 2)], [("b", 1), ("x", 0)]])
     assert ties == [[0, 2]]  # other layers' channels dropped, and a list left with one position
     gammas = torch.tensor([0.1, 0.5, 0.9, 0.6, 0.7, 0.8])
     # alone, channel 0 (0.1) and channel 1 (0.5) go; tied, 0 and 2 rank as 0.5 and go together with 1

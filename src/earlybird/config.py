@@ -7,7 +7,9 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import ConfigError
+from .importance import IMPORTANCES
 from .masks import check_ratio
+from .rules import RULES
 
 
 def boolean(text: str) -> bool:
@@ -86,6 +88,12 @@ class LowPrecisionConfig:
 class DetectConfig:
     ratios: list = opt([0.3, 0.5, 0.7], "pruning ratios whose tickets are searched for", type=float, nargs="+")
     eb_window: int = opt(5, "masks compared by the Early-Bird rule (newest vs the previous window-1)", type=int)
+    eb_rule: str = opt("star", "Early-Bird rule: star (the reference code's: the newest mask within --eb-threshold of "
+                               "each other in the window) or chain (the paper's wording: each mask within it of the "
+                               "one before)", choices=list(RULES))
+    importance: str = opt("bn-scale", "what ranks the channels: bn-scale (|gamma|, network slimming) or filter-l2 "
+                                      "(the L2 norm of the filters that produce each channel)",
+                          choices=list(IMPORTANCES))
     eb_threshold: float = opt(0.1, "largest mask distance that counts as settled", type=float)
     min_channels: int = opt(1, "channels every layer keeps whatever the ratio (0: no collapse guard)", type=int)
     keep_streams: bool = opt(False, "never prune residual streams or concatenations (as the reference does for "

@@ -1,10 +1,8 @@
-"""The Early-Bird detector: one gamma snapshot per epoch, a window of masks per ratio.
+"""The Early-Bird detector: one importance snapshot per epoch, a window of masks per ratio.
 
-Rule ("star", as in the reference code): the ticket of ratio p emerges at epoch e when the
-window is full and the mask of epoch e lies within ``threshold`` (<=) of *each* of the previous
-``window - 1`` masks. We use it rather than the paper's wording (``window`` consecutive distances
-each below the threshold, a "chain") because it bounds the drift across the whole window by the
-threshold; a chain of small steps can add up to ``(window - 1) * threshold`` of drift.
+Each epoch it ranks the channels (``importance``: |gamma| by default), computes every ratio's mask
+and asks the detection ``rule`` (``rules.py``: the reference code's "star" by default) whether the
+window of the newest masks has settled.
 """
 from __future__ import annotations
 
@@ -14,7 +12,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .masks import _as_bn_list, bn_gammas, channel_mask, check_ratio, flat_ties, mask_distance, prunable_bns
+from .importance import Importance, make_importance
+from .masks import ChannelIndex, channel_mask, check_ratio
+from .rules import Rule, make_rule
 
 
 class EarlyBird:
@@ -22,17 +22,23 @@ class EarlyBird:
 
     Step it once per epoch, after training (``step(epochs_completed)``); it returns the ratios
     whose ticket emerged at that step. ``emerged`` maps ratio -> epoch, ``tickets`` ratio -> mask.
+    ``layers``: the BN names to watch (default: every affine BN), e.g.
+    ``earlybird.prune.prunable_layers(model, x)``; ``ties``: lists of (BN name, channel) that go
+    together (``earlybird.prune.channel_ties``). ``importance`` and ``rule`` take a registry name
+    or an object (an Importance that needs it must be bound to the model already).
     """
 
     def __init__(
         self,
-        model_or_bns,
+        model: nn.Module,
         ratios=(0.3, 0.5, 0.7),
         window: int = 5,
         threshold: float = 0.1,
         min_channels: int = 1,
         layers=None,
         ties=(),
+        importance: Importance | str = "bn-scale",
+        rule: Rule | str = "star",
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
@@ -41,24 +47,11 @@ class EarlyBird:
         self.ratios = tuple(sorted({check_ratio(r) for r in ratios}))
         if not self.ratios:
             raise ConfigError("no pruning ratios given: pass e.g. --ratios 0.3 0.5 0.7")
-        if isinstance(model_or_bns, nn.Module):
-            # ``layers``: the BN names to watch, e.g. earlybird.prune.prunable_layers(model, x)
-            named = prunable_bns(model_or_bns)
-            if layers is not None:
-                unknown = set(layers) - {n for n, _ in named}
-                if unknown:
-                    raise ConfigError(f"no batch-norm layers named {', '.join(sorted(unknown))} in the model")
-                named = [(n, m) for n, m in named if n in set(layers)]
-            self.layer_names = [n for n, _ in named]
-            self._bns = [m for _, m in named]
-        else:
-            self._bns = _as_bn_list(model_or_bns)
-            self.layer_names = [f"bn{i}" for i in range(len(self._bns))]
-        if not self._bns:
-            raise ConfigError("the model has no batch-norm layers: Early-Bird masks come from BN scales")
-        self.layer_sizes = [m.weight.numel() for m in self._bns]
-        # ``ties``: lists of (BN name, channel) that go together (earlybird.prune.channel_ties)
-        self.ties = flat_ties(ties, self.layer_names, self.layer_sizes)
+        self.model = model
+        self.index = ChannelIndex.of(model, layers)
+        self.ties = self.index.flat_ties(ties)
+        self.importance = make_importance(importance)
+        self.rule = make_rule(rule)
         self.window = window
         self.threshold = threshold
         self.min_channels = min_channels
@@ -69,8 +62,20 @@ class EarlyBird:
         self.distances: dict[float, list[float]] = {r: [] for r in self.ratios}
 
     @property
+    def layer_names(self) -> list[str]:
+        return list(self.index.names)
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        return list(self.index.sizes)
+
+    def scores(self) -> torch.Tensor:
+        """The importance of every watched channel now, flat in mask order."""
+        return torch.cat(self.importance.scores(self.model, self.index.names))
+
+    @property
     def num_channels(self) -> int:
-        return sum(self.layer_sizes)
+        return self.index.total
 
     @property
     def done(self) -> bool:
@@ -80,27 +85,25 @@ class EarlyBird:
     def layer_masks(self, ratio: float, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The ticket of ``ratio`` (or ``mask``) as BN name -> keep mask, as prune_model takes it."""
         mask = self.tickets[float(ratio)] if mask is None else mask
-        return dict(zip(self.layer_names, torch.split(mask, self.layer_sizes)))
+        return self.index.split(mask)
 
     def mask(self, ratio: float) -> torch.Tensor:
         """The newest mask of ``ratio``."""
         return self._recent[float(ratio)][-1]
 
-    def step(self, epoch: int | None = None) -> list[float]:
-        """Take this epoch's gamma snapshot; return the ratios whose ticket emerged now."""
+    def step(self, epoch: int | None = None, scores: torch.Tensor | None = None) -> list[float]:
+        """Take this epoch's snapshot (``scores``, or ``self.scores()``); return the ratios whose
+        ticket emerged now."""
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        gammas = bn_gammas(self._bns)
+        scores = self.scores() if scores is None else scores
         new = []
         for r in self.ratios:
-            mask = channel_mask(gammas, r, self.layer_sizes, self.min_channels, self.ties)
+            mask = channel_mask(scores, r, self.layer_sizes, self.min_channels, self.ties)
             recent = self._recent[r]
             recent.append(mask)
-            self.distances[r] = [mask_distance(mask, old) for old in list(recent)[:-1]]
-            if (
-                r not in self.emerged
-                and len(recent) == self.window
-                and all(d <= self.threshold for d in self.distances[r])
-            ):
+            self.distances[r] = self.rule.distances(list(recent))
+            full = len(recent) == self.window
+            if r not in self.emerged and full and self.rule.settled(self.distances[r], self.threshold):
                 self.emerged[r] = self.epoch
                 self.tickets[r] = mask.clone()
                 new.append(r)
@@ -114,6 +117,9 @@ class EarlyBird:
             "threshold": self.threshold,
             "min_channels": self.min_channels,
             "layer_sizes": list(self.layer_sizes),
+            "importance": self.importance.name,
+            "rule": self.rule.name,
+            "ties": [list(t) for t in self.ties],
             "epoch": self.epoch,
             "recent": {str(r): torch.stack(list(q)) if q else torch.zeros(0) for r, q in self._recent.items()},
             "emerged": {str(r): e for r, e in self.emerged.items()},
@@ -126,10 +132,12 @@ class EarlyBird:
             list(state["ratios"]) == list(self.ratios)
             and state["window"] == self.window
             and state["layer_sizes"] == self.layer_sizes
+            and state.get("importance", "bn-scale") == self.importance.name
+            and state.get("rule", "star") == self.rule.name
         )
         if not same:
             raise ConfigError(
-                "the saved detector used other ratios, window or layers than this run: "
+                "the saved detector used other ratios, window, layers, importance or rule than this run: "
                 "resume with the flags of the original run"
             )
         self.epoch = state["epoch"]

@@ -6,7 +6,8 @@ fixed for a given architecture and two epochs' masks can be compared position by
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,7 +26,8 @@ def prunable_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batc
     ]
 
 
-def _as_bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
+def bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
+    """``bns`` (a model, or a list of BN layers or of (name, BN) pairs) as a list of BN layers."""
     if isinstance(bns, nn.Module):
         return [m for _, m in prunable_bns(bns)]
     out = [m[1] if isinstance(m, tuple) else m for m in bns]
@@ -34,10 +36,65 @@ def _as_bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
     return out
 
 
+@dataclass(frozen=True)
+class ChannelIndex:
+    """The positions of a flat mask: BN layer names and their channel counts, in mask order.
+
+    Every flat mask, score vector and tie list of a run is laid out by one index; ``split`` and
+    ``join`` convert between it and per-layer tensors (BN name -> tensor)."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, layers: Sequence[str] | None = None) -> "ChannelIndex":
+        """The index of ``model``'s prunable BNs, or of the BNs named in ``layers`` (in that order)."""
+        named = dict(prunable_bns(model))
+        names = list(named) if layers is None else list(layers)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ConfigError(f"no batch-norm layers named {', '.join(unknown)} in the model")
+        if not names:
+            raise ConfigError("the model has no batch-norm layers: Early-Bird masks come from BN scales")
+        return cls(tuple(names), tuple(named[n].weight.numel() for n in names))
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def layer_sizes(self) -> dict[str, int]:
+        return dict(zip(self.names, self.sizes))
+
+    def offsets(self) -> dict[str, int]:
+        """Where each layer's channels start in the flat mask."""
+        return dict(zip(self.names, [sum(self.sizes[:i]) for i in range(len(self.sizes))]))
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat tensor as BN name -> that layer's piece."""
+        if flat.numel() != self.total:
+            raise ValueError(f"a mask of {flat.numel()} positions does not fit {self.total} channels of "
+                             f"{len(self.names)} layers")
+        return dict(zip(self.names, torch.split(flat, list(self.sizes))))
+
+    def join(self, per_layer: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-layer tensors (one per name, in any order) as one flat tensor."""
+        return torch.cat([per_layer[n].flatten() for n in self.names])
+
+    def bns(self, model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [model.get_submodule(n) for n in self.names]
+
+    def flat_ties(self, ties: Iterable[Iterable[tuple[str, int]]]) -> list[list[int]]:
+        """``ties`` as (BN name, channel) lists (``earlybird.prune.channel_ties``) turned into flat
+        positions; channels of other layers are dropped, and so are lists left with one position."""
+        offset = self.offsets()
+        flat = [[offset[n] + c for n, c in tied if n in offset] for tied in ties]
+        return [t for t in flat if len(t) > 1]
+
+
 def bn_gammas(bns) -> torch.Tensor:
     """|gamma| of every channel of ``bns`` (a model or a list of BN layers), flattened, on CPU."""
     with torch.no_grad():
-        return torch.cat([m.weight.detach().abs().flatten().float().cpu() for m in _as_bn_list(bns)])
+        return torch.cat([m.weight.detach().abs().flatten().float().cpu() for m in bn_list(bns)])
 
 
 def check_ratio(ratio: float) -> float:
@@ -45,16 +102,6 @@ def check_ratio(ratio: float) -> float:
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"pruning ratio {ratio:g} is outside (0, 1): pass e.g. 0.3 for 30% of channels")
     return ratio
-
-
-def flat_ties(ties: Iterable[Iterable[tuple[str, int]]], layer_names: Sequence[str],
-              layer_sizes: Sequence[int]) -> list[list[int]]:
-    """``ties`` as (BN name, channel) lists (``earlybird.prune.channel_ties``) turned into positions
-    of the flat mask over ``layer_names``; channels of other layers are dropped, and so are lists
-    left with one position (nothing to tie)."""
-    offset = dict(zip(layer_names, [sum(layer_sizes[:i]) for i in range(len(layer_sizes))]))
-    flat = [[offset[n] + c for n, c in tied if n in offset] for tied in ties]
-    return [t for t in flat if len(t) > 1]
 
 
 def channel_mask(
@@ -98,15 +145,10 @@ def channel_masks(
     bns, ratios: Iterable[float], min_channels: int = 1
 ) -> dict[float, torch.Tensor]:
     """Masks for several ratios from one snapshot of ``bns`` (a model or a list of BN layers)."""
-    layers = _as_bn_list(bns)
+    layers = bn_list(bns)
     gammas = bn_gammas(layers)
     sizes = [m.weight.numel() for m in layers]
     return {float(r): channel_mask(gammas, r, sizes, min_channels) for r in ratios}
-
-
-def split_mask(mask: torch.Tensor, layer_sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Cut a flat mask into one piece per layer."""
-    return list(torch.split(mask, list(layer_sizes)))
 
 
 def mask_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,10 +161,11 @@ def mask_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def distance_matrix(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pairwise normalized Hamming distances of a sequence of masks (an E x E matrix)."""
-    stacked = torch.stack([m.float() for m in masks])
+    # counts of differing positions, exact in float64, divided as mask_distance divides them
+    stacked = torch.stack([m.double() for m in masks])
     n = stacked.shape[1]
-    same = stacked @ stacked.T + (1 - stacked) @ (1 - stacked).T
-    return 1 - same / n
+    differ = stacked @ (1 - stacked).T + (1 - stacked) @ stacked.T
+    return differ / n
 
 
 def check_not_empty(name: str, keep: torch.Tensor) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from .errors import RunDirError
-from .masks import channel_mask, distance_matrix
+from .masks import ChannelIndex, channel_mask, distance_matrix, mask_distance
 from .progress import format_ratio, format_seconds
+from .rules import Rule, make_rule
 from .train import load_checkpoint
 
 
@@ -30,13 +31,16 @@ from .train import load_checkpoint
 class RunData:
     root: Path
     search_dir: Path
-    gammas: torch.Tensor  # (epochs + 1) x channels: the initial scales, then after every epoch
+    scores: torch.Tensor  # (epochs + 1) x channels: the initial importance, then after every epoch
     layer_sizes: list[int]
     layer_names: list[str]
     ratios: list[float]
     min_channels: int
     threshold: float
     window: int
+    rule: Rule
+    importance: str
+    ties: list[list[int]]
     emerged: dict[float, int]
     search_metrics: list[dict]
     retrain_metrics: dict[float, list[dict]] = field(default_factory=dict)
@@ -45,11 +49,17 @@ class RunData:
 
     @property
     def epochs(self) -> int:
-        return self.gammas.shape[0] - 1
+        return self.scores.shape[0] - 1
 
     def masks(self, ratio: float) -> list[torch.Tensor]:
-        """The mask of every epoch (1..epochs) at ``ratio``."""
-        return [channel_mask(g, ratio, self.layer_sizes, self.min_channels) for g in self.gammas[1:]]
+        """The mask of every epoch (1..epochs) at ``ratio``, as the detector computed it."""
+        return [channel_mask(g, ratio, self.layer_sizes, self.min_channels, self.ties) for g in self.scores[1:]]
+
+    def window_distances(self, ratio: float) -> list[list[float]]:
+        """Per epoch, the distances the rule bounds over the window that ends there (fewer while
+        the window fills)."""
+        masks = self.masks(ratio)
+        return [self.rule.distances(masks[max(0, e + 1 - self.window):e + 1]) for e in range(len(masks))]
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -67,7 +77,9 @@ def load_run(root: str | Path) -> RunData:
     ckpt = load_checkpoint(ckpt_path, ("search",))
     det = ckpt["detector"]
     data = RunData(
-        root=root, search_dir=search_dir, gammas=ckpt["gammas"].float(), layer_sizes=list(det["layer_sizes"]),
+        root=root, search_dir=search_dir, scores=(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float(),
+        layer_sizes=list(det["layer_sizes"]), rule=make_rule(det.get("rule", "star")),
+        importance=det.get("importance", "bn-scale"), ties=[list(t) for t in det.get("ties", [])],
         layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
         ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),
         threshold=float(det["threshold"]), window=int(det["window"]),
@@ -126,12 +138,11 @@ def distances(data: RunData, path: Path) -> None:
     epochs = list(range(1, data.epochs + 1))
     for r in data.ratios:
         masks = data.masks(r)
-        steps = [float("nan")] + [float((a != b).float().mean()) for a, b in zip(masks[1:], masks[:-1])]
+        steps = [float("nan")] + [mask_distance(a, b) for a, b in zip(masks[1:], masks[:-1])]
         line, = ax.plot(epochs, steps, marker="o", ms=3, label=f"p={r:g}: to the previous epoch")
-        window = [max(m["distances"][str(r)]) if m.get("distances", {}).get(str(r)) else float("nan")
-                  for m in data.search_metrics]
-        ax.plot([m["epoch"] for m in data.search_metrics], window, ls="--", color=line.get_color(),
-                label=f"p={r:g}: largest in the window")
+        window = [max(d) if d else float("nan") for d in data.window_distances(r)]
+        ax.plot(epochs, window, ls="--", color=line.get_color(),
+                label=f"p={r:g}: largest the {data.rule.name} rule bounds in the window")
         if r in data.emerged:
             ax.axvline(data.emerged[r], color=line.get_color(), lw=0.8, ls=":")
     ax.axhline(data.threshold, color="black", lw=1, label=f"threshold {data.threshold:g}")
@@ -163,10 +174,10 @@ def gamma_histograms(data: RunData, path: Path) -> None:
     plt = _plt()
     picks = sorted({1, *data.emerged.values(), data.epochs})
     fig, ax = plt.subplots(figsize=(7, 4))
-    top = float(data.gammas[1:].max())
+    top = float(data.scores[1:].max())
     for e in picks:
-        ax.hist(data.gammas[e].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3, label=f"epoch {e}")
-    ax.set_xlabel("|gamma|")
+        ax.hist(data.scores[e].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3, label=f"epoch {e}")
+    ax.set_xlabel("|gamma|" if data.importance == "bn-scale" else f"channel importance ({data.importance})")
     ax.set_ylabel("channels")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -183,7 +194,7 @@ def kept_channels(data: RunData, path: Path) -> None:
         if r not in data.emerged:
             continue
         mask = data.masks(r)[data.emerged[r] - 1]
-        kept = [int(m.sum()) for m in torch.split(mask, data.layer_sizes)]
+        kept = [int(m.sum()) for m in ChannelIndex(tuple(data.layer_names), tuple(data.layer_sizes)).split(mask).values()]
         ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width, label=f"ticket p={r:g} (epoch {data.emerged[r]})")
     ax.set_xticks(x.tolist(), data.layer_names, rotation=90, fontsize=6)
     ax.set_ylabel("channels")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import _as_bn_list
+from .masks import bn_list
 
 
 @torch.no_grad()
@@ -14,6 +14,6 @@ def add_bn_l1_grad(model_or_bns, strength: float) -> None:
     ``scaler.unscale_(optimizer)``: added to still-scaled gradients, the term would be divided
     by the loss scale and vanish.
     """
-    for bn in _as_bn_list(model_or_bns):
+    for bn in bn_list(model_or_bns):
         if bn.weight.grad is not None:
             bn.weight.grad.add_(torch.sign(bn.weight), alpha=strength)

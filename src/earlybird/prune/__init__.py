@@ -1,9 +1,7 @@
 """Physical pruning: the dependency-aware engine and the layers a pruned network may need."""
-from .engine import (PrunePlan, apply_mask, apply_plan, channel_ties, layer_masks, plan_pruning, prunable_layers,
-                     prune_model)
+from .engine import (PrunePlan, apply_mask, apply_plan, channel_producers, channel_ties, layer_masks, plan_pruning,
+                     prunable_layers, prune_model)
 from .layers import ConstantFoldConv2d, SelectBatchNorm2d
 
-__all__ = ["ConstantFoldConv2d", "PrunePlan", "SelectBatchNorm2d", "apply_mask", "apply_plan", "channel_ties",
-           "layer_masks",
-           "plan_pruning", "prunable_layers",
-           "prune_model"]
+__all__ = ["ConstantFoldConv2d", "PrunePlan", "SelectBatchNorm2d", "apply_mask", "apply_plan", "channel_producers",
+           "channel_ties", "layer_masks", "plan_pruning", "prunable_layers", "prune_model"]

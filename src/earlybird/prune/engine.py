@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ from torch import nn
 from torch_pruning import ops
 
 from ..errors import EarlyBirdError, PruneError
-from ..masks import check_not_empty, prunable_bns, split_mask
+from ..masks import ChannelIndex, check_not_empty, prunable_bns
 from ..probe import probe_forward
 from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d
 
@@ -120,13 +121,13 @@ def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
             if n in mask and mask[n].numel() != m.weight.numel():
                 raise PruneError(f"mask of layer '{n}' has {mask[n].numel()} entries, the layer {m.weight.numel()}")
         return {n: mask[n].bool().cpu() for n, _ in named if n in mask}
-    sizes = [m.weight.numel() for _, m in named]
-    if mask.numel() != sum(sizes):
+    index = ChannelIndex.of(model)
+    if mask.numel() != index.total:
         raise PruneError(
-            f"mask has {mask.numel()} entries but the model has {sum(sizes)} BN channels: "
+            f"mask has {mask.numel()} entries but the model has {index.total} BN channels: "
             "was it computed on another architecture?"
         )
-    return {n: piece.bool().cpu() for (n, _), piece in zip(named, split_mask(mask, sizes))}
+    return {n: piece.bool().cpu() for n, piece in index.split(mask).items()}
 
 
 def apply_mask(model: nn.Module, mask, zeroed: dict[str, list[int]] | None = None) -> nn.Module:
@@ -255,6 +256,8 @@ class _Coupling:
     members: dict = field(default_factory=dict)  # class root -> its (bn, channel) members
     # BN -> the BNs its channels reach through channel-preserving ops, and whether they reach anything else
     reach: dict[str, tuple[set[str], bool]] = field(default_factory=dict)
+    # BN -> conv/linear whose output channels go with its channels -> {BN channel: output channel}
+    producers: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
 
 
 def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
@@ -292,10 +295,14 @@ def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
             if module in bn_of:
                 for i, r in zip(item.idxs, item.root_idxs):
                     coupling.classes.union((name, r), (bn_of[module], i))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)) and not out:
-                reads = coupling.consumers.setdefault(names[module], {})
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                side = coupling.producers.setdefault(name, {}) if out else coupling.consumers
+                reads = side.setdefault(names[module], {})
                 for i, r in zip(item.idxs, item.root_idxs):
-                    reads[i] = (name, r)
+                    if out:
+                        reads[r] = i
+                    else:
+                        reads[i] = (name, r)
             if _is_grouped(module):
                 sides = grouped_sides.setdefault((names[module], out), {})
                 sides.update({i: (name, r) for i, r in zip(item.idxs, item.root_idxs)})
@@ -438,23 +445,25 @@ def _private_readers(model: nn.Module, candidates: set[str], example: torch.Tens
     return private
 
 
-def _round_up(keep: torch.Tensor, gammas: torch.Tensor, free: torch.Tensor, multiple: int) -> None:
-    """Give back the largest-|gamma| ``free`` channels until the kept count is a multiple (in place)."""
+def _round_up(keep: torch.Tensor, scores: torch.Tensor, free: torch.Tensor, multiple: int) -> None:
+    """Give back the most important ``free`` channels until the kept count is a multiple (in place)."""
     target = min(keep.numel(), math.ceil(int(keep.sum()) / multiple) * multiple)
     missing = target - int(keep.sum())
     candidates = torch.nonzero(~keep & free).flatten()
     if missing > 0 and len(candidates):
-        best = candidates[torch.argsort(gammas[candidates], descending=True, stable=True)[:missing]]
+        best = candidates[torch.argsort(scores[candidates], descending=True, stable=True)[:missing]]
         keep[best] = True
 
 
 def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
-                 round_to: int = 1, strict: bool = True, refused: dict[str, str] | None = None) -> PrunePlan:
+                 round_to: int = 1, strict: bool = True, refused: dict[str, str] | None = None,
+                 scores: Mapping[str, torch.Tensor] | None = None) -> PrunePlan:
     """Decide what to remove for ``mask`` (see the module doc) and return it as a plan.
 
     A BN whose channels reach an operation the engine cannot prune through keeps them all: with
     ``strict``, a mask that removes some of them is a PruneError naming the operation; ``refused``
-    (a dict) receives every such BN with the reason."""
+    (a dict) receives every such BN with the reason. ``scores`` (BN name -> channel importance,
+    default |gamma|) ranks the channels ``round_to`` gives back."""
     requested = layer_masks(model, mask)
     for name, keep in requested.items():
         check_not_empty(name, keep)
@@ -465,7 +474,7 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
         coupling = _couple(model, example)
         if refused is not None:
             refused.update(coupling.refused)
-        return _plan(model, requested, coupling, example_inputs, keep_streams, round_to, strict)
+        return _plan(model, requested, coupling, example_inputs, keep_streams, round_to, strict, scores or {})
     except EarlyBirdError:
         raise
     except Exception as exc:  # noqa: BLE001 - an engine failure on a foreign model is one line, never a traceback
@@ -476,7 +485,7 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
 
 
 def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupling, example_inputs: torch.Tensor,
-          keep_streams: bool, round_to: int, strict: bool) -> PrunePlan:
+          keep_streams: bool, round_to: int, strict: bool, scores: Mapping[str, torch.Tensor]) -> PrunePlan:
     example = example_inputs[:1]
     for name, why in coupling.refused.items():
         if strict and name in requested and not bool(requested[name].all()):
@@ -511,7 +520,7 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
         if zeroed is not None and gone == before and found == zeroed:
             break
         zeroed = found
-        effective, selects = _effective(model, masked, coupling, gone, deciders, example, round_to)
+        effective, selects = _effective(model, masked, coupling, gone, deciders, example, round_to, scores)
         probe_masks = effective
     else:
         raise PruneError("the pruning decisions do not settle: the model has a structure the engine does not handle")
@@ -522,7 +531,8 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
 
 
 def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Coupling, gone: dict, deciders: dict,
-               example: torch.Tensor, round_to: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+               example: torch.Tensor, round_to: int, scores: Mapping[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Per BN the channels it keeps once classes are decided (``gone``, which --round-to may give
     back to), and the BNs that become selects."""
     find = coupling.classes.find
@@ -540,16 +550,16 @@ def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Cou
     selects = _private_readers(model, candidates, example)
     chosen = {}  # a select's kept channels: its own choice
     for name, keep in masked.items():
-        gammas = bns[name].weight.detach().abs().float().cpu()
+        rank = scores[name] if name in scores else bns[name].weight.detach().abs().float().cpu()
         if name in selects:
             chosen[name] = keep.clone()
             if round_to > 1:
-                _round_up(chosen[name], gammas, kept_class[name], round_to)
+                _round_up(chosen[name], rank, kept_class[name], round_to)
         elif round_to > 1:
             # Only channels this layer removes on its own come back: a class that no other BN masks.
             sole = torch.tensor([deciders.get(find((name, c))) == [name] for c in range(keep.numel())])
             eff = kept_class[name].clone()
-            _round_up(eff, gammas, ~kept_class[name] & sole, round_to)
+            _round_up(eff, rank, ~kept_class[name] & sole, round_to)
             for c in torch.nonzero(eff & ~kept_class[name]).flatten().tolist():
                 gone[find((name, c))] = False
     # every other BN keeps the classes that stay, given back or not
@@ -629,6 +639,20 @@ def channel_ties(model: nn.Module, example_inputs: torch.Tensor) -> list[list[tu
     finally:
         model.train(was_training)
     return [sorted(coupling.members[root]) for root in sorted(coupling.tied, key=str)]
+
+
+def channel_producers(model: nn.Module, example_inputs: torch.Tensor
+                      ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per BN, the convolutions and linear layers whose output channels go with its channels (the
+    ones that produce them: several where convs add into a residual stream or are concatenated),
+    as layer name -> (BN channels, that layer's output channels)."""
+    was_training = model.training
+    try:
+        coupling = _couple(model.eval(), example_inputs[:1])
+    finally:
+        model.train(was_training)
+    return {bn: {layer: (torch.tensor(list(pairs)), torch.tensor(list(pairs.values()))) for layer, pairs in convs.items()}
+            for bn, convs in coupling.producers.items()}
 
 
 def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str], example_inputs) -> PrunePlan:
@@ -725,7 +749,7 @@ def _fold_into(name: str, consumer: nn.Module, idxs: list[int], value: torch.Ten
 
 
 def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
-                round_to: int = 1) -> tuple[nn.Module, PrunePlan]:
+                round_to: int = 1, scores: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, PrunePlan]:
     """Return a physically smaller copy of ``model`` and its plan.
 
     ``mask`` is a flat keep-mask over ``prunable_bns(model)`` (as produced by
@@ -733,9 +757,10 @@ def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_strea
     ``example_inputs`` is one batch (a few samples) of the model's input. The result's outputs
     equal those of ``apply_mask(model, plan.masks(model))`` in eval mode, to float rounding;
     ``plan.masks`` is ``mask`` less the channels that coupling or ``round_to`` (keep a multiple
-    of this many channels per layer) gave back.
+    of this many channels per layer) gave back, the most important first by ``scores`` (BN name ->
+    channel importance; default |gamma|).
     """
-    plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to)
+    plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to, scores=scores)
     try:
         return _prune(model, plan, example_inputs)
     except EarlyBirdError:

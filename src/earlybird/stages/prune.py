@@ -10,7 +10,8 @@ from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeC
 from ..cost import count_macs, count_params, inference_side_by_side
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
-from ..masks import bn_gammas, channel_mask, check_ratio, flat_ties, prunable_bns
+from ..importance import make_importance
+from ..masks import ChannelIndex, channel_mask, check_ratio
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -19,22 +20,21 @@ from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loade
                      speed_candidates, use_fused_batch_norm, write_summary)
 
 
-def _per_layer_channels(model) -> dict[str, int]:
-    return {n: m.weight.numel() for n, m in prunable_bns(model)}
-
-
-def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example) -> dict[str, torch.Tensor]:
-    """The ticket's own mask, or one recomputed at ``percent`` over the same prunable layers (with
-    a grouped conv's tied channels ranked as one, as the search ranks them)."""
-    layers = ckpt.get("layers") or prunable_layers(dense, example, ckpt.get("keep_streams", False))
-    bns = dict(prunable_bns(dense))
-    sizes = [bns[n].weight.numel() for n in layers]
+def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(mask, scores) by BN name: the ticket's own mask, or one recomputed at ``percent`` over the
+    same prunable layers by the search's importance (with a grouped conv's tied channels ranked as
+    one, as the search ranks them); the scores rank what --round-to gives back."""
+    index = ChannelIndex.of(dense, ckpt.get("layers") or prunable_layers(dense, example,
+                                                                          ckpt.get("keep_streams", False)))
+    importance = make_importance(ckpt.get("importance", "bn-scale")).bind(dense, example)
+    scores = torch.cat(importance.scores(dense, index.names))
     if percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
-        mask = channel_mask(bn_gammas([bns[n] for n in layers]), check_ratio(percent or ckpt.get("ratio", 0.5)),
-                            sizes, min_channels, flat_ties(channel_ties(dense, example), layers, sizes))
-    return dict(zip(layers, torch.split(mask, sizes)))
+        mask = channel_mask(scores, check_ratio(percent or ckpt.get("ratio", 0.5)), index.sizes, min_channels,
+                            index.flat_ties(channel_ties(dense, example)))
+    return index.split(mask), index.split(scores)
 
 
 def grouped_report(dense, pruned) -> dict:
@@ -98,9 +98,9 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     test = make_loader(dataset, data, device, rt.seed, False, train=False)
     example = next(iter(test))[0][:8]
-    requested = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
+    requested, scores = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
     keep_streams = bool(ckpt.get("keep_streams", False))
-    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to)
+    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to, scores)
     effective = plan.masks(dense)
     masked = plan.masked(dense)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         out_diff = (pruned.eval()(example) - want).abs().max().item()
         relative = out_diff / (1 + want.abs().max().item())  # the engine's own check: under 1e-3
     shape = ckpt.get("input_shape", list(example.shape[1:]))
-    before, after = _per_layer_channels(dense), _per_layer_channels(pruned)
+    before, after = ChannelIndex.of(dense).layer_sizes(), ChannelIndex.of(pruned).layer_sizes()
     prunable = sum(int(m.numel()) for m in requested.values())
     asked = sum(int((~m).sum()) for m in requested.values())
     dead = sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)

@@ -12,6 +12,7 @@ from ..cost import count_macs, count_params
 from ..data import Dataset, dataset_info, load_dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
+from ..importance import make_importance
 from ..masks import bn_gammas, prunable_bns
 from ..models import ModelSpec, create_model
 from ..progress import MetricsLog, Reporter
@@ -39,6 +40,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
                           + (": drop --keep-streams" if detect.keep_streams else ""))
     ties = channel_ties(model, probe_inputs(spec))  # a grouped conv's positions go from all its groups at once
+    importance = make_importance(detect.importance).bind(model, probe_inputs(spec))
     resume_path = prepare_save_dir(save, rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
@@ -47,8 +49,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
                                                                                device, reporter, speed)
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers,
-                         ties)
-    gammas = [bn_gammas(detector._bns)]
+                         ties, importance, detect.eb_rule)
+    scores = [detector.scores()]
     start, scaler_state, tickets = 0, None, {}
     progress = {"epoch": 0, "test_acc": None}
     if ckpt:
@@ -61,7 +63,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         note = precision.load_state_dict(ckpt.get("precision") or {})
         if note:
             reporter.line(note)
-        gammas = list(ckpt["gammas"])
+        scores = list(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"])
         start, scaler_state, tickets = ckpt["epoch"], ckpt.get("scaler"), ckpt["tickets"]
         progress.update(epoch=start, test_acc=ckpt["test_acc"])
         torch.set_rng_state(ckpt["rng"])
@@ -73,14 +75,14 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                   f"{train.num_samples:,} training images on {device}; ratios are of the {detector.num_channels} "
                   f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
     meta = {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
-            "layers": layers, "keep_streams": detect.keep_streams}
+            "layers": layers, "keep_streams": detect.keep_streams, "importance": importance.name}
     log = MetricsLog(save / "metrics.jsonl", rt.tensorboard)
 
     def on_epoch_end(epoch, record, scaler):
-        distributed.check_agree(bn_gammas(detector._bns), "the BN scales")
-        emerged = detector.step(epoch)
-        gammas.append(bn_gammas(detector._bns))
-        g = gammas[-1]
+        scores.append(detector.scores())
+        distributed.check_agree(scores[-1], "the channel scores")
+        emerged = detector.step(epoch, scores[-1])
+        g = bn_gammas(detector.index.bns(model))
         record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
         record["distances"] = {str(r): [round(d, 4) for d in detector.distances[r]] for r in detector.ratios}
         for r in emerged:
@@ -90,7 +92,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
             tickets[str(r)] = {"epoch": epoch, "path": path.name, "test_acc": record["test_acc"]}
         stop = detector.done and not detect.full
         save_checkpoint(save / LAST, "search", spec, model, epoch=epoch, optimizer=optimizer.state_dict(),
-                        detector=detector.state_dict(), gammas=torch.stack(gammas), tickets=tickets,
+                        detector=detector.state_dict(), scores=torch.stack(scores), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
                         precision=precision.state_dict(), test_acc=record["test_acc"],
                         speed=setting_to_dict((channels_last, amp_dtype), model, device), **meta)
@@ -113,7 +115,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
         "prunable_channels": detector.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
         "number_formats": precision.lp.describe(),
-        "window": detector.window, "threshold": detector.threshold, "tickets": tickets,
+        "window": detector.window, "threshold": detector.threshold, "importance": importance.name,
+        "rule": detector.rule.name, "tickets": tickets,
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
         "train_images": train.num_samples, "wall_s": round(time.perf_counter() - t0, 1),

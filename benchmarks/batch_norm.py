@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from earlybird.kernels import FusedBatchNorm2d, failure, load
-from earlybird.train.tuning import keep_freed_memory
+from earlybird.accel.batch_norm import FusedBatchNorm2d, failure, load
+from earlybird.accel.tuning import keep_freed_memory
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model, resolve_arch
 from earlybird.cost import count_macs
 from earlybird.config import RuntimeConfig
-from earlybird.kernels import fuse_batch_norm
+from earlybird.accel.batch_norm import fuse_batch_norm
 from earlybird.prune import prunable_layers
-from earlybird.stages.common import fastest_with_gemm, speed_candidates
-from earlybird.train.tuning import default_autocast_dtype, keep_freed_memory, safe_formats, setting_name
+from earlybird.accel.speed import fastest_with_gemm, speed_candidates
+from earlybird.accel.tuning import default_autocast_dtype, keep_freed_memory, safe_formats, setting_name
 
 
 def seconds(fn, device) -> float:
@@ -106,7 +106,7 @@ def main() -> None:
             if args.amp == "auto" else [amp if args.amp == "on" else None]
         settings = [(f, d) for f in formats for d in dtypes]
         # as the CLI does: GEMM parts timed per channels-last precision, then the settings with them
-        setting = fastest_with_gemm(model, RuntimeConfig(gemm_conv=gemm), (3, size, size), 10, args.train_batch,
+        setting = fastest_with_gemm(model, RuntimeConfig(cpu_kernels="on" if gemm else "off"), (3, size, size), 10, args.train_batch,
                                     device, settings)[0]
         cl, amp_dtype = setting
         fmt = torch.channels_last if cl else torch.contiguous_format

@@ -19,10 +19,10 @@ from earlybird import ModelSpec, create_model
 from earlybird.cost import TRAIN_PASSES, count_macs
 from earlybird.data import BatchLoader, dataset_info
 from earlybird.config import RuntimeConfig
-from earlybird.kernels import fuse_batch_norm
-from earlybird.stages.common import fastest_with_gemm
+from earlybird.accel.batch_norm import fuse_batch_norm
+from earlybird.accel.speed import fastest_with_gemm
 from earlybird.train import train_epoch
-from earlybird.train.tuning import keep_freed_memory
+from earlybird.accel.tuning import keep_freed_memory
 
 
 def _rate(fn, flops: float, device: torch.device, seconds: float) -> float:
@@ -79,7 +79,7 @@ def main() -> None:
     fused = device.type == "cpu" and not args.no_fused_bn and not args.compile and fuse_batch_norm(model) > 0
     formats = [False, True] if args.channels_last == "auto" else [args.channels_last == "on"]
     amp_dtype = dtype if args.amp else None
-    rt = RuntimeConfig(compile=args.compile, gemm_conv=not args.no_gemm_conv)
+    rt = RuntimeConfig(compile=args.compile, cpu_kernels="off" if args.no_gemm_conv else "on")
     (channels_last, _), _, found = fastest_with_gemm(model, rt, (3, 32, 32), 10, args.batch, device,
                                                      [(f, amp_dtype) for f in formats])
     gemm_layers = len(found.get(amp_dtype, {})) if channels_last else 0

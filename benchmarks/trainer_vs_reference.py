@@ -24,10 +24,10 @@ from PIL import Image, ImageOps
 from earlybird import ModelSpec, create_model
 from earlybird.config import RuntimeConfig
 from earlybird.data import BatchLoader, dataset_info
-from earlybird.kernels import fuse_batch_norm
-from earlybird.stages.common import choose_gemm, fastest_with_gemm, speed_candidates
+from earlybird.accel.batch_norm import fuse_batch_norm
+from earlybird.accel.speed import choose_gemm, fastest_with_gemm, speed_candidates
 from earlybird.train import evaluate, train_epoch
-from earlybird.train.tuning import (autocast_slowdown, default_autocast_dtype, keep_freed_memory, precision_name,
+from earlybird.accel.tuning import (autocast_slowdown, default_autocast_dtype, keep_freed_memory, precision_name,
                                     setting_name)
 
 INFO = dataset_info("cifar10")

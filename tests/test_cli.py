@@ -18,10 +18,13 @@ TRAINING_COMMANDS = {"search", "prune", "retrain", "run", "eval"}
 
 def on_cpu(argv) -> list[str]:
     """``argv`` with --device cpu unless it names a device: the suite's runs are CPU runs on a GPU
-    machine too (under auto they would take its GPUs; tests marked cuda are the GPU's)."""
+    machine too (under auto they would take its GPUs; tests marked cuda are the GPU's); and on the
+    plain-PyTorch path (--cpu-kernels off) unless it names one: the accelerator's tests turn it on."""
     argv = [str(a) for a in argv]
-    if argv and argv[0] in TRAINING_COMMANDS and "--device" not in argv:
-        argv[1:1] = ["--device", "cpu"]
+    if argv and argv[0] in TRAINING_COMMANDS:
+        for flag, value in (("--device", "cpu"), ("--cpu-kernels", "off")):
+            if flag not in argv:
+                argv[1:1] = [flag, value]
     return argv
 
 
@@ -44,7 +47,7 @@ def test_run_end_to_end(capsys, tmp_path, cifar10_root):
     save = tmp_path / "run"
     code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
                          "--epochs", 8, "--schedule", 4, 6, "--ratios", 0.3, 0.5, "--eb-window", 2,
-                         "--eb-threshold", 0.5, "--save", save)
+                         "--eb-threshold", 0.5, "--measure-speed", "--save", save)
     assert code == 0, err
     summary = json.loads((save / "summary.json").read_text())
     search = json.loads((save / "search" / "summary.json").read_text())
@@ -77,13 +80,14 @@ def test_run_end_to_end(capsys, tmp_path, cifar10_root):
 
 
 def test_fused_batch_norm_trains_and_can_be_turned_off(capsys, tmp_path, cifar10_root):
-    code, out, err = _search(capsys, cifar10_root, tmp_path / "fused", "--channels-last", "on", "--amp", "off")
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "fused", "--channels-last", "on", "--amp", "off",
+                             "--cpu-kernels", "on")
     assert code == 0, err
     assert ("batch norm: 8 layers (8 with the activation after them, 4 with the max-pool after that) on "
             "earlybird's fused kernel") in out
     fused = json.loads((tmp_path / "fused" / "summary.json").read_text())
     code, out, err = _search(capsys, cifar10_root, tmp_path / "plain", "--channels-last", "on", "--amp", "off",
-                             "--no-fused-bn")
+                             "--cpu-kernels", "off")
     assert code == 0, err
     assert "fused kernel" not in out
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
@@ -99,11 +103,6 @@ def test_fused_batch_norm_trains_and_can_be_turned_off(capsys, tmp_path, cifar10
 def _search(capsys, root, save, *extra):
     return cli(capsys, "search", "--dataset", "cifar10", "--data", root, "--no-download", *TINY, "--epochs", 4,
                "--schedule", 2, "--ratios", 0.5, "--full", "--save", save, *extra)
-
-
-# GEMM layers are timed per run (a resumed run keeps its own: test_gemm_conv), so two runs compared
-# to 1e-6 take torch's convolutions
-SAME_CONVS = ["--no-gemm-conv"]
 
 
 def interrupt_epoch(monkeypatch, n: int) -> None:
@@ -122,11 +121,11 @@ def interrupt_epoch(monkeypatch, n: int) -> None:
 
 def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):
     interrupt_epoch(monkeypatch, 3)
-    code, out, err = _search(capsys, cifar10_root, tmp_path / "b", *SAME_CONVS)
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 130 and "--resume" in err
     started = next(line for line in out.splitlines() if line.startswith("training in "))
     # the same command again continues the unfinished run (as --resume does), in the setting it started with
-    code, out, err = _search(capsys, cifar10_root, tmp_path / "b", *SAME_CONVS)
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "b")
     assert code == 0, err
     assert "continuing it" in out and "after epoch 2" in out
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
@@ -135,7 +134,7 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
     # an uninterrupted run in that setting ends where the interrupted one did
     setting = ["--channels-last", "on" if b["speed"]["channels_last"] else "off",
                "--amp", "on" if b["speed"]["autocast"] else "off"]
-    assert _search(capsys, cifar10_root, tmp_path / "a", *setting, *SAME_CONVS)[0] == 0
+    assert _search(capsys, cifar10_root, tmp_path / "a", *setting)[0] == 0
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     assert a["epoch"] == b["epoch"] == 4 and a["speed"] == b["speed"]
     for k in a["state_dict"]:
@@ -146,7 +145,7 @@ def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_roo
 def test_prune_and_retrain_commands(capsys, tmp_path, cifar10_root):
     assert _search(capsys, cifar10_root, tmp_path / "s")[0] == 0
     code, out, err = cli(capsys, "prune", "--model", tmp_path / "s" / "checkpoint.pth", "--percent", 0.4, "--data",
-                         cifar10_root, "--save", tmp_path / "p")
+                         cifar10_root, "--measure-speed", "--save", tmp_path / "p")
     assert code == 0, err
     assert "masked" in out and (tmp_path / "p" / "pruned.pth").exists()
     # by default every layer keeps a multiple of 8 channels (or all it has); --round-to 1 removes exactly the ratio's
@@ -313,3 +312,28 @@ def test_bad_places_and_wrong_data_for_a_checkpoint(capsys, tmp_path, cifar10_ro
     code, _, err = _search(capsys, cifar10_root, save)
     assert_one_line_error(code, err, "could not write", "metrics.jsonl", "run the same command again")
     assert (save / "checkpoint.pth").exists()  # the epoch itself was saved first
+
+
+def test_every_command_runs_on_plain_pytorch_without_the_cpu_kernels(capsys, tmp_path, cifar10_root, monkeypatch):
+    from earlybird.accel import batch_norm, speed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU kernel was used under --cpu-kernels off")
+
+    for module, name in ((batch_norm, "load"), (speed, "gemm_convolutions"), (speed, "keep_freed_memory")):
+        monkeypatch.setattr(module, name, refuse)
+    save = tmp_path / "run"
+    code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
+                         "--epochs", 4, "--schedule", 2, "--ratios", 0.5, "--eb-window", 2, "--eb-threshold", 0.5,
+                         "--channels-last", "on", "--measure-speed", "--latency-batches", 2, "--cpu-kernels", "off",
+                         "--save", save)
+    assert code == 0, err
+    assert "fused kernel" not in out and "GEMM" not in out
+    pruned = json.loads((save / "pruned-50" / "summary.json").read_text())
+    assert pruned["training_throughput"]["speedup"] > 0 and pruned["throughput"]["2"]["speedup"] > 0
+    for argv in (("eval", "--model", save / "retrain-50" / "model_best.pth", "--data", cifar10_root),
+                 ("retrain", "--model", save / "pruned-50" / "pruned.pth", "--data", cifar10_root, "--epochs", 4,
+                  "--schedule", 2, "--reinit", "--batch-size", 16, "--save", tmp_path / "again"),
+                 ("report", save)):
+        code, _, err = cli(capsys, *argv)
+        assert code == 0, err

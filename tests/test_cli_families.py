@@ -14,7 +14,7 @@ FAST = ["--dataset", "cifar10", "--no-download", "--batch-size", "16", "--test-b
                                   ["--arch", "resnet18", "--width", "0.0625"]], ids=["preresnet20", "resnet18"])
 def test_run_residual_networks(capsys, tmp_path, cifar10_root, arch):
     save = tmp_path / "run"
-    code, out, err = cli(capsys, "run", "--data", cifar10_root, *FAST, *arch, "--save", save)
+    code, out, err = cli(capsys, "run", "--data", cifar10_root, *FAST, *arch, "--measure-speed", "--save", save)
     assert code == 0, err
     row = json.loads((save / "summary.json").read_text())["ratios"][0]
     assert row["eb_epoch"] == 2 and row["acc_retrained"] is not None

@@ -32,14 +32,14 @@ def tickets(save):
 def test_two_gloo_workers_find_the_same_tickets_as_one_process(tmp_path, cifar10_root):
     # fp32 (the tolerances below are fp32's); the memory format is timed by both workers
     # torch's convolutions: GEMM layers are timed per run (the workers take rank 0's: test_gemm_conv)
-    two = earlybird(*ARGS, "--amp", "off", "--no-gemm-conv", "--data", cifar10_root, "--save", tmp_path / "two",
+    two = earlybird(*ARGS, "--amp", "off", "--cpu-kernels", "off", "--data", cifar10_root, "--save", tmp_path / "two",
                     "--sync-bn", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     # only rank 0 prints; the workers took rank 0's choice of memory format
     assert two.stdout.count("search: vgg11") == 1 and two.stdout.count("search epoch 1/6") == 1
     assert two.stdout.count("training in ") == 1
     chosen = json.loads((tmp_path / "two" / "summary.json").read_text())["memory_format"]
-    one = earlybird(*ARGS, "--amp", "off", "--no-gemm-conv", "--channels-last",
+    one = earlybird(*ARGS, "--amp", "off", "--cpu-kernels", "off", "--channels-last",
                     "on" if chosen == "channels-last" else "off", "--data", cifar10_root, "--save", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     a, b = tickets(tmp_path / "one"), tickets(tmp_path / "two")
@@ -110,7 +110,8 @@ def test_sigkill_at_a_random_point_then_the_same_command_continues(tmp_path, cif
 PROBE = """
 import json, sys, time, torch
 from pathlib import Path
-from earlybird.train import distributed, tuning
+from earlybird.accel import tuning
+from earlybird.train import distributed
 distributed.init_from_env(False)
 if distributed.world().rank == 1:  # this worker alone finds bf16 far slower
     conv2d = tuning.F.conv2d

@@ -10,12 +10,13 @@ from torch import nn
 
 from earlybird import ModelSpec, create_model
 from earlybird.config import RuntimeConfig
-from earlybird.kernels import conv as gemm
-from earlybird.kernels.conv import GemmConv2d, gemm_eligible, keep_gemm, to_gemm
-from earlybird.stages import common
-from earlybird.stages.common import choose_gemm, report_gemm
-from earlybird.train import distributed, load_checkpoint, tuning
-from earlybird.train.tuning import ConvChoice, gemm_convolutions, gemm_layers, restore_gemm, use_gemm
+from earlybird.accel import conv as gemm
+from earlybird.accel.conv import GemmConv2d, gemm_eligible, keep_gemm, to_gemm
+from earlybird.accel import speed
+from earlybird.accel.speed import choose_gemm, report_gemm
+from earlybird.accel import tuning
+from earlybird.train import distributed, load_checkpoint
+from earlybird.accel.tuning import ConvChoice, gemm_convolutions, gemm_layers, restore_gemm, use_gemm
 
 from test_cli import TINY, cli, interrupt_epoch
 
@@ -212,7 +213,7 @@ def test_choose_gemm_follows_the_flags_and_the_settings(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
     _fake_timings(monkeypatch, {3: (False, False, True)})
     cpu = torch.device("cpu")
-    for rt in (RuntimeConfig(gemm_conv=False), RuntimeConfig(compile=True), RuntimeConfig(deterministic=True)):
+    for rt in (RuntimeConfig(cpu_kernels="off"), RuntimeConfig(compile=True), RuntimeConfig(deterministic=True)):
         assert choose_gemm(model, rt, (3, 8, 8), 4, cpu, [(True, None)]) == {}
     assert choose_gemm(model, RuntimeConfig(), (3, 8, 8), 4, torch.device("meta"), [(True, None)]) == {}
     assert choose_gemm(model, RuntimeConfig(), (3, 8, 8), 4, cpu, [(False, None)]) == {}  # contiguous: no GEMM
@@ -226,7 +227,7 @@ def test_choose_gemm_follows_the_flags_and_the_settings(monkeypatch):
 
     report_gemm((True, torch.bfloat16), found, 4, Reporter())
     assert lines == ["convolutions: 1 layers partly as im2col + GEMM (forward 0, input gradient 0, weight gradient "
-                     "1), faster at their shapes than torch's: 30 -> 25 ms per step of 4 (--no-gemm-conv: torch's)"]
+                     "1), faster at their shapes than torch's: 30 -> 25 ms per step of 4 (--cpu-kernels off: torch's)"]
     report_gemm((False, None), found, 4, Reporter())  # training contiguous: nothing to say
     assert len(lines) == 1
 
@@ -242,29 +243,29 @@ def test_the_setting_keeps_its_own_gemm_layers(monkeypatch):
         picked["gemm"] = dict(model[0].gemm)
         return picked["best"], {s: 0.1 for s in settings}
 
-    monkeypatch.setattr(common, "fastest_setting", fastest)
+    monkeypatch.setattr(speed, "fastest_setting", fastest)
     for best, kept in [((True, torch.bfloat16), {torch.bfloat16: (False, False, True)}),
                        ((True, None), {torch.float32: (False, False, True)})]:
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
         picked["best"] = best
-        got, timings, found = common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, settings)
+        got, timings, found = speed.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, settings)
         assert got == best and list(timings) == settings and list(found) == [None, torch.bfloat16]
         assert picked["gemm"] == {torch.float32: (False, False, True), torch.bfloat16: (False, False, True)}
         assert model[0].gemm == kept
     picked["best"] = (False, None)  # training contiguous: every layer is torch's again
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
-    common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(False, None), *settings])
+    speed.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(False, None), *settings])
     assert type(model[0]) is nn.Conv2d
     # one setting: untimed
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
-    assert common.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(True, None)])[:2] == (
+    assert speed.fastest_with_gemm(model, RuntimeConfig(), (3, 8, 8), 10, 4, cpu, [(True, None)])[:2] == (
         (True, None), {})
 
 
 def _search(capsys, root, save, *extra):
     return cli(capsys, "search", "--dataset", "cifar10", "--data", root, "--no-download", *TINY, "--epochs", 3,
-               "--schedule", 2, "--ratios", 0.5, "--full", "--channels-last", "on", "--amp", "off", "--save", save,
-               *extra)
+               "--schedule", 2, "--ratios", 0.5, "--full", "--channels-last", "on", "--amp", "off", "--cpu-kernels", "on",
+               "--save", save, *extra)
 
 
 def test_the_cli_chooses_saves_and_restores_gemm_layers(capsys, tmp_path, cifar10_root, monkeypatch):
@@ -292,7 +293,7 @@ def test_the_cli_chooses_saves_and_restores_gemm_layers(capsys, tmp_path, cifar1
     assert code == 0, err
     assert "convolutions: 2 layers partly as im2col + GEMM, as the run started" in out and widths == []
     assert load_checkpoint(save / "checkpoint.pth")["speed"]["gemm"] == speed["gemm"]
-    code, out, err = _search(capsys, cifar10_root, tmp_path / "off", "--no-gemm-conv")
+    code, out, err = _search(capsys, cifar10_root, tmp_path / "off", "--cpu-kernels", "off")
     assert code == 0, err
     assert "convolutions:" not in out and load_checkpoint(tmp_path / "off" / "checkpoint.pth")["speed"]["gemm"] == {}
     assert json.loads((save / "summary.json").read_text())["epochs_trained"] == 3

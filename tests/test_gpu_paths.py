@@ -22,7 +22,8 @@ from earlybird.errors import ConfigError, TrainingError
 from earlybird.lowp import LowPrecision, Precision
 from earlybird.prune import SelectBatchNorm2d, prunable_layers
 from earlybird.stages import common
-from earlybird.train import distributed, train_epoch, tuning
+from earlybird.accel import speed, tuning
+from earlybird.train import distributed, train_epoch
 from earlybird.train.distributed import World
 from test_cli import TINY, cli, interrupt_epoch
 from test_distributed import ENV
@@ -181,8 +182,8 @@ def test_gpus_without_bf16_tensor_cores_train_in_fp16(monkeypatch, capability, w
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla V100-SXM2-16GB")
     gpu = torch.device("cuda", 0)
     assert tuning.default_autocast_dtype(gpu) == want
-    assert common.autocast_dtype(RuntimeConfig(), gpu) == want
-    assert common.autocast_dtype(RuntimeConfig(amp_dtype="bf16"), gpu) == torch.bfloat16  # the flag decides
+    assert speed.autocast_dtype(RuntimeConfig(), gpu) == want
+    assert speed.autocast_dtype(RuntimeConfig(amp_dtype="bf16"), gpu) == torch.bfloat16  # the flag decides
     text = tuning.describe_gpu(gpu)
     assert f"compute capability {capability[0]}.{capability[1]}" in text
     assert ("fp16 autocast with loss scaling" if want == torch.float16 else "bf16 autocast") in text
@@ -322,9 +323,9 @@ HAZARD = ["layer1.0.downsample.0"]
      "fp16 autocast (this device's autocast type)"),  # an A100 run resumed on a V100
 ])
 def test_a_resumed_setting_is_checked_on_this_device(monkeypatch, resumed, device, hazards, slowdown, want, note):
-    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: slowdown)
+    monkeypatch.setattr(speed, "autocast_slowdown", lambda kind, dtype: slowdown)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    kept, said = common.resumed_setting(resumed, RuntimeConfig(), torch.device(device), hazards)
+    kept, said = speed.resumed_setting(resumed, RuntimeConfig(), torch.device(device), hazards)
     assert kept == want
     assert note in said and bool(said) == bool(note)
 
@@ -388,11 +389,11 @@ def test_prune_times_one_workers_batch_on_rank_0_only(capsys, tmp_path, cifar10_
     monkeypatch.setattr(distributed, "_all_reduce", lambda t, op=None: t)
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     timed = []
-    for name in ("latency_table", "training_table"):
+    for name in ("inference_speed", "training_speed"):
         real = getattr(prune_stage, name)
 
         def spy(*args, real=real, name=name, **kwargs):
-            timed.append((name, args[4] if name == "training_table" else None))
+            timed.append((name, args[4] if name == "training_speed" else None))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(prune_stage, name, spy)
@@ -400,11 +401,12 @@ def test_prune_times_one_workers_batch_on_rank_0_only(capsys, tmp_path, cifar10_
     if rank:
         save.mkdir()  # rank 0 makes it
     code, _, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--batch-size", 16,
-                       "--test-batch-size", 64, "--latency-batches", 2, "--device", "cpu", "--save", save)
+                       "--test-batch-size", 64, "--measure-speed", "--latency-batches", 2, "--device", "cpu", "--save",
+                       save)
     assert code == 0, err
     # rank 0 times training at its own 8 of the global 16 (on one GPU the global batch may not fit);
     # the others wait instead of timing the same thing on the same node
-    assert timed == ([("latency_table", None), ("training_table", 8)] if rank == 0 else [])
+    assert timed == ([("inference_speed", None), ("training_speed", 8)] if rank == 0 else [])
     assert (save / "summary.json").exists() == (rank == 0)
 
 

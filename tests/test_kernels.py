@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from earlybird import kernels
+from earlybird import EarlyBird, accel, prune_model
+from earlybird.accel import batch_norm as kernels
+from earlybird.accel.batch_norm import FusedBatchNorm2d, FusedSelectBatchNorm2d, fuse_batch_norm, gather_channels
+from earlybird.accel.conv import GemmConv2d
+from earlybird.accel.speed import use_fused_batch_norm
 from earlybird.config import RuntimeConfig
-from earlybird import EarlyBird, prune_model
-from earlybird.kernels import FusedBatchNorm2d, bn_relu, fuse_batch_norm, gather_channels
 from earlybird.models import ModelSpec, create_model
+from earlybird.models.layers import bn_relu
 from earlybird.prune import prunable_layers
-from earlybird.prune.layers import FusedSelectBatchNorm2d, SelectBatchNorm2d
-from earlybird.stages.common import use_fused_batch_norm
+from earlybird.prune.layers import SelectBatchNorm2d
 
 CL = torch.channels_last
 
@@ -485,7 +487,7 @@ def test_subclasses_are_left_alone():
 
 def test_unfused_where_the_flag_or_device_says_so(monkeypatch):
     model = _vgg()
-    assert use_fused_batch_norm(model, RuntimeConfig(fused_bn=False), torch.device("cpu")) == 0
+    assert use_fused_batch_norm(model, RuntimeConfig(cpu_kernels="off"), torch.device("cpu")) == 0
     assert use_fused_batch_norm(model, RuntimeConfig(compile=True), torch.device("cpu")) == 0
     assert use_fused_batch_norm(model, RuntimeConfig(), torch.device("meta")) == 0
     assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
@@ -501,7 +503,7 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch):
 
     model = _vgg()
     assert use_fused_batch_norm(model, RuntimeConfig(), torch.device("cpu"), Reporter()) == 0
-    assert len(lines) == 1 and "Ninja is required" in lines[0] and "--no-fused-bn" in lines[0]
+    assert len(lines) == 1 and "Ninja is required" in lines[0] and "--cpu-kernels off" in lines[0]
     assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
 
 
@@ -520,3 +522,29 @@ def test_ninja_of_the_environment_is_found(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     kernels._put_ninja_on_path()  # once only
     assert os.environ["PATH"].count(ninja.BIN_DIR) == 1
+
+
+def test_prepare_then_restore_gives_the_plain_model_back(monkeypatch):
+    from earlybird.accel import speed
+
+    # every convolution's parts win as GEMM, so both kinds of module swap happen
+    monkeypatch.setattr(speed, "gemm_convolutions", lambda model, shape, batch, device, dtype: {
+        name: accel.tuning.ConvChoice((True, True, True), 2.0, 1.0) for name, m in model.named_modules()
+        if accel.conv.gemm_eligible(m)})
+    plain, x = _vgg(), torch.randn(2, 1, 16, 16)
+    model = copy.deepcopy(plain)
+    params = [id(p) for p in model.parameters()]
+    lines = []
+    model, setting = accel.prepare(model, (1, 16, 16), 10, 4, torch.device("cpu"), RuntimeConfig(channels_last="on",
+                                   amp="off"), type("R", (), {"line": staticmethod(lines.append)})())
+    assert setting.channels_last and setting.amp_dtype is None
+    assert any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, GemmConv2d) for m in model.modules())
+    assert setting.state_dict(model)["gemm"]  # the checkpoint's entry names the GEMM layers
+    accel.restore(model, setting)
+    assert repr(model) == repr(plain)  # torch's modules, ReLUs and pools back where they were
+    assert [id(p) for p in model.parameters()] == params  # an optimizer built before stays valid
+    assert not any("activation" in vars(m) or "pool" in vars(m) for m in model.modules())
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from earlybird import ModelSpec, create_model
-from earlybird.stages import common
-from earlybird.train import tuning
-from earlybird.train.tuning import (AUTOCAST_MAX_SLOWDOWN, channels_last_hazards, fastest_setting, keep_freed_memory,
+from earlybird.accel import speed
+from earlybird.accel import tuning
+from earlybird.accel.tuning import (AUTOCAST_MAX_SLOWDOWN, channels_last_hazards, fastest_setting, keep_freed_memory,
                                     safe_formats, side_by_side, step_runs, step_timings)
 
 from test_cli import assert_one_line_error, cli
@@ -95,7 +95,7 @@ TINY_VGG = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size
 
 
 def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_root, monkeypatch):
-    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: 1.0)  # bf16 worth timing on any CPU
+    monkeypatch.setattr(speed, "autocast_slowdown", lambda kind, dtype: 1.0)  # bf16 worth timing on any CPU
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--save", tmp_path / "run")
     assert code == 0, err
@@ -113,7 +113,7 @@ def test_auto_trains_in_the_fastest_measured_setting(capsys, tmp_path, cifar10_r
 
 
 def test_auto_does_not_time_a_precision_the_probe_finds_far_slower(capsys, tmp_path, cifar10_root, monkeypatch):
-    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN + 0.5)
+    monkeypatch.setattr(speed, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN + 0.5)
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--save", tmp_path / "run")
     assert code == 0, err
@@ -122,7 +122,7 @@ def test_auto_does_not_time_a_precision_the_probe_finds_far_slower(capsys, tmp_p
     line = next(line for line in out.splitlines() if line.startswith("training in "))
     assert "contiguous fp32" in line and "channels-last fp32" in line and "bf16" not in line
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == "fp32"
-    monkeypatch.setattr(common, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN)  # at the limit: timed
+    monkeypatch.setattr(speed, "autocast_slowdown", lambda kind, dtype: AUTOCAST_MAX_SLOWDOWN)  # at the limit: timed
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY_VGG,
                          "--save", tmp_path / "limit")
     assert code == 0, err
@@ -164,11 +164,11 @@ def test_keep_freed_memory_takes_effect_on_glibc():
     assert keep_freed_memory() is True
 
 
-@pytest.mark.parametrize("flag,calls", [([], 1), (["--no-keep-memory"], 0)])
+@pytest.mark.parametrize("flag,calls", [(["--cpu-kernels", "on"], 1), (["--cpu-kernels", "off"], 0)])
 def test_the_allocator_setting_follows_the_flag(capsys, tmp_path, cifar10_root, monkeypatch, flag, calls):
-    from earlybird.stages import common
+
     made = []
-    monkeypatch.setattr(common, "keep_freed_memory", lambda: made.append(1) or True)
+    monkeypatch.setattr(speed, "keep_freed_memory", lambda: made.append(1) or True)
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "vgg", "--depth",
                          "11", "--width", "0.0625", "--batch-size", "16", "--epochs", "1", "--schedule", "1",
                          "--ratios", "0.5", "--channels-last", "off", *flag, "--save", tmp_path / "run")

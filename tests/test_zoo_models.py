@@ -33,7 +33,7 @@ def test_run_a_zoo_model(capsys, tmp_path, cifar10_root, arch):
     code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch", arch,
                          "--batch-size", 16, "--test-batch-size", 64, "--epochs", 3, "--schedule", 2, "--ratios", 0.5,
                          "--eb-window", 2, "--eb-threshold", 0.99, "--latency-batches", "--amp", "off",
-                         "--channels-last", "off", "--no-gemm-conv", "--save", save)
+                         "--channels-last", "off", "--cpu-kernels", "off", "--save", save)
     assert code == 0, err
     row = json.loads((save / "summary.json").read_text())["ratios"][0]
     pruned = json.loads((save / "pruned-50" / "summary.json").read_text())

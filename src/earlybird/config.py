@@ -123,20 +123,13 @@ class RuntimeConfig:
                                      "most hardware, but CPU batch norm is slow in it at the odd widths pruning "
                                      "leaves); on (the bare flag) or off fix it; --deterministic makes auto mean off",
                              nargs="?", const="on", choices=["auto", "on", "off"])
-    keep_memory: bool = opt(True, "on CPUs, keep freed memory in the process for reuse (glibc) instead of returning "
-                                  "it to the OS each step: 1.1-1.4x faster training measured, for a resident "
-                                  "size at the step's peak", action=argparse.BooleanOptionalAction)
-    fused_bn: bool = opt(True, "on CPUs, train channels-last batch norms (and the ReLUs and 2x2 max-pools right after "
-                               "them) with "
-                               "earlybird's fused kernel, compiled on first use (~25 s, once per machine): "
-                               "1.5-10x faster than torch's batch norm + ReLU at the widths pruning leaves; "
-                               "torch's serves where no C++ compiler is found",
-                         action=argparse.BooleanOptionalAction)
-    gemm_conv: bool = opt(True, "on CPUs, compute the parts of channels-last convolutions that oneDNN runs slowly "
-                                "(small images, many channels: VGG16's last layers took 60%% of its bf16 step) "
-                                "as im2col + matrix products, chosen layer by layer and part by part by timing both "
-                                "ways at the layer's shape (a few seconds as each stage starts); --deterministic "
-                                "turns it off", action=argparse.BooleanOptionalAction)
+    cpu_kernels: str = opt("on", "on CPUs, earlybird's speed kernels (earlybird.accel): a fused batch norm (+ the ReLU and "
+                                 "2x2 max-pool after it; compiled on first use, ~25 s once per machine; 1.5-10x faster "
+                                 "than torch's at the widths pruning leaves), convolutions as im2col + GEMM where "
+                                 "timing each layer's parts finds that faster (VGG16's last layers took 60%% of its "
+                                 "bf16 step), and glibc keeping freed memory for reuse (1.1-1.4x); off: plain PyTorch. "
+                                 "No effect on GPUs; --deterministic and --compile leave the GEMM parts out",
+                          choices=["on", "off"])
     threads: int | None = opt(None, "CPU threads for torch (default: torch's choice)", type=int)
     deterministic: bool = opt(False, "deterministic kernels only (bit-identical reruns and resumes on GPUs too; "
                                      "slower)", action="store_true")
@@ -201,9 +194,11 @@ class PruneOptions:
     round_to: int = opt(8, "keep a multiple of this many channels per layer where it can, giving back its largest-|γ| "
                            "pruned channels: odd widths are slow on GPUs and in CPU batch norm (a pruned VGG trained "
                            "1.6x faster on a CPU with 8 than with 1); 1 prunes exactly the ratio's channels", type=int)
-    latency_batches: list = opt([1, 32, 128], "batch sizes at which dense and pruned inference are timed; training "
-                                              "is timed at --batch-size (none: skip the timings)",
-                                type=int, nargs="*")
+    measure_speed: bool = opt(False, "also time the dense and the pruned network side by side: inference at "
+                                     "--latency-batches, training at --batch-size (benchmarks/prune_speedup.py "
+                                     "measures more thoroughly)", action="store_true")
+    latency_batches: list = opt([1, 32, 128], "batch sizes at which --measure-speed times inference", type=int,
+                                nargs="*")
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:

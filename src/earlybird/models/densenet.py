@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..kernels import bn_relu
+from .layers import bn_relu
 from .registry import ModelSpec, init_weights, register_model, scaled
 
 

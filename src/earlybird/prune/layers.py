@@ -5,7 +5,7 @@
 * :class:`SelectBatchNorm2d`: a BN that first gathers some of its input channels. It lets a branch
   that *reads* a residual stream (a pre-activation BN) drop channels while the stream keeps them,
   like the reference's ``channel_selection``, but without its host sync. Its gather keeps a
-  channels-last input channels-last; :class:`FusedSelectBatchNorm2d` is its fused form.
+  channels-last input channels-last.
 """
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from ..kernels import _OWN, FUSED_FORMS, FusedBatchNorm2d, gather_channels
+
+
+def select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` that keeps a channels-last ``x`` channels-last (torch's returns
+    a contiguous tensor, and every layer after it would convert back)."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.index_select(1, index)
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 class ConstantFoldConv2d(nn.Conv2d):
@@ -85,18 +93,7 @@ class SelectBatchNorm2d(nn.BatchNorm2d):
         return super().extra_repr() + f", selects {self.num_features} of {self.in_channels} input channels"
 
     def forward(self, x):
-        return super().forward(gather_channels(x, self.index))
-
-
-class FusedSelectBatchNorm2d(SelectBatchNorm2d, FusedBatchNorm2d):
-    """A select BN on the fused kernel (what :func:`earlybird.kernels.fuse_batch_norm` makes of one):
-    the gathered channels go through :class:`FusedBatchNorm2d`, with its activation and residual."""
-
-    def forward(self, x, residual=None, activation=_OWN):
-        return FusedBatchNorm2d.forward(self, gather_channels(x, self.index), residual, activation)
-
-
-FUSED_FORMS[SelectBatchNorm2d] = FusedSelectBatchNorm2d
+        return super().forward(select_channels(x, self.index))
 
 
 class _FoldConvPruner(tp.pruner.function.ConvPruner):

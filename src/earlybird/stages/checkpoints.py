@@ -13,7 +13,8 @@ from ..errors import CheckpointError, ConfigError, RunDirError
 from ..progress import Reporter
 from ..reference import import_reference, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .common import autocast_dtype, check_expected, checkpoint_dataset, make_loader, model_spec, setup_runtime
+from ..accel import autocast_dtype
+from .common import check_expected, checkpoint_dataset, make_loader, model_spec, setup_runtime
 
 
 def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,

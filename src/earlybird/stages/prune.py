@@ -1,13 +1,12 @@
 """Prune: physically remove a ticket's channels and measure what that gives."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig, validate_prune
-from ..cost import count_macs, count_params, inference_side_by_side
+from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..importance import make_importance
@@ -15,9 +14,8 @@ from ..masks import ChannelIndex, channel_mask, check_ratio
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from ..train.tuning import channels_last_hazards, setting_name, side_by_side, step_runs
-from .common import (check_expected, choose_gemm, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime,
-                     speed_candidates, use_fused_batch_norm, write_summary)
+from ..accel import inference_speed, training_speed
+from .common import check_expected, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime, write_summary
 
 
 def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example
@@ -47,35 +45,6 @@ def grouped_report(dense, pruned) -> dict:
             if (p.in_channels, p.out_channels) != (m.in_channels, m.out_channels):
                 rows[name] = {"groups": m.groups, "in_per_group": [m.in_channels // m.groups, p.in_channels // p.groups],
                               "out_per_group": [m.out_channels // m.groups, p.out_channels // p.groups]}
-    return rows
-
-
-def latency_table(dense, pruned, shape, batch_sizes, device) -> dict:
-    """Measured inference images/s of the dense and the pruned network, side by side."""
-    rows = {}
-    for b in batch_sizes:
-        d, p = inference_side_by_side([dense, pruned], shape, b, device)
-        rows[str(b)] = {"dense": round(d, 1), "pruned": round(p, 1), "speedup": round(p / d, 3)}
-    return rows
-
-
-def training_table(dense, pruned, shape, num_classes: int, batch_size: int, device, rt: RuntimeConfig) -> dict:
-    """Measured training images/s of the dense and the pruned network at ``batch_size``, each in the
-    fastest of the settings --channels-last and --amp leave open (as search and retrain pick them):
-    what the retrain gains per image, which fewer MACs only promise."""
-    runs = []
-    for model in (dense, pruned):
-        model = copy.deepcopy(model)  # fused for timing only: the pruned network is saved as it is
-        use_fused_batch_norm(model, rt, torch.device(device))
-        hazards = bool(channels_last_hazards(model, device))
-        settings = [s for s in speed_candidates(rt, device, hazards) if not (hazards and s[0])]
-        choose_gemm(model, rt, shape, batch_size, torch.device(device), settings)
-        runs.append(step_runs(model, shape, num_classes, batch_size, device, settings or [(False, None)]))
-    rows = {"batch": batch_size}
-    for name, seconds in zip(("dense", "pruned"), side_by_side(runs)):  # interleaved: the same moments for both
-        best = min(seconds, key=seconds.get)
-        rows[name] = {"images_per_s": round(batch_size / seconds[best], 1), "setting": setting_name(best)}
-    rows["speedup"] = round(rows["pruned"]["images_per_s"] / rows["dense"]["images_per_s"], 3)
     return rows
 
 
@@ -112,7 +81,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     prunable = sum(int(m.numel()) for m in requested.values())
     asked = sum(int((~m).sum()) for m in requested.values())
     dead = sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)
-    timer, per_worker = distributed.is_main(), max(1, data.batch_size // distributed.world().size)
+    timer = options.measure_speed and distributed.is_main()
+    per_worker = max(1, data.batch_size // distributed.world().size)
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
@@ -130,9 +100,9 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
         "grouped": grouped_report(dense, pruned),
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
-        "throughput": latency_table(dense, pruned, shape, options.latency_batches, device) if timer else {},
-        "training_throughput": (training_table(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
-                                if timer and options.latency_batches else None),
+        "throughput": inference_speed(dense, pruned, shape, options.latency_batches, device) if timer else {},
+        "training_throughput": training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
+        if timer else None,
         "device": str(device),
     }
     save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),

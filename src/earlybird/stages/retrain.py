@@ -15,8 +15,8 @@ from ..progress import MetricsLog, Reporter
 from ..prune import apply_plan
 from ..train import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
-from ..train.tuning import precision_name, setting_to_dict
-from .common import (BEST, LAST, check_expected, checkpoint_dataset, fit, format_name, make_loaders, prepare_save_dir,
+from ..accel import format_name, precision_name
+from .common import (BEST, LAST, check_expected, checkpoint_dataset, fit, make_loaders, prepare_save_dir,
                      prepare_training, setup_runtime, write_summary)
 
 
@@ -43,9 +43,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         raise ConfigError(f"--start-epoch {start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
     # A fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts.
     state = load_checkpoint(resume_path, ("retrain",)) if resume_path else None
-    speed = state.get("speed") if state else None
-    model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
-                                                                               device, reporter, speed)
+    model, speed, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter,
+                                                          state.get("speed") if state else None)
     best = {"test_acc": -1.0, "epoch": None}
     progress = {"test_acc": None}
     scaler_state = None
@@ -63,7 +62,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         reporter.line(f"resuming retrain from {resume_path} after epoch {start}")
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download, data.train_subset,
                                       rt.seed)
-    train, test = make_loaders(dataset, data, device, rt.seed, channels_last)
+    train, test = make_loaders(dataset, data, device, rt.seed, speed.channels_last)
     shape = ckpt["input_shape"]
     macs = count_macs(model, shape)
     mode = "re-initialized" if cfg.reinit else f"fine-tuned from the ticket (epoch {ckpt.get('epoch')})"
@@ -80,7 +79,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         save_checkpoint(save / LAST, "retrain", spec, model, plan, epoch=epoch, optimizer=optimizer.state_dict(),
                         best=best, rng=torch.get_rng_state(), test_acc=record["test_acc"],
                         scaler=scaler.state_dict() if scaler else None, precision=precision.state_dict(),
-                        speed=setting_to_dict((channels_last, amp_dtype), model, device), **meta)
+                        speed=speed.state_dict(model), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, plan, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)
@@ -90,7 +89,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
 
     t0 = time.perf_counter()
     train_seconds = fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "retrain", on_epoch_end,
-                        precision, amp_dtype, scaler_state)
+                        precision, speed.amp_dtype, scaler_state)
     summary = {
         "stage": "retrain", "source": str(cfg.model), "ratio": ckpt.get("ratio"), "reinit": cfg.reinit,
         "start_epoch": first_epoch, "epochs": optim.epochs, "epochs_trained": optim.epochs - first_epoch,
@@ -98,7 +97,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
         "swa_test_acc": progress.get("swa_test_acc"), "number_formats": precision.lp.describe(),
         "params": count_params(model), "macs": macs, "train_images": train.num_samples,
         "wall_s": round(time.perf_counter() - t0, 1), "train_s": round(train_seconds, 1),
-        "memory_format": format_name(channels_last), "precision": precision_name(amp_dtype),
+        "memory_format": format_name(speed.channels_last), "precision": precision_name(speed.amp_dtype),
     }
     write_summary(save, summary)
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best['test_acc']:.2f}% "

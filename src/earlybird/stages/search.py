@@ -19,8 +19,8 @@ from ..progress import MetricsLog, Reporter
 from ..prune import channel_ties, prunable_layers
 from ..train import distributed, load_checkpoint, save_checkpoint
 from ..train.checkpoint import load_weights
-from ..train.tuning import precision_name, setting_to_dict
-from .common import (DEFAULT_DATASET, LAST, default_save, fit, format_name, make_loaders, model_spec, prepare_save_dir,
+from ..accel import format_name, precision_name
+from .common import (DEFAULT_DATASET, LAST, default_save, fit, make_loaders, model_spec, prepare_save_dir,
                      prepare_training, probe_inputs, setup_runtime, write_summary)
 
 
@@ -45,9 +45,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     info = dataset.info
     ckpt = load_checkpoint(resume_path, ("search",)) if resume_path else None
-    speed = ckpt.get("speed") if ckpt else None
-    model, (channels_last, amp_dtype), precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp,
-                                                                               device, reporter, speed)
+    model, speed, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter,
+                                                          ckpt.get("speed") if ckpt else None)
     detector = EarlyBird(model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels, layers,
                          ties, importance, detect.eb_rule)
     scores = [detector.scores()]
@@ -68,7 +67,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         progress.update(epoch=start, test_acc=ckpt["test_acc"])
         torch.set_rng_state(ckpt["rng"])
         reporter.line(f"resuming search from {resume_path} after epoch {start}")
-    train, test = make_loaders(dataset, data, device, rt.seed, channels_last)
+    train, test = make_loaders(dataset, data, device, rt.seed, speed.channels_last)
     macs = count_macs(model, (info.in_channels, info.image_size, info.image_size))
     total = sum(m.weight.numel() for _, m in prunable_bns(model))
     reporter.line(f"search: {spec.describe()}, {count_params(model):,} params, {macs / 1e6:.1f} M MACs/image, "
@@ -95,7 +94,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
                         detector=detector.state_dict(), scores=torch.stack(scores), tickets=tickets,
                         rng=torch.get_rng_state(), scaler=scaler.state_dict() if scaler else None,
                         precision=precision.state_dict(), test_acc=record["test_acc"],
-                        speed=setting_to_dict((channels_last, amp_dtype), model, device), **meta)
+                        speed=speed.state_dict(model), **meta)
         if "swa_test_acc" in record:
             save_checkpoint(save / "swa.pth", "swa", spec, precision.swa.model, epoch=epoch,
                             test_acc=record["swa_test_acc"], **meta)
@@ -109,7 +108,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
 
     t0 = time.perf_counter()
     train_seconds = fit(model, optimizer, train, test, optim, rt, device, start, reporter, log, "search",
-                        on_epoch_end, precision, amp_dtype, scaler_state)
+                        on_epoch_end, precision, speed.amp_dtype, scaler_state)
     epochs_done = progress["epoch"]
     summary = {
         "stage": "search", "spec": spec.to_dict(), "dataset": info.name, "ratios": list(detector.ratios),
@@ -120,8 +119,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
         "epochs_trained": epochs_done, "schedule_epochs": optim.epochs, "stopped_early": epochs_done < optim.epochs,
         "final_test_acc": progress["test_acc"], "params": count_params(model), "macs": macs,
         "train_images": train.num_samples, "wall_s": round(time.perf_counter() - t0, 1),
-        "train_s": round(train_seconds, 1), "memory_format": format_name(channels_last),
-        "precision": precision_name(amp_dtype),
+        "train_s": round(train_seconds, 1), "memory_format": format_name(speed.channels_last),
+        "precision": precision_name(speed.amp_dtype),
     }
     write_summary(save, summary)
     for r in detector.ratios:

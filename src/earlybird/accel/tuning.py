@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import conv as gemm
 from ..probe import probe_forward
-from . import distributed
+from ..train import distributed
+from . import conv as gemm
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 

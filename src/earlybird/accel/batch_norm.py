@@ -8,8 +8,9 @@ at the widths pruning leaves (24, 40, 72, ...) it was 2-10x slower per element t
 follows into the same passes, and a 2x2 max-pool after that (VGG's blocks end so) as well: then
 the full-size activation and its gradient are never stored (benchmarks/README.md has the figures).
 
-:func:`fuse_batch_norm` switches a model's batch norms over in place; model code that applies
-its own ReLU (and residual add) calls :func:`bn_relu` to have them fused too. Parameters, buffers,
+:func:`fuse_batch_norm` switches a model's batch norms over in place (:func:`unfuse` switches them
+back); model code that applies its own ReLU (and residual add) through
+:func:`earlybird.models.layers.bn_relu` has them fused too. Parameters, buffers,
 names and checkpoints stay as they were; outside its case (eval mode under autograd, contiguous or
 CUDA tensors, other dtypes) a :class:`FusedBatchNorm2d` computes exactly what ``nn.BatchNorm2d``
 (+ add, + ReLU) does.
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..prune.layers import SelectBatchNorm2d, select_channels
 
 _SOURCE = Path(__file__).with_name("batch_norm.cpp")
 _extension = None
@@ -92,7 +95,7 @@ def failure() -> str | None:
 # the kernel's codes for what follows the batch norm
 _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2}
 _MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-# batch norm class -> its fused form, for fuse_batch_norm (prune.layers adds its select BN)
+# batch norm class -> its fused form, for fuse_batch_norm
 FUSED_FORMS: dict[type, type] = {}
 
 
@@ -139,16 +142,12 @@ class _Gather(torch.autograd.Function):
 
 
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(1, index)`` that keeps a channels-last ``x`` channels-last (torch's returns
-    a contiguous tensor, and every layer after it converts back): one pass of the kernel where it
-    is loaded and takes ``x``, torch's index_select on the channels-last rows otherwise."""
-    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return x.index_select(1, index)
+    """:func:`earlybird.prune.layers.select_channels` in one pass of the kernel where it is loaded
+    and takes ``x`` (a channels-last CPU tensor)."""
     if (_extension is not None and _kernel_takes(x) and index.device.type == "cpu" and index.dtype == torch.long
             and not torch.compiler.is_compiling()):
         return _Gather.apply(x, index)
-    n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return select_channels(x, index)
 
 
 _OWN = object()  # FusedBatchNorm2d.forward's default: the module's own activation
@@ -205,17 +204,21 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return output
 
 
+    def forward_relu(self, x, residual: torch.Tensor | None = None):
+        """``relu(self(x) + residual)`` in one pass: what ``models.layers.bn_relu`` calls."""
+        return self.forward(x, residual, "relu")
+
+
+class FusedSelectBatchNorm2d(SelectBatchNorm2d, FusedBatchNorm2d):
+    """A select BN on the fused kernel: the gathered channels go through :class:`FusedBatchNorm2d`,
+    with its activation and residual."""
+
+    def forward(self, x, residual=None, activation=_OWN):
+        return FusedBatchNorm2d.forward(self, gather_channels(x, self.index), residual, activation)
+
+
 FUSED_FORMS[nn.BatchNorm2d] = FusedBatchNorm2d
-
-
-def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu(bn(x))``, or ``relu(bn(x) + residual)``, for model code that applies its ReLU itself:
-    one fused pass where ``bn`` has been switched by :func:`fuse_batch_norm`, torch's batch norm,
-    add and in-place ReLU otherwise."""
-    if isinstance(bn, FusedBatchNorm2d):
-        return bn(x, residual, "relu")
-    y = bn(x)
-    return F.relu(y if residual is None else y + residual, inplace=True)
+FUSED_FORMS[SelectBatchNorm2d] = FusedSelectBatchNorm2d
 
 
 def _pair(v) -> tuple:
@@ -229,7 +232,7 @@ def _max_pool_2x2(m: nn.Module | None) -> bool:
             and not m.return_indices)
 
 
-def fuse_batch_norm(model: nn.Module, pools: bool = True) -> int:
+def fuse_batch_norm(model: nn.Module, pools: bool = True, undo: list | None = None) -> int:
     """Switch every plain ``nn.BatchNorm2d`` of ``model`` to :class:`FusedBatchNorm2d` (and each
     class in ``FUSED_FORMS`` to its fused form: a pruned network's select BNs), in place,
     and fold each ``nn.ReLU`` or ``nn.ReLU6`` that directly follows one in an ``nn.Sequential`` into
@@ -237,7 +240,7 @@ def fuse_batch_norm(model: nn.Module, pools: bool = True) -> int:
     they have no state, so checkpoints are unchanged); model code that calls :func:`bn_relu` gets
     its ReLU fused too. The modules stay the same objects, so optimizers and references to their
     parameters stay valid. Returns how many batch norms were switched; 0 where the kernel cannot be
-    built (``failure()`` says why)."""
+    built (``failure()`` says why). ``undo`` (a list) receives what :func:`unfuse` needs."""
     if load() is None:
         return 0
     count = 0
@@ -249,16 +252,36 @@ def fuse_batch_norm(model: nn.Module, pools: bool = True) -> int:
             fused = FUSED_FORMS.get(type(child))
             if fused is None:  # SyncBatchNorm and other subclasses keep their own forward
                 continue
+            if undo is not None:
+                undo.append((child, type(child)))
             child.__class__ = fused
             count += 1
             if not in_order:
                 continue
             after = [m for _, m in children[i + 1:i + 3]] + [None, None]
+            folded = []
             if type(after[0]) in _MODULES:
                 child.activation = _MODULES[type(after[0])]
-                setattr(parent, children[i + 1][0], nn.Identity())
+                folded.append(children[i + 1])
                 after.pop(0)
             if pools and _max_pool_2x2(after[0]):
                 child.pool = True
-                setattr(parent, children[i + 1 + (child.activation is not None)][0], nn.Identity())
+                folded.append(children[i + 1 + (child.activation is not None)])
+            for name, module in folded:
+                setattr(parent, name, nn.Identity())
+                if undo is not None:
+                    undo.append((parent, name, module))
     return count
+
+
+def unfuse(undo: list) -> None:
+    """Undo :func:`fuse_batch_norm`: the batch norms' own classes, the folded modules back."""
+    for record in reversed(undo):
+        if len(record) == 3:
+            parent, name, module = record
+            setattr(parent, name, module)
+        else:
+            module, cls = record
+            module.__class__ = cls
+            for attr in ("activation", "pool"):
+                module.__dict__.pop(attr, None)

@@ -7,7 +7,7 @@ stride-1 convolution is that product: the input's k x k patches laid out as rows
 makes each patch row a few contiguous runs), times the weight viewed as a matrix. The input
 gradient is the same operation on the output gradient with the flipped, transposed weight; the
 weight gradient is the output gradient's transpose times the patches. Which layers gain depends on
-the CPU and the shapes, so ``train.tuning.gemm_convolutions`` times each layer both ways.
+the CPU and the shapes, so ``accel.tuning.gemm_convolutions`` times each layer both ways.
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from earlybird import stages
-from earlybird.stages import common, pipeline
+from earlybird.stages import pipeline
 from earlybird.cli import main
 from earlybird.train import load_checkpoint
+from earlybird.train import trainer as trainer_module
 
 TINY = ["--arch", "vgg", "--depth", "11", "--width", "0.0625", "--batch-size", "16", "--test-batch-size", "64",
         "--seed", "0"]
@@ -108,7 +109,7 @@ def _search(capsys, root, save, *extra):
 def interrupt_epoch(monkeypatch, n: int) -> None:
     """Ctrl-C in the ``n``-th training epoch of the process (counting every stage's)."""
     calls = {"n": 0}
-    real = common.train_epoch
+    real = trainer_module.train_epoch
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -116,7 +117,7 @@ def interrupt_epoch(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common, "train_epoch", interrupted)
+    monkeypatch.setattr(trainer_module, "train_epoch", interrupted)
 
 
 def test_resume_continues_exactly_where_it_stopped(capsys, tmp_path, cifar10_root, monkeypatch):

@@ -24,6 +24,7 @@ from .errors import RunDirError
 from .masks import ChannelIndex, channel_mask, distance_matrix, mask_distance
 from .progress import format_ratio, format_seconds
 from .rules import Rule, make_rule
+from .stages.rundir import RunDir
 from .train import load_checkpoint
 
 
@@ -67,32 +68,30 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def load_run(root: str | Path) -> RunData:
-    root = Path(root)
-    search_dir = root / "search" if (root / "search").is_dir() else root
-    if (root / "baseline" / "search" / "checkpoint.pth").exists():
-        search_dir = root / "baseline" / "search"  # the same training carried through the whole schedule
-    ckpt_path = search_dir / "checkpoint.pth"
-    if not ckpt_path.exists():
-        raise RunDirError(f"{root} holds no search (no {ckpt_path.name}): pass the --save directory of a run or search")
-    ckpt = load_checkpoint(ckpt_path, ("search",))
+    run = RunDir(Path(root))
+    search = run.search() if run.search().path.is_dir() else run
+    if run.baseline().search().last.exists():
+        search = run.baseline().search()  # the same training carried through the whole schedule
+    if not search.last.exists():
+        raise RunDirError(f"{root} holds no search (no {search.last.name}): pass the --save directory of a run or search")
+    ckpt = load_checkpoint(search.last, ("search",))
     det = ckpt["detector"]
     data = RunData(
-        root=root, search_dir=search_dir, scores=(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float(),
+        root=run.path, search_dir=search.path, scores=(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float(),
         layer_sizes=list(det["layer_sizes"]), rule=make_rule(det.get("rule", "star")),
         importance=det.get("importance", "bn-scale"), ties=[list(t) for t in det.get("ties", [])],
         layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
         ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),
         threshold=float(det["threshold"]), window=int(det["window"]),
         emerged={float(r): int(e) for r, e in det["emerged"].items()},
-        search_metrics=[m for m in _jsonl(search_dir / "metrics.jsonl") if m.get("stage") == "search"],
+        search_metrics=[m for m in _jsonl(search.metrics) if m.get("stage") == "search"],
     )
     for r in data.ratios:
-        tag = round(r * 100)
-        data.retrain_metrics[r] = _jsonl(root / f"retrain-{tag}" / "metrics.jsonl")
-        if (root / f"pruned-{tag}" / "summary.json").exists():
-            data.pruned[r] = json.loads((root / f"pruned-{tag}" / "summary.json").read_text())
-    if (root / "summary.json").exists() and root != search_dir:
-        data.summary = json.loads((root / "summary.json").read_text())
+        data.retrain_metrics[r] = _jsonl(run.retrain(r).metrics)
+        if run.pruned(r).finished:
+            data.pruned[r] = run.pruned(r).summary()
+    if run.finished and run.path != search.path:
+        data.summary = run.summary()
     return data
 
 

@@ -2,7 +2,6 @@
 loaders, optimizer and the epoch loop."""
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import replace
@@ -13,17 +12,15 @@ import torch
 from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig,
                       validate_lowp, validate_runtime)
 from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
-from ..errors import CheckpointError, ConfigError, RunDirError
+from ..errors import CheckpointError, ConfigError
 from .. import accel
 from ..lowp import LowPrecision, Precision
 from ..models import ModelSpec, resolve_arch
-from ..progress import MetricsLog, Reporter, format_seconds
-from ..train import distributed, evaluate, lr_at, train_epoch
-
-SUMMARY = "summary.json"
-LAST = "checkpoint.pth"  # the reference scripts' names: checkpoint, model_best, EB-<p>-<epoch>, pruned
-BEST = "model_best.pth"
-
+from ..progress import Reporter
+from ..train import distributed
+from ..train.callbacks import SWA, Metrics, SaveLast, Saver
+from ..train.trainer import Callback, Trainer
+from .rundir import RunDir
 
 def resolve_device(name: str) -> torch.device:
     """--device as this process's device. ``cuda`` (and ``auto`` where CUDA is) means this rank's
@@ -97,45 +94,6 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
     return device
 
 
-def _artifacts(save: Path) -> list[Path]:
-    names = [SUMMARY, LAST, BEST, "swa.pth", "pruned.pth", "metrics.jsonl", "summary.txt"]
-    return [save / n for n in names if (save / n).exists()] + sorted(save.glob("EB-*.pth"))
-
-
-def prepare_save_dir(save: Path, force: bool, resume: str | None = None, reporter: Reporter | None = None) -> Path | None:
-    """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
-    unfinished run in ``save`` is continued (as with --resume) unless --force starts it over."""
-    if distributed.is_main() and save.is_dir():
-        for stale in save.glob(".*.tmp"):  # a write cut short by a kill; the file it meant to replace is intact
-            stale.unlink(missing_ok=True)
-    if resume is not None:
-        path = Path(resume) if resume else save / LAST
-        if (save / SUMMARY).exists() and not resume:
-            raise RunDirError(f"{save} holds a finished run: nothing to resume (use --force to start it over)")
-        if not path.is_file():
-            raise RunDirError(f"no checkpoint to resume at {path}: start without --resume")
-        return path
-    if save.exists() and not save.is_dir():
-        raise RunDirError(f"--save {save} is a file, not a directory: choose another --save")
-    finished = (save / SUMMARY).exists() or (save / "pruned.pth").exists()
-    if finished and not force:
-        raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
-    if (save / LAST).exists() and not force:
-        if reporter:
-            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
-        return save / LAST
-    if distributed.is_main():
-        try:
-            if force:
-                for p in _artifacts(save):
-                    p.unlink()
-            save.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunDirError(f"cannot write in --save {save} ({exc.strerror or exc}): choose another --save") from None
-    distributed.barrier()
-    return None
-
-
 def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
     """The dense network of a run: the model flags plus the dataset's input and class counts."""
     arch, depth = resolve_arch(model_cfg.arch, model_cfg.depth)
@@ -151,20 +109,6 @@ def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
 
 def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
     return Path("runs") / f"{data.dataset or DEFAULT_DATASET}-{model_cfg.arch}{model_cfg.depth}"
-
-
-def write_summary(save: Path, summary: dict) -> None:
-    """Mark a stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
-    if distributed.is_main():
-        tmp = save / f".{SUMMARY}.tmp"
-        try:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, save / SUMMARY)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise RunDirError(f"could not write {save / SUMMARY} ({exc.strerror or exc}): free disk space, then run "
-                              "the same command again") from None
-    distributed.barrier()
 
 
 def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool,
@@ -232,51 +176,20 @@ def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfi
     return model, speed, precision, precision.optimizer(make_optimizer(model, optim))
 
 
-def fit(model, optimizer, train, test, optim: OptimConfig, rt: RuntimeConfig, device, start: int, reporter: Reporter,
-        log: MetricsLog, stage: str, on_epoch_end, precision: Precision, amp_dtype: torch.dtype | None,
-        scaler_state=None) -> float:
-    """The epoch loop of every stage, under autocast to ``amp_dtype`` unless it is None (fp16 with
-    loss scaling). ``on_epoch_end(epochs_done, record, scaler) -> (stop, note)`` saves what the
-    stage keeps, may stop early, and adds a note to the epoch's line."""
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)
-    l1 = optim.s if optim.sparsity_regularization else 0.0
-    net = distributed.wrap(model, device)  # DDP with several workers; evaluation needs no wrapper
-    if rt.compile:
-        net = torch.compile(net)
-    wall = 0.0
-    for epoch in range(start, optim.epochs):
-        lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train.set_epoch(epoch)
-        update, close = reporter.epoch_bar(len(train), f"{stage} {epoch + 1}/{optim.epochs}")
-        try:
-            result = train_epoch(net, train, optimizer, l1=l1, scaler=scaler, amp_dtype=amp_dtype, on_batch=update)
-        finally:
-            close()
-        result_test = evaluate(model, test, amp_dtype)
-        test_loss, test_acc = result_test.loss, result_test.top1
-        wall += result.seconds
-        record = {
-            "stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": round(result.loss, 5),
-            "train_acc": round(result.accuracy, 3), "test_loss": round(test_loss, 5), "test_acc": round(test_acc, 3),
-            "images_per_s": round(result.images_per_second, 1), "epoch_s": round(result.seconds, 2),
-        }
-        averaged = precision.average(epoch + 1, model, train)
-        if averaged is not None:
-            record["swa_test_acc"] = round(evaluate(averaged, test).top1, 3)
-        stop, note = on_epoch_end(epoch + 1, record, scaler)
-        if averaged is not None:
-            note = f"  swa {record['swa_test_acc']:.2f}%" + note
-        left = (optim.epochs - epoch - 1) * wall / (epoch + 1 - start)
-        log.write(**record)
-        reporter.line(
-            f"{stage} epoch {epoch + 1}/{optim.epochs}  lr {lr:.3g}  loss {result.loss:.3f}  "
-            f"train {result.accuracy:.1f}%  test {test_acc:.2f}%  {result.images_per_second:.0f} img/s  "
-            f"{result.seconds:.0f}s{'' if stop else f'  ~{format_seconds(left)} left'}{note}"
-        )
-        if stop:
-            break
-    return wall
+def make_trainer(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
+                 lowp: LowPrecisionConfig | None, device, reporter: Reporter, stage: str, resumed: dict | None) -> Trainer:
+    """A stage's trainer (no callbacks yet): the model prepared for training; ``resumed``: the
+    checkpoint the stage continues from, whose speed settings it keeps."""
+    model, speed, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter,
+                                                          resumed.get("speed") if resumed else None)
+    return Trainer(model, optimizer, precision, optim, device, speed, reporter, stage, rt.compile)
+
+
+def with_callbacks(trainer: Trainer, run: RunDir, saver: Saver, kind: str, loaders, rt: RuntimeConfig,
+                   *stage_callbacks: Callback) -> Trainer:
+    """Every stage's callbacks around its own: SWA first (it adds to the epoch's record), then the
+    stage's, then the resumable checkpoint (it holds what they did), then the metrics log (a log that
+    cannot be written leaves the epoch saved)."""
+    trainer.callbacks = [SWA(saver, run.swa, *loaders), *stage_callbacks, SaveLast(saver, run.last, kind),
+                         Metrics(run.metrics, rt.tensorboard)]
+    return trainer

@@ -1,7 +1,6 @@
 """The whole pipeline (search -> prune -> retrain per ratio), its measured baseline and its table."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import replace
@@ -15,24 +14,20 @@ from ..errors import RunDirError
 from ..models import ModelSpec, create_model
 from ..progress import Reporter, format_ratio, format_seconds
 from ..train import distributed
-from .common import (DEFAULT_DATASET, LAST, SUMMARY, default_save, low_precision, model_spec, setup_runtime,
-                     write_summary)
+from .common import DEFAULT_DATASET, default_save, low_precision, model_spec, setup_runtime
+from .rundir import LAST, METRICS, PRUNED, SUMMARY, RunDir
 from .prune import prune
 from .retrain import retrain
 from .search import search
 
 
-def _stage_runtime(rt: RuntimeConfig, stage_dir: Path) -> RuntimeConfig | None:
+def _stage_runtime(rt: RuntimeConfig, stage: RunDir) -> RuntimeConfig | None:
     """Runtime of one stage of `earlybird run`; None when --resume finds the stage already done."""
     if rt.resume is None:
         return replace(rt, resume=None)
-    if (stage_dir / SUMMARY).exists():
+    if stage.finished:
         return None
-    return replace(rt, resume="" if (stage_dir / LAST).exists() else None, force=False)
-
-
-def _done(stage_dir: Path) -> dict:
-    return json.loads((stage_dir / SUMMARY).read_text())
+    return replace(rt, resume="" if stage.last.exists() else None, force=False)
 
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
@@ -44,114 +39,132 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     validate_lowp(lowp, optim)
     validate_prune(options)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
-    save = Path(rt.save or default_save(data, model_cfg))
-    if rt.resume is None and not rt.force:
-        if (save / SUMMARY).exists():
-            raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
-        if (save / "search").exists():
-            reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
-            rt = replace(rt, resume="")
-    if rt.force and (save / SUMMARY).exists() and distributed.is_main():
-        (save / SUMMARY).unlink()
+    run = RunDir(Path(rt.save or default_save(data, model_cfg)))
+    rt = _continue_or_start(run, rt, reporter)
     t0 = time.perf_counter()
     setup_runtime(rt)
     create_model(model_spec(model_cfg, dataset_info(data.dataset, data.data)))  # fail on a bad model before loading data
     dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
-
-    stage_rt = _stage_runtime(rt, save / "search")
-    found = _done(save / "search") if stage_rt is None else search(
-        data, model_cfg, optim, detect, stage_rt, reporter, dataset, save / "search", lowp)
-    images = found["train_images"]
-    dense_epoch = training_macs(found["macs"], images, 1)
+    stage_rt = _stage_runtime(rt, run.search())
+    found = run.search().summary() if stage_rt is None else search(
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp)
     rows = []
     for r in found["ratios"]:
         ticket = found["tickets"].get(str(r))
         if ticket is None:
             rows.append({"ratio": r, "eb_epoch": None})
             continue
-        tag = f"{round(r * 100)}"
-        prune_dir, retrain_dir = save / f"pruned-{tag}", save / f"retrain-{tag}"
         reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
-        if _stage_runtime(rt, prune_dir) is None:
-            pr = _done(prune_dir)
-        else:
-            pr = prune(PruneConfig(str(save / "search" / ticket["path"]), None, detect.min_channels), options,
-                       prune_dir, data, replace(rt, resume=None, force=True), reporter, dataset)
-        stage_rt = _stage_runtime(rt, retrain_dir)
-        rt_cfg = RetrainConfig(model=str(prune_dir / "pruned.pth"), reinit=reinit)
-        rr = _done(retrain_dir) if stage_rt is None else retrain(rt_cfg, data, optim, stage_rt, reporter, dataset,
-                                                                 retrain_dir, lowp)
-        pruned_epoch = training_macs(pr["macs"]["after"], images, 1)
-        eb_compute = ticket["epoch"] * dense_epoch + rr["epochs_trained"] * pruned_epoch
-        standard = optim.epochs * dense_epoch + optim.epochs * pruned_epoch
-        rows.append({
-            "ratio": r, "eb_epoch": ticket["epoch"], "eb_fraction": round(ticket["epoch"] / optim.epochs, 4),
-            "acc_dense_at_ticket": pr["test_acc"]["dense"], "acc_masked": pr["test_acc"]["masked"],
-            "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
-            "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
-            "params": pr["params"], "macs": pr["macs"],
-            "train_speedup_measured": (pr.get("training_throughput") or {}).get("speedup"),
-            "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
-            "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": optim.epochs * dense_epoch},
-            "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
-            "compute_vs_dense_only": round(eb_compute / (optim.epochs * dense_epoch), 4),
-            "retrain_wall_s": rr["wall_s"], "retrain_train_s": rr["train_s"],
-        })
-    spent = found["epochs_trained"] * dense_epoch + sum(
-        row["retrain_epochs"] * training_macs(row["macs"]["after"], images, 1) for row in rows if row["eb_epoch"])
-    train_s = found["train_s"] + sum(row["retrain_train_s"] for row in rows if row["eb_epoch"])
-    summary = {
-        "dataset": data.dataset, "spec": found["spec"], "schedule_epochs": optim.epochs,
-        "search_epochs": found["epochs_trained"], "search_final_test_acc": found["final_test_acc"],
-        "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
-        "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(time.perf_counter() - t0, 1),
-        "train_s": round(train_s, 1),
-        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
-        "number_formats": found.get("number_formats"),
-        "arithmetic_cost_vs_fp32": round(low_precision(lowp).relative_arithmetic_cost(), 4),
-    }
+        pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, data, optim, rt,
+                                    reporter, dataset, lowp, RetrainConfig(reinit=reinit))
+        rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
+    summary = _summary(data, found, rows, optim.epochs, lowp, time.perf_counter() - t0)
     if baseline:
-        summary["baseline"] = _baseline(save, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
+        summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
                                         found)
-    write_summary(save, summary)
+    run.write_summary(summary)
     table = summary_table(summary)
     if distributed.is_main():
-        (save / "summary.txt").write_text(table + "\n")
+        (run / "summary.txt").write_text(table + "\n")
     reporter.line(table)
     return summary
 
 
-def _baseline(save: Path, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp, found) -> dict:
+def _continue_or_start(run: RunDir, rt: RuntimeConfig, reporter: Reporter) -> RuntimeConfig:
+    """A finished run needs --force; an unfinished one is continued as with --resume."""
+    if rt.resume is None and not rt.force:
+        if run.finished:
+            raise RunDirError(f"{run.path} holds a finished run: choose another --save or pass --force to overwrite it")
+        if run.search().path.exists():
+            reporter.line(f"{run.path} holds an unfinished run: continuing it (pass --force to start over)")
+            rt = replace(rt, resume="")
+    if rt.force and run.finished and distributed.is_main():
+        (run / SUMMARY).unlink()
+    return rt
+
+
+def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: float, detect: DetectConfig,
+                       options: PruneOptions, data, optim, rt, reporter, dataset, lowp,
+                       retrain_cfg: RetrainConfig) -> tuple[dict, dict]:
+    """One ratio's prune stage (of ``source``, at ``percent`` or the ticket's own ratio) and retrain
+    stage under ``run``, each read from its summary where a resumed run finished it."""
+    prune_dir, retrain_dir = run.pruned(ratio), run.retrain(ratio)
+    if _stage_runtime(rt, prune_dir) is None:
+        pr = prune_dir.summary()
+    else:
+        pr = prune(PruneConfig(str(source), percent, detect.min_channels), options, prune_dir.path, data,
+                   replace(rt, resume=None, force=True), reporter, dataset)
+    stage_rt = _stage_runtime(rt, retrain_dir)
+    rr = retrain_dir.summary() if stage_rt is None else retrain(
+        replace(retrain_cfg, model=str(prune_dir / PRUNED)), data, optim, stage_rt, reporter, dataset,
+        retrain_dir.path, lowp)
+    return pr, rr
+
+
+def _ratio_row(r: float, ticket: dict, pr: dict, rr: dict, found: dict, epochs: int) -> dict:
+    """One ratio's line of the run's summary: accuracies, size and the compute spent against
+    train-prune-retrain and against dense training."""
+    dense_epoch = training_macs(found["macs"], found["train_images"], 1)
+    eb_compute = ticket["epoch"] * dense_epoch + rr["epochs_trained"] * training_macs(pr["macs"]["after"],
+                                                                                      found["train_images"], 1)
+    standard = epochs * dense_epoch + epochs * training_macs(pr["macs"]["after"], found["train_images"], 1)
+    return {
+        "ratio": r, "eb_epoch": ticket["epoch"], "eb_fraction": round(ticket["epoch"] / epochs, 4),
+        "acc_dense_at_ticket": pr["test_acc"]["dense"], "acc_masked": pr["test_acc"]["masked"],
+        "acc_pruned": pr["test_acc"]["pruned"], "acc_retrained": rr["final_test_acc"],
+        "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
+        "params": pr["params"], "macs": pr["macs"],
+        "train_speedup_measured": (pr.get("training_throughput") or {}).get("speedup"),
+        "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
+        "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": epochs * dense_epoch},
+        "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
+        "compute_vs_dense_only": round(eb_compute / (epochs * dense_epoch), 4),
+        "retrain_wall_s": rr["wall_s"], "retrain_train_s": rr["train_s"],
+    }
+
+
+def _summary(data: DataConfig, found: dict, rows: list[dict], epochs: int, lowp: LowPrecisionConfig,
+             wall: float) -> dict:
+    images = found["train_images"]
+    drawn = [row for row in rows if row["eb_epoch"]]
+    spent = found["epochs_trained"] * training_macs(found["macs"], images, 1) + sum(
+        row["retrain_epochs"] * training_macs(row["macs"]["after"], images, 1) for row in drawn)
+    return {
+        "dataset": data.dataset, "spec": found["spec"], "schedule_epochs": epochs,
+        "search_epochs": found["epochs_trained"], "search_final_test_acc": found["final_test_acc"],
+        "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
+        "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(wall, 1),
+        "train_s": round(found["train_s"] + sum(row["retrain_train_s"] for row in drawn), 1),
+        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
+        "number_formats": found.get("number_formats"),
+        "arithmetic_cost_vs_fp32": round(low_precision(lowp).relative_arithmetic_cost(), 4),
+    }
+
+
+def _baseline(run: RunDir, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp, found) -> dict:
     """Train-prune-retrain, measured: dense training over the whole schedule, each ratio pruned at
     the end and fine-tuned over the whole schedule again (network slimming), same seed. The dense
     training continues the EB search's checkpoint: with the same seed its first epochs are the same
     computation, so their time is the search's."""
-    base = save / "baseline"
-    search_dir = base / "search"
-    if (search_dir / SUMMARY).exists():
-        dense = _done(search_dir)
+    base = run.baseline()
+    search_dir = base.search()
+    if search_dir.finished:
+        dense = search_dir.summary()
     else:
-        if not (search_dir / LAST).exists() and distributed.is_main():
-            search_dir.mkdir(parents=True, exist_ok=True)
-            for name in (LAST, "metrics.jsonl"):
-                shutil.copy2(save / "search" / name, search_dir / name)
+        if not search_dir.last.exists() and distributed.is_main():
+            search_dir.path.mkdir(parents=True, exist_ok=True)
+            for name in (LAST, METRICS):
+                shutil.copy2(run.search() / name, search_dir / name)
         distributed.barrier()
         reporter.line(f"--- baseline: dense training continues to epoch {optim.epochs}, then prune and fine-tune")
         dense = search(data, model_cfg, optim, replace(detect, full=True), replace(rt, resume="", force=False),
-                       reporter, dataset, search_dir, lowp)
+                       reporter, dataset, search_dir.path, lowp)
     dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
     out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
            "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
     for r in found["ratios"]:
-        tag = round(r * 100)
-        prune_dir, retrain_dir = base / f"pruned-{tag}", base / f"retrain-{tag}"
-        pr = _done(prune_dir) if (prune_dir / SUMMARY).exists() else prune(
-            PruneConfig(str(search_dir / LAST), r, detect.min_channels), options, prune_dir, data,
-            replace(rt, resume=None, force=True), reporter, dataset)
-        stage_rt = _stage_runtime(replace(rt, resume=""), retrain_dir)
-        rr = _done(retrain_dir) if stage_rt is None else retrain(
-            RetrainConfig(model=str(prune_dir / "pruned.pth"), start_epoch=0), data, optim, stage_rt, reporter,
-            dataset, retrain_dir, lowp)
+        pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, options, data, optim,
+                                    replace(rt, resume=""), reporter, dataset, lowp, RetrainConfig(start_epoch=0))
         out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
                                  "params": pr["params"]["after"], "macs": pr["macs"]["after"]}
         out["train_s"] += rr["train_s"]

@@ -15,7 +15,8 @@ from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..accel import inference_speed, training_speed
-from .common import check_expected, checkpoint_dataset, make_loader, prepare_save_dir, setup_runtime, write_summary
+from .common import check_expected, checkpoint_dataset, make_loader, setup_runtime
+from .rundir import PRUNED, RunDir, tag
 
 
 def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example
@@ -59,8 +60,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     if ckpt.get("plan"):
         raise CheckpointError(f"{cfg.model} is already pruned: retrain it, or prune its dense ticket")
     ratio = check_ratio(cfg.percent if cfg.percent is not None else ckpt.get("ratio", 0.5))
-    save = Path(save or rt.save or Path(cfg.model).parent / f"pruned-{round(ratio * 100)}")
-    prepare_save_dir(save, rt.force)
+    run = RunDir(Path(save or rt.save or Path(cfg.model).parent / f"pruned-{tag(ratio)}"))
+    run.prepare(rt.force)
     dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
     dense = dense.to(device).eval()
@@ -68,50 +69,60 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
     test = make_loader(dataset, data, device, rt.seed, False, train=False)
     example = next(iter(test))[0][:8]
     requested, scores = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
-    keep_streams = bool(ckpt.get("keep_streams", False))
-    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to, scores)
-    effective = plan.masks(dense)
-    masked = plan.masked(dense)
+    pruned, plan = prune_model(dense, requested, example, bool(ckpt.get("keep_streams", False)), options.round_to,
+                               scores)
+    report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test)
+    if options.measure_speed and distributed.is_main():
+        # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
+        # the global batch on one GPU is not what training runs, and may not fit
+        shape, per_worker = report["input_shape"], max(1, data.batch_size // distributed.world().size)
+        report["throughput"] = inference_speed(dense, pruned, shape, options.latency_batches, device)
+        report["training_throughput"] = training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
+    save_checkpoint(run / PRUNED, "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
+                    dataset=dataset.info.name, input_shape=report["input_shape"], test_acc=report["test_acc"]["pruned"])
+    run.write_summary(report)
+    _say(report, cfg, options, plan, run / PRUNED, reporter)
+    return report
+
+
+def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, requested: dict, dense, pruned,
+            plan, example, test) -> dict:
+    """What pruning changed (channels, layers, parameters, MACs) and what it costs in accuracy: the
+    dense, the masked and the pruned network on the test split."""
+    effective, masked = plan.masks(dense), plan.masked(dense)
     with torch.no_grad():
         want = masked.eval()(example)
         out_diff = (pruned.eval()(example) - want).abs().max().item()
-        relative = out_diff / (1 + want.abs().max().item())  # the engine's own check: under 1e-3
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before, after = ChannelIndex.of(dense).layer_sizes(), ChannelIndex.of(pruned).layer_sizes()
-    prunable = sum(int(m.numel()) for m in requested.values())
-    asked = sum(int((~m).sum()) for m in requested.values())
-    dead = sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)
-    timer = options.measure_speed and distributed.is_main()
-    per_worker = max(1, data.batch_size // distributed.world().size)
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
-    report = {
+    return {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
-        "keep_streams": keep_streams, "round_to": options.round_to,
-        "channels": {"before": sum(before.values()), "after": sum(after.values()), "prunable": prunable,
-                     "requested": asked, "removed": sum(before.values()) - sum(after.values()), "dead": dead},
+        "keep_streams": bool(ckpt.get("keep_streams", False)), "round_to": options.round_to, "input_shape": shape,
+        "channels": {"before": sum(before.values()), "after": sum(after.values()),
+                     "prunable": sum(int(m.numel()) for m in requested.values()),
+                     "requested": sum(int((~m).sum()) for m in requested.values()),
+                     "removed": sum(before.values()) - sum(after.values()),
+                     "dead": sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)},
         "layers": {n: [before[n], after[n]] for n in before},
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
         "test_acc": {k: r.top1 for k, r in results.items()},
         "test_top5": {k: r.top5 for k, r in results.items()},
-        "max_output_diff_pruned_vs_masked": out_diff, "max_output_diff_relative": relative,
-        "folds": plan.folds, "selects": plan.selects,
-        "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
-        "grouped": grouped_report(dense, pruned),
-        # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
-        # the global batch on one GPU is not what training runs, and may not fit
-        "throughput": inference_speed(dense, pruned, shape, options.latency_batches, device) if timer else {},
-        "training_throughput": training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
-        if timer else None,
-        "device": str(device),
+        # the engine's own check, relative to the output's size: under 1e-3
+        "max_output_diff_pruned_vs_masked": out_diff, "max_output_diff_relative": out_diff / (1 + want.abs().max().item()),
+        "folds": plan.folds, "selects": plan.selects, "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
+        "grouped": grouped_report(dense, pruned), "throughput": {}, "training_throughput": None,
+        "device": str(example.device),
     }
-    save_checkpoint(save / "pruned.pth", "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
-                    dataset=dataset.info.name, input_shape=shape, test_acc=report["test_acc"]["pruned"])
-    write_summary(save, report)
+
+
+def _say(report: dict, cfg: PruneConfig, options: PruneOptions, plan, out: Path, reporter: Reporter) -> None:
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
-    reporter.line(f"pruned {cfg.model} at p={ratio:g} of {prunable} prunable BN channels: asked {asked}, removed "
-                  f"{c['removed']} (coupled channels stay while any member needs them"
-                  + (f"; {dead} unasked went as they fed only masked BNs" if dead else "")
+    device = report["device"]
+    reporter.line(f"pruned {cfg.model} at p={report['ratio']:g} of {c['prunable']} prunable BN channels: asked "
+                  f"{c['requested']}, removed {c['removed']} (coupled channels stay while any member needs them"
+                  + (f"; {c['dead']} unasked went as they fed only masked BNs" if c["dead"] else "")
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
     if report["grouped"]:
@@ -136,5 +147,5 @@ def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: Data
                       f"({d['setting']}), pruned {q['images_per_s']:.0f} img/s ({q['setting']}): {train['speedup']:.2f}x for "
                       f"{m['before'] / m['after']:.2f}x fewer MACs")
     reporter.line(f"  test accuracy: dense {a['dense']:.2f}%  masked {a['masked']:.2f}%  pruned {a['pruned']:.2f}%  "
-                  f"(max |pruned - masked| output {out_diff:.1e}, {relative:.1e} of the output's size) -> {save / 'pruned.pth'}")
-    return report
+                  f"(max |pruned - masked| output {report['max_output_diff_pruned_vs_masked']:.1e}, "
+                  f"{report['max_output_diff_relative']:.1e} of the output's size) -> {out}")

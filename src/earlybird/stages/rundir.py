@@ -1,0 +1,122 @@
+"""The directory of a run and of each of its stages: file names, life cycle and summaries.
+
+A stage directory holds the reference scripts' names (checkpoint.pth, model_best.pth,
+EB-<percent>-<epoch>.pth, pruned.pth) and summary.json, which marks the stage finished. A run
+directory (``earlybird run``) holds search/, pruned-<percent>/, retrain-<percent>/ and, with
+--baseline, the same under baseline/.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RunDirError
+from ..progress import Reporter
+from ..train import distributed
+
+SUMMARY, LAST, BEST, SWA, PRUNED, METRICS = ("summary.json", "checkpoint.pth", "model_best.pth", "swa.pth",
+                                             "pruned.pth", "metrics.jsonl")
+
+
+def tag(ratio: float) -> str:
+    return str(round(ratio * 100))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # the stages of a run
+    def search(self) -> "RunDir":
+        return RunDir(self.path / "search")
+
+    def pruned(self, ratio: float) -> "RunDir":
+        return RunDir(self.path / f"pruned-{tag(ratio)}")
+
+    def retrain(self, ratio: float) -> "RunDir":
+        return RunDir(self.path / f"retrain-{tag(ratio)}")
+
+    def baseline(self) -> "RunDir":
+        return RunDir(self.path / "baseline")
+
+    # the files of a stage
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def swa(self) -> Path:
+        return self.path / SWA
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    def ticket(self, ratio: float, epoch: int) -> Path:
+        return self.path / f"EB-{tag(ratio)}-{epoch}.pth"
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / SUMMARY).exists()
+
+    def summary(self) -> dict:
+        return json.loads((self.path / SUMMARY).read_text())
+
+    def _artifacts(self) -> list[Path]:
+        names = [SUMMARY, LAST, BEST, SWA, PRUNED, METRICS, "summary.txt"]
+        return [self.path / n for n in names if (self.path / n).exists()] + sorted(self.path.glob("EB-*.pth"))
+
+    def prepare(self, force: bool, resume: str | None = None, reporter: Reporter | None = None) -> Path | None:
+        """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
+        unfinished run is continued (as with --resume) unless --force starts it over."""
+        save = self.path
+        if distributed.is_main() and save.is_dir():
+            for stale in save.glob(".*.tmp"):  # a write cut short by a kill; the file it meant to replace is intact
+                stale.unlink(missing_ok=True)
+        if resume is not None:
+            path = Path(resume) if resume else self.last
+            if self.finished and not resume:
+                raise RunDirError(f"{save} holds a finished run: nothing to resume (use --force to start it over)")
+            if not path.is_file():
+                raise RunDirError(f"no checkpoint to resume at {path}: start without --resume")
+            return path
+        if save.exists() and not save.is_dir():
+            raise RunDirError(f"--save {save} is a file, not a directory: choose another --save")
+        if (self.finished or (save / PRUNED).exists()) and not force:
+            raise RunDirError(f"{save} holds a finished run: choose another --save or pass --force to overwrite it")
+        if self.last.exists() and not force:
+            if reporter:
+                reporter.line(f"{save} holds an unfinished run: continuing it (pass --force to start over)")
+            return self.last
+        if distributed.is_main():
+            try:
+                if force:
+                    for p in self._artifacts():
+                        p.unlink()
+                save.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunDirError(f"cannot write in --save {save} ({exc.strerror or exc}): choose another --save") from None
+        distributed.barrier()
+        return None
+
+    def write_summary(self, summary: dict) -> None:
+        """Mark the stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
+        if distributed.is_main():
+            tmp = self.path / f".{SUMMARY}.tmp"
+            try:
+                tmp.write_text(json.dumps(summary, indent=2) + "\n")
+                os.replace(tmp, self.path / SUMMARY)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise RunDirError(f"could not write {self.path / SUMMARY} ({exc.strerror or exc}): free disk space, "
+                                  "then run the same command again") from None
+        distributed.barrier()

@@ -1,4 +1,5 @@
 """The command line end to end on tiny generated CIFAR files, and every bad input it must refuse."""
+import argparse
 import json
 
 import pytest
@@ -338,3 +339,22 @@ def test_every_command_runs_on_plain_pytorch_without_the_cpu_kernels(capsys, tmp
                  ("report", save)):
         code, _, err = cli(capsys, *argv)
         assert code == 0, err
+
+
+def test_configs_validate_themselves_and_one_table_builds_the_cli():
+    from earlybird import ConfigError
+    from earlybird.cli import COMMANDS, build_parser
+    from earlybird.config import LowPrecisionConfig, OptimConfig, PruneOptions, RunArgs, command_from_args
+
+    with pytest.raises(ConfigError, match="--epochs 0 must be at least 1"):
+        OptimConfig(epochs=0)
+    with pytest.raises(ConfigError, match="--round-to 0"):
+        PruneOptions(round_to=0)
+    with pytest.raises(ConfigError, match="--swa-start 9 must be in 0..4"):
+        LowPrecisionConfig(swa=True, swa_start=9).check_schedule(OptimConfig(epochs=5, schedule=[]))
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(commands.choices) == list(COMMANDS)
+    args = command_from_args(RunArgs, parser.parse_args(["run", "--reinit", "--ratios", "0.5", "--eb-rule", "chain"]))
+    assert args.pipeline.reinit and not args.pipeline.baseline and args.detect.ratios == [0.5]
+    assert args.detect.eb_rule == "chain" and args.rt.cpu_kernels == "on"

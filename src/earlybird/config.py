@@ -45,6 +45,16 @@ class DataConfig:
                                     "--sparsify-gt", "--sparsity_gt", "--sparsity-gt", type=float)
     workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet)", type=int)
 
+    def __post_init__(self):
+        from .data.transforms import InputTransform
+
+        InputTransform(self.filter, self.sigma, self.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers} must not be negative (0: decode in the main process)")
+        for flag, value in (("--batch-size", self.batch_size), ("--test-batch-size", self.test_batch_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} {value} must be at least 1")
+
 
 @dataclass
 class ModelConfig:
@@ -67,6 +77,21 @@ class OptimConfig:
                                         action=argparse.BooleanOptionalAction)
     s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
 
+    def __post_init__(self):
+        for flag, value in (("--momentum", self.momentum), ("--weight-decay", self.weight_decay)):
+            if value < 0:
+                raise ConfigError(f"{flag} {value:g} must not be negative")
+        if not self.gamma > 0:
+            raise ConfigError(f"--gamma {self.gamma:g} must be positive (0.1 divides the rate by 10)")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr:g} must be positive")
+        if self.s < 0:
+            raise ConfigError(f"--s {self.s:g} must not be negative")
+        if any(m < 0 or m > self.epochs for m in self.schedule):
+            raise ConfigError(f"--schedule {self.schedule} must lie within 0..{self.epochs} (--epochs)")
+
 
 @dataclass
 class LowPrecisionConfig:
@@ -82,6 +107,16 @@ class LowPrecisionConfig:
                            "(the reference's '--swa True' works too)", "--swa", nargs="?", const=True, type=boolean)
     swa_start: int = opt(0, "epoch after which --swa averages (e.g. 3/4 of --epochs)", "--swa-start", "--swa_start",
                          type=int)
+
+    def __post_init__(self):
+        for name in ("wl_weight", "wl_grad", "wl_activate", "wl_error", "wl_momentum"):
+            wl = getattr(self, name)
+            if wl is not None and not 2 <= wl <= 24:
+                raise ConfigError(f"--{name.replace('_', '-')} {wl} must be in 2..24 bits (leave it out for fp32)")
+
+    def check_schedule(self, optim: "OptimConfig") -> None:
+        if self.swa and not 0 <= self.swa_start < optim.epochs:
+            raise ConfigError(f"--swa-start {self.swa_start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
 
 
 @dataclass
@@ -99,6 +134,12 @@ class DetectConfig:
     keep_streams: bool = opt(False, "never prune residual streams or concatenations (as the reference does for "
                                     "PreResNet); layers that read them still drop channels", action="store_true")
     full: bool = opt(False, "train the whole schedule instead of stopping once every ticket is drawn", action="store_true")
+
+    def __post_init__(self):
+        for r in self.ratios:
+            check_ratio(r)
+        if self.min_channels < 0:
+            raise ConfigError(f"--min-channels {self.min_channels} must not be negative")
 
 
 @dataclass
@@ -144,6 +185,12 @@ class RuntimeConfig:
                             action="store_true")
     resume: str | None = opt(None, "continue an interrupted run from this checkpoint (default: --save/checkpoint.pth; running the same command again does it too)",
                              nargs="?", const="")
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads {self.threads} must be at least 1")
+        if self.seed < 0:
+            raise ConfigError(f"--seed {self.seed} must not be negative")
 
 
 @dataclass
@@ -200,6 +247,105 @@ class PruneOptions:
     latency_batches: list = opt([1, 32, 128], "batch sizes at which --measure-speed times inference", type=int,
                                 nargs="*")
 
+    def __post_init__(self):
+        if self.round_to < 1:
+            raise ConfigError(f"--round-to {self.round_to} must be at least 1")
+        if any(b < 1 for b in self.latency_batches):
+            raise ConfigError(f"--latency-batches {self.latency_batches} must be positive")
+
+
+@dataclass
+class PipelineOptions:
+    reinit: bool = opt(False, "retrain re-initialized tickets (EB Train re-init) instead of fine-tuning them",
+                       action="store_true")
+    baseline: bool = opt(False, "also run train-prune-retrain (dense training over the whole schedule, prune at the "
+                                "end, fine-tune) with the same schedule and seed, and compare", action="store_true")
+
+
+LOWP = "low precision (SWALP: block floating point, stochastic rounding, weight averaging)"
+
+
+def part(cls, title: str | None = None):
+    """A command's field holding one config dataclass; its flags form an argparse group ``title``."""
+    return field(default_factory=cls, metadata={"title": title})
+
+
+@dataclass
+class SearchArgs:
+    data: DataConfig = part(DataConfig, "data")
+    model: ModelConfig = part(ModelConfig, "model")
+    optim: OptimConfig = part(OptimConfig, "optimization")
+    detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
+    lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class PruneArgs:
+    prune: PruneConfig = part(PruneConfig, "prune")
+    check: ModelCheck = part(ModelCheck, "model check")
+    options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
+    data: DataConfig = part(DataConfig, "data (for test accuracy)")
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class RetrainArgs:
+    retrain: RetrainConfig = part(RetrainConfig, "retrain")
+    check: ModelCheck = part(ModelCheck, "model check")
+    data: DataConfig = part(DataConfig, "data")
+    optim: OptimConfig = part(OptimConfig, "optimization")
+    lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class RunArgs:
+    data: DataConfig = part(DataConfig, "data")
+    model: ModelConfig = part(ModelConfig, "model")
+    optim: OptimConfig = part(OptimConfig, "optimization")
+    detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
+    options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
+    pipeline: PipelineOptions = part(PipelineOptions, "pipeline")
+    lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class EvalArgs:
+    eval: EvalConfig = part(EvalConfig, "eval")
+    check: ModelCheck = part(ModelCheck, "model check")
+    data: DataConfig = part(DataConfig, "data")
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class ImportArgs:
+    imported: ImportConfig = part(ImportConfig, "import")
+    model: ModelConfig = part(ModelConfig, "model")
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class ReportArgs:
+    report: ReportConfig = part(ReportConfig)
+
+
+@dataclass
+class ModelsArgs:
+    """`earlybird models` takes no flags."""
+
+
+def add_command_args(parser: argparse.ArgumentParser, command_cls) -> None:
+    """The flags of every config a command's dataclass holds, one argparse group per config."""
+    for f in fields(command_cls):
+        add_config_args(parser, f.default_factory, f.metadata["title"])
+
+
+def command_from_args(command_cls, ns: argparse.Namespace):
+    """The command's dataclass from parsed flags (each config validates itself as it is built)."""
+    return command_cls(**{f.name: config_from_args(f.default_factory, ns) for f in fields(command_cls)})
+
 
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
     group = parser.add_argument_group(title) if title else parser
@@ -216,58 +362,3 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = No
 
 def config_from_args(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
-
-
-def validate(data: DataConfig | None = None, optim: OptimConfig | None = None, detect: DetectConfig | None = None) -> None:
-    """Range checks that argparse cannot express; each failure says which flag to change."""
-    if data is not None:
-        from .data.transforms import InputTransform
-
-        InputTransform(data.filter, data.sigma, data.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
-        if data.workers < 0:
-            raise ConfigError(f"--workers {data.workers} must not be negative (0: decode in the main process)")
-        for flag, value in (("--batch-size", data.batch_size), ("--test-batch-size", data.test_batch_size)):
-            if value < 1:
-                raise ConfigError(f"{flag} {value} must be at least 1")
-    if optim is not None:
-        for flag, value in (("--momentum", optim.momentum), ("--weight-decay", optim.weight_decay)):
-            if value < 0:
-                raise ConfigError(f"{flag} {value:g} must not be negative")
-        if not optim.gamma > 0:
-            raise ConfigError(f"--gamma {optim.gamma:g} must be positive (0.1 divides the rate by 10)")
-        if optim.epochs < 1:
-            raise ConfigError(f"--epochs {optim.epochs} must be at least 1")
-        if optim.lr <= 0:
-            raise ConfigError(f"--lr {optim.lr:g} must be positive")
-        if optim.s < 0:
-            raise ConfigError(f"--s {optim.s:g} must not be negative")
-        if any(m < 0 or m > optim.epochs for m in optim.schedule):
-            raise ConfigError(f"--schedule {optim.schedule} must lie within 0..{optim.epochs} (--epochs)")
-    if detect is not None:
-        for r in detect.ratios:
-            check_ratio(r)
-        if detect.min_channels < 0:
-            raise ConfigError(f"--min-channels {detect.min_channels} must not be negative")
-
-
-def validate_lowp(lp: LowPrecisionConfig, optim: OptimConfig) -> None:
-    for name in ("wl_weight", "wl_grad", "wl_activate", "wl_error", "wl_momentum"):
-        wl = getattr(lp, name)
-        if wl is not None and not 2 <= wl <= 24:
-            raise ConfigError(f"--{name.replace('_', '-')} {wl} must be in 2..24 bits (leave it out for fp32)")
-    if lp.swa and not 0 <= lp.swa_start < optim.epochs:
-        raise ConfigError(f"--swa-start {lp.swa_start} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
-
-
-def validate_runtime(rt: RuntimeConfig) -> None:
-    if rt.threads is not None and rt.threads < 1:
-        raise ConfigError(f"--threads {rt.threads} must be at least 1")
-    if rt.seed < 0:
-        raise ConfigError(f"--seed {rt.seed} must not be negative")
-
-
-def validate_prune(options: PruneOptions) -> None:
-    if options.round_to < 1:
-        raise ConfigError(f"--round-to {options.round_to} must be at least 1")
-    if any(b < 1 for b in options.latency_batches):
-        raise ConfigError(f"--latency-batches {options.latency_batches} must be positive")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import (DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig,
-                      validate_lowp, validate_runtime)
+from ..config import DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig
 from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
 from ..errors import CheckpointError, ConfigError
 from .. import accel
@@ -74,7 +73,6 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 
 def setup_runtime(rt: RuntimeConfig) -> torch.device:
-    validate_runtime(rt)
     if rt.gpu_ids:  # one id: that GPU; several: this is one of the workers launch_on_gpus started
         ids = distributed.parse_gpu_ids(rt.gpu_ids) if "WORLD_SIZE" not in os.environ else []
         rt = replace(rt, device=f"cuda:{ids[0]}" if len(ids) == 1 else "auto")
@@ -149,7 +147,7 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
                    spec: ModelSpec) -> Precision:
     """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
     lowp = lowp or LowPrecisionConfig()
-    validate_lowp(lowp, optim)
+    lowp.check_schedule(optim)
     lp = low_precision(lowp)
     if lp.active and rt.amp == "on":
         raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                      RetrainConfig, RuntimeConfig, validate, validate_lowp, validate_prune)
+                      RetrainConfig, RuntimeConfig)
 from ..cost import training_macs
 from ..data import dataset_info, load_dataset
 from ..errors import RunDirError
@@ -34,10 +34,8 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                  options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter,
                  lowp: LowPrecisionConfig | None = None, baseline: bool = False) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
-    validate(data, optim, detect)
     lowp = lowp or LowPrecisionConfig()
-    validate_lowp(lowp, optim)
-    validate_prune(options)
+    lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
     rt = _continue_or_start(run, rt, reporter)

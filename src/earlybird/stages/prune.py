@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig, validate_prune
+from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig
 from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
@@ -52,7 +52,6 @@ def grouped_report(dense, pruned) -> dict:
 def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
           reporter: Reporter, dataset: Dataset | None = None, check: ModelCheck | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
-    validate_prune(options)
     if not cfg.model:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
     device = setup_runtime(rt)

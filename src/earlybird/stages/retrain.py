@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ..accel import format_name, precision_name
-from ..config import DataConfig, LowPrecisionConfig, ModelCheck, OptimConfig, RetrainConfig, RuntimeConfig, validate
+from ..config import DataConfig, LowPrecisionConfig, ModelCheck, OptimConfig, RetrainConfig, RuntimeConfig
 from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
@@ -22,7 +22,6 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
             dataset: Dataset | None = None, save: Path | None = None, lowp: LowPrecisionConfig | None = None,
             check: ModelCheck | None = None) -> dict:
     """Train a pruned network to full accuracy: fine-tune the ticket (default) or re-initialize it."""
-    validate(data, optim)
     if not cfg.model:
         raise ConfigError("--model is required: pass the pruned.pth written by `earlybird prune`")
     run = RunDir(Path(save or rt.save or Path(cfg.model).parent / ("retrain-reinit" if cfg.reinit else "retrain")))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..accel import format_name, precision_name
-from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig, validate
+from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig
 from ..cost import count_macs, count_params
 from ..data import Dataset, dataset_info, load_dataset
 from ..detector import EarlyBird
@@ -66,7 +66,6 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None,
            lowp: LowPrecisionConfig | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
-    validate(data, optim, detect)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     device = setup_runtime(rt)

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from typing import NamedTuple
 
 from . import __version__
@@ -21,41 +22,19 @@ from .progress import Reporter
 EPILOG = "Docs and examples: README.md. Flags keep the names of the reference Early-Bird scripts."
 
 
-def _search(a: SearchArgs, reporter: Reporter) -> None:
-    from .stages import search  # torch-heavy: only once the flags parsed
+def _stage(name: str) -> Callable:
+    """The stage function ``name``, called with the command's configs as keywords."""
+    def run(args, reporter: Reporter) -> None:
+        from . import stages  # torch-heavy: only once the flags parsed
 
-    search(a.data, a.model, a.optim, a.detect, a.rt, reporter, lowp=a.lowp)
-
-
-def _prune(a: PruneArgs, reporter: Reporter) -> None:
-    from .stages import prune
-
-    prune(a.prune, a.options, None, a.data, a.rt, reporter, check=a.check)
-
-
-def _retrain(a: RetrainArgs, reporter: Reporter) -> None:
-    from .stages import retrain
-
-    retrain(a.retrain, a.data, a.optim, a.rt, reporter, lowp=a.lowp, check=a.check)
-
-
-def _run(a: RunArgs, reporter: Reporter) -> None:
-    from .stages import run_pipeline
-
-    run_pipeline(a.data, a.model, a.optim, a.detect, a.options, a.rt, a.pipeline.reinit, reporter, a.lowp,
-                 a.pipeline.baseline)
-
-
-def _eval(a: EvalArgs, reporter: Reporter) -> None:
-    from .stages import evaluate_checkpoint
-
-    evaluate_checkpoint(a.eval, a.data, a.rt, reporter, a.check)
+        getattr(stages, name)(**{f.name: getattr(args, f.name) for f in fields(args)}, reporter=reporter)
+    return run
 
 
 def _import(a: ImportArgs, reporter: Reporter) -> None:
     from .stages import import_reference_checkpoint
 
-    import_reference_checkpoint(a.imported, a.model, a.rt, reporter, lambda text: print(text, file=sys.stderr))
+    import_reference_checkpoint(a.cfg, a.model_cfg, a.rt, reporter, lambda text: print(text, file=sys.stderr))
 
 
 def _report(a: ReportArgs, reporter: Reporter) -> None:
@@ -77,16 +56,16 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "search": Command(SearchArgs, _search, "train the dense network with BN sparsity until the Early-Bird tickets "
-                                           "emerge"),
-    "prune": Command(PruneArgs, _prune, "physically prune an EB ticket: fewer channels, copied weights, exact "
-                                        "BN-shift folding"),
-    "retrain": Command(RetrainArgs, _retrain, "retrain a pruned network: fine-tune the ticket from its epoch, or "
-                                              "re-initialize (--reinit)"),
-    "run": Command(RunArgs, _run, "search, prune every ticket, retrain each, and write a summary with compute "
-                                  "accounting"),
-    "eval": Command(EvalArgs, _eval, "top-1 / top-5 accuracy, parameters and MACs of any dense, pruned or retrained "
-                                     "checkpoint"),
+    "search": Command(SearchArgs, _stage("search"), "train the dense network with BN sparsity until the Early-Bird "
+                                                    "tickets emerge"),
+    "prune": Command(PruneArgs, _stage("prune"), "physically prune an EB ticket: fewer channels, copied weights, "
+                                                 "exact BN-shift folding"),
+    "retrain": Command(RetrainArgs, _stage("retrain"), "retrain a pruned network: fine-tune the ticket from its "
+                                                       "epoch, or re-initialize (--reinit)"),
+    "run": Command(RunArgs, _stage("run_pipeline"), "search, prune every ticket, retrain each, and write a summary "
+                                                    "with compute accounting"),
+    "eval": Command(EvalArgs, _stage("evaluate_checkpoint"), "top-1 / top-5 accuracy, parameters and MACs of any "
+                                                             "dense, pruned or retrained checkpoint"),
     "import-reference": Command(ImportArgs, _import, "convert a checkpoint of the reference implementation (full "
                                                      "unpickling: only files you trust) to an earlybird checkpoint"),
     "report": Command(ReportArgs, _report, "figures (mask-distance heat-map, curves, gamma histograms, kept "

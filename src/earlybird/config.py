@@ -270,10 +270,11 @@ def part(cls, title: str | None = None):
     return field(default_factory=cls, metadata={"title": title})
 
 
+# One dataclass per command; a field's name is the keyword its function takes (cli.COMMANDS).
 @dataclass
 class SearchArgs:
     data: DataConfig = part(DataConfig, "data")
-    model: ModelConfig = part(ModelConfig, "model")
+    model_cfg: ModelConfig = part(ModelConfig, "model")
     optim: OptimConfig = part(OptimConfig, "optimization")
     detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
     lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
@@ -282,7 +283,7 @@ class SearchArgs:
 
 @dataclass
 class PruneArgs:
-    prune: PruneConfig = part(PruneConfig, "prune")
+    cfg: PruneConfig = part(PruneConfig, "prune")
     check: ModelCheck = part(ModelCheck, "model check")
     options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
     data: DataConfig = part(DataConfig, "data (for test accuracy)")
@@ -291,7 +292,7 @@ class PruneArgs:
 
 @dataclass
 class RetrainArgs:
-    retrain: RetrainConfig = part(RetrainConfig, "retrain")
+    cfg: RetrainConfig = part(RetrainConfig, "retrain")
     check: ModelCheck = part(ModelCheck, "model check")
     data: DataConfig = part(DataConfig, "data")
     optim: OptimConfig = part(OptimConfig, "optimization")
@@ -302,7 +303,7 @@ class RetrainArgs:
 @dataclass
 class RunArgs:
     data: DataConfig = part(DataConfig, "data")
-    model: ModelConfig = part(ModelConfig, "model")
+    model_cfg: ModelConfig = part(ModelConfig, "model")
     optim: OptimConfig = part(OptimConfig, "optimization")
     detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
     options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
@@ -313,7 +314,7 @@ class RunArgs:
 
 @dataclass
 class EvalArgs:
-    eval: EvalConfig = part(EvalConfig, "eval")
+    cfg: EvalConfig = part(EvalConfig, "eval")
     check: ModelCheck = part(ModelCheck, "model check")
     data: DataConfig = part(DataConfig, "data")
     rt: RuntimeConfig = part(RuntimeConfig, "run")
@@ -321,8 +322,8 @@ class EvalArgs:
 
 @dataclass
 class ImportArgs:
-    imported: ImportConfig = part(ImportConfig, "import")
-    model: ModelConfig = part(ModelConfig, "model")
+    cfg: ImportConfig = part(ImportConfig, "import")
+    model_cfg: ModelConfig = part(ModelConfig, "model")
     rt: RuntimeConfig = part(RuntimeConfig, "run")
 
 

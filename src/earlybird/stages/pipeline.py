@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                      RetrainConfig, RuntimeConfig)
+                      PipelineOptions, RetrainConfig, RuntimeConfig)
 from ..cost import training_macs
 from ..data import dataset_info, load_dataset
 from ..errors import RunDirError
@@ -31,10 +31,10 @@ def _stage_runtime(rt: RuntimeConfig, stage: RunDir) -> RuntimeConfig | None:
 
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
-                 options: PruneOptions, rt: RuntimeConfig, reinit: bool, reporter: Reporter,
-                 lowp: LowPrecisionConfig | None = None, baseline: bool = False) -> dict:
+                 options: PruneOptions, rt: RuntimeConfig, reporter: Reporter, lowp: LowPrecisionConfig | None = None,
+                 pipeline: PipelineOptions | None = None) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
-    lowp = lowp or LowPrecisionConfig()
+    lowp, pipeline = lowp or LowPrecisionConfig(), pipeline or PipelineOptions()
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
@@ -54,10 +54,10 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
             continue
         reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
         pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, data, optim, rt,
-                                    reporter, dataset, lowp, RetrainConfig(reinit=reinit))
+                                    reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
         rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
     summary = _summary(data, found, rows, optim.epochs, lowp, time.perf_counter() - t0)
-    if baseline:
+    if pipeline.baseline:
         summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
                                         found)
     run.write_summary(summary)
@@ -90,8 +90,8 @@ def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: 
     if _stage_runtime(rt, prune_dir) is None:
         pr = prune_dir.summary()
     else:
-        pr = prune(PruneConfig(str(source), percent, detect.min_channels), options, prune_dir.path, data,
-                   replace(rt, resume=None, force=True), reporter, dataset)
+        pr = prune(PruneConfig(str(source), percent, detect.min_channels), options, data,
+                   replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path)
     stage_rt = _stage_runtime(rt, retrain_dir)
     rr = retrain_dir.summary() if stage_rt is None else retrain(
         replace(retrain_cfg, model=str(prune_dir / PRUNED)), data, optim, stage_rt, reporter, dataset,

@@ -49,8 +49,8 @@ def grouped_report(dense, pruned) -> dict:
     return rows
 
 
-def prune(cfg: PruneConfig, options: PruneOptions, save: Path | None, data: DataConfig, rt: RuntimeConfig,
-          reporter: Reporter, dataset: Dataset | None = None, check: ModelCheck | None = None) -> dict:
+def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: RuntimeConfig, reporter: Reporter,
+          dataset: Dataset | None = None, check: ModelCheck | None = None, save: Path | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
     if not cfg.model:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")

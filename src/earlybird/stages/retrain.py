@@ -30,13 +30,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if not ckpt.get("plan"):
         raise CheckpointError(f"{cfg.model} is a dense network: prune it first (earlybird prune --model ...)")
     resume_path = run.prepare(rt.force, rt.resume, reporter)
-    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
-    check_expected(check, spec, cfg.model)
-    if cfg.reinit:  # the same pruned architecture, fresh weights (and zero folds): "EB Train (re-init)"
-        model = apply_plan(create_model(spec), plan)
-    first = cfg.start_epoch if cfg.start_epoch is not None else (0 if cfg.reinit else int(ckpt.get("epoch") or 0))
-    if not 0 <= first < optim.epochs:
-        raise ConfigError(f"--start-epoch {first} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
+    model, spec, plan = _network(ckpt, cfg, check)
+    first = _first_epoch(cfg, ckpt, optim)
     state = load_checkpoint(resume_path, ("retrain",)) if resume_path else None
     if state and state["plan"] != plan.to_dict():
         raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
@@ -64,6 +59,22 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best.best['test_acc']:.2f}% "
                   f"(epoch {best.best['epoch']}) -> {run.best}")
     return summary
+
+
+def _first_epoch(cfg: RetrainConfig, ckpt: dict, optim: OptimConfig) -> int:
+    """--start-epoch, by default the ticket's epoch (EB Train continues its schedule), 0 with --reinit."""
+    first = cfg.start_epoch if cfg.start_epoch is not None else (0 if cfg.reinit else int(ckpt.get("epoch") or 0))
+    if not 0 <= first < optim.epochs:
+        raise ConfigError(f"--start-epoch {first} must be in 0..{optim.epochs - 1} (--epochs {optim.epochs})")
+    return first
+
+
+def _network(ckpt: dict, cfg: RetrainConfig, check: ModelCheck | None):
+    """(model, spec, plan) of the pruned checkpoint: its weights, or with --reinit the same pruned
+    architecture with fresh weights (and zero folds): "EB Train (re-init)"."""
+    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
+    return (apply_plan(create_model(spec), plan) if cfg.reinit else model), spec, plan
 
 
 def _summary(trainer, best: SaveBest, cfg: RetrainConfig, ratio, first: int, macs: float, images: int,

@@ -33,6 +33,27 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def _step(model, x, y, optimizer, l1: float, scaler, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: (loss, correct predictions), both still on the device."""
+    with _autocast(x.device, amp_dtype):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if l1:
+        add_bn_l1_grad(model, l1)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss, (logits.argmax(1) == y).sum()
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -60,23 +81,7 @@ def train_epoch(
     steps = len(loader)  # once: a folder loader's length is not free
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
-        with _autocast(device, amp_dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if l1:
-            add_bn_l1_grad(model, l1)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        hits = (logits.argmax(1) == y).sum()
+        loss, hits = _step(model, x, y, optimizer, l1, scaler, amp_dtype)
         if scaler is None:
             total_loss += loss.detach() * len(y)
             correct += hits

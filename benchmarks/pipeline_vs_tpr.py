@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 DEFAULTS = ["--dataset", "fashion-mnist", "--arch", "vgg", "--depth", "11", "--width", "0.25", "--epochs", "26",
-            "--schedule", "6", "18", "--batch-size", "256", "--ratios", "0.5", "0.7", "--latency-batches"]
+            "--schedule", "6", "18", "--batch-size", "256", "--ratios", "0.5", "0.7"]
 
 
 def main() -> None:

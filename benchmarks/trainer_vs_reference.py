@@ -5,7 +5,7 @@ random 32x32 crop, flip), a one-worker DataLoader, fp32, the L1 term added by a 
 modules, evaluation with autograd on, fp32, the C allocator as it comes. Ours: the uint8 split held
 on the device, crop/flip/normalize batched there, evaluation under inference_mode, in both memory
 formats, in fp32 and under autocast, without and with the allocator setting the CLI makes on CPUs
-(``--keep-memory``).
+(part of ``--cpu-kernels on``).
 
     python benchmarks/trainer_vs_reference.py [--depth 16] [--width 1.0] [--images 1024] [--batch 128]
     python benchmarks/trainer_vs_reference.py --device cuda --images 16384 --batch 256

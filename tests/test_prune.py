@@ -6,7 +6,8 @@ from torch import nn
 
 from conftest import randomize_bn
 from earlybird import PruneError, apply_mask, apply_plan, channel_masks, create_model, prune_model, ModelSpec
-from earlybird.cost import count_macs, count_params, inference_side_by_side
+from earlybird.accel.tuning import inference_side_by_side
+from earlybird.cost import count_macs, count_params
 from earlybird.prune import ConstantFoldConv2d, PrunePlan
 
 
@@ -156,6 +157,6 @@ def test_dense_and_pruned_inference_is_timed_in_turns():
     slow, fast = Sleeper("dense", 0.02), Sleeper("pruned", 0.005)
     dense, pruned = inference_side_by_side([slow, fast], (3, 4, 4), 8, "cpu", rounds=3, min_seconds=0.03)
     assert 8 / 0.02 / 1.5 < dense < 8 / 0.02 and 8 / 0.005 / 1.5 < pruned < 8 / 0.005
-    # each round: one model's warm-up and timed forwards, then the other's
+    # each round (a warm-up round, then three timed): one model's warm-up and timed forwards, then the other's
     rounds = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
-    assert rounds == ["dense", "pruned"] * 3
+    assert rounds == ["dense", "pruned"] * 4

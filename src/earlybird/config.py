@@ -301,15 +301,9 @@ class RetrainArgs:
 
 
 @dataclass
-class RunArgs:
-    data: DataConfig = part(DataConfig, "data")
-    model_cfg: ModelConfig = part(ModelConfig, "model")
-    optim: OptimConfig = part(OptimConfig, "optimization")
-    detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
+class RunArgs(SearchArgs):
     options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
     pipeline: PipelineOptions = part(PipelineOptions, "pipeline")
-    lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
-    rt: RuntimeConfig = part(RuntimeConfig, "run")
 
 
 @dataclass

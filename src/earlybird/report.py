@@ -110,6 +110,12 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _label(ax, x: str, y: str, legend_size: int = 7) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=legend_size)
+
+
 def heatmap(data: RunData, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(data.ratios), figsize=(4.2 * len(data.ratios), 3.8), squeeze=False)
@@ -145,9 +151,7 @@ def distances(data: RunData, path: Path) -> None:
         if r in data.emerged:
             ax.axvline(data.emerged[r], color=line.get_color(), lw=0.8, ls=":")
     ax.axhline(data.threshold, color="black", lw=1, label=f"threshold {data.threshold:g}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("normalized Hamming distance")
-    ax.legend(fontsize=7)
+    _label(ax, "epoch", "normalized Hamming distance")
     _save(plt, fig, path)
 
 
@@ -162,9 +166,7 @@ def curves(data: RunData, path: Path) -> None:
         loss.plot(x, [m["test_loss"] for m in metrics], color=line.get_color(), label=f"{name} test")
         loss.plot(x, [m["train_loss"] for m in metrics], ls="--", color=line.get_color(), label=f"{name} train")
     for ax, label in ((acc, "accuracy (%)"), (loss, "loss")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        _label(ax, "epoch", label)
     loss.set_yscale("log")
     _save(plt, fig, path)
 
@@ -176,10 +178,8 @@ def gamma_histograms(data: RunData, path: Path) -> None:
     top = float(data.scores[1:].max())
     for e in picks:
         ax.hist(data.scores[e].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3, label=f"epoch {e}")
-    ax.set_xlabel("|gamma|" if data.importance == "bn-scale" else f"channel importance ({data.importance})")
-    ax.set_ylabel("channels")
+    _label(ax, "|gamma|" if data.importance == "bn-scale" else f"channel importance ({data.importance})", "channels", 8)
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
     _save(plt, fig, path)
 
 

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from ..config import RuntimeConfig
-from ..cost import inference_side_by_side
 from ..errors import ConfigError
 from ..progress import Reporter
-from ..train import distributed
 from . import batch_norm as kernels
 from .conv import PARTS, keep_gemm
 from .tuning import (AUTOCAST_MAX_SLOWDOWN, ConvChoice, Setting, autocast_slowdown, channels_last_hazards,
-                     default_autocast_dtype, fastest_setting, gemm_convolutions, keep_freed_memory, precision_name,
+                     default_autocast_dtype, fastest_setting, gemm_convolutions, inference_side_by_side,
+                     keep_freed_memory, precision_name,
                      restore_gemm, setting_from_dict, setting_name, setting_to_dict, side_by_side, step_runs, use_gemm)
 
 
@@ -43,7 +42,8 @@ def prepare(model: nn.Module, input_shape, num_classes: int, batch_size: int, de
             rt: RuntimeConfig, reporter: Reporter, low_precision_active: bool = False,
             resumed: dict | None = None) -> tuple[nn.Module, Speed]:
     """``model`` (already on ``device``) set up to train fastest: the CPU kernels where --cpu-kernels
-    allows them, then the memory format and autocast type (``resumed``: a checkpoint's state_dict)."""
+    allows them, then the memory format and autocast type, timed on steps of ``batch_size`` (one
+    worker's batch; ``resumed``: a checkpoint's state_dict)."""
     if rt.cpu_kernels == "on" and device.type == "cpu":
         keep_freed_memory()
     undo: list = []
@@ -138,7 +138,6 @@ def choose_speed(rt: RuntimeConfig, model, input_shape, num_classes: int, batch_
         raise ConfigError(f"--channels-last on: layer '{hazards[0]}' (a 1x1 strided convolution with under 16 input "
                           "channels) gets wrong gradients or crashes in channels-last on CPUs (oneDNN issue 6035): "
                           "use --channels-last off")
-    per_worker = max(1, batch_size // distributed.world().size)
     kept, note = (resumed_setting(resumed, rt, device, hazards) if resumed is not None and "auto" in (
         rt.channels_last, rt.amp) else (None, ""))
     if note:
@@ -159,13 +158,13 @@ def choose_speed(rt: RuntimeConfig, model, input_shape, num_classes: int, batch_
         if restored:
             reporter.line(f"convolutions: {restored} layers partly as im2col + GEMM, as the run started")
         return settings[0]
-    best, timings, found = fastest_with_gemm(model, rt, input_shape, num_classes, per_worker, device, settings)
+    best, timings, found = fastest_with_gemm(model, rt, input_shape, num_classes, batch_size, device, settings)
     if timings:
         reporter.line(f"training in {setting_name(best)}, the fastest of: " + ", ".join(
-            f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {per_worker} on "
+            f"{setting_name(s)} {t * 1000:.0f} ms" for s, t in timings.items()) + f" per step of {batch_size} on "
             f"{device} (--channels-last and --amp fix them)")
     if found:
-        report_gemm(best, found, per_worker, reporter)
+        report_gemm(best, found, batch_size, reporter)
     return best
 
 

@@ -1,6 +1,6 @@
 """Low-precision training (SWALP): number formats, where they sit, and stochastic weight averaging."""
-from .formats import BlockFloat, FixedPoint, SmallFloat, quantize
+from .formats import BlockFloat, quantize
 from .training import LowPrecision, LowPrecisionOptimizer, Precision, SWA, quantize_layer_outputs
 
-__all__ = ["BlockFloat", "FixedPoint", "LowPrecision", "LowPrecisionOptimizer", "Precision", "SWA", "SmallFloat", "quantize",
+__all__ = ["BlockFloat", "LowPrecision", "LowPrecisionOptimizer", "Precision", "SWA", "quantize",
            "quantize_layer_outputs"]

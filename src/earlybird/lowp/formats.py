@@ -3,13 +3,9 @@
 * :class:`BlockFloat`: block floating point. Every block (one slice along ``dim``; the whole tensor
   when ``dim`` is None) shares one exponent, that of its largest magnitude; each value keeps a
   ``wl``-bit signed mantissa, saturating at +-(2^(wl-1) - 1) steps.
-* :class:`FixedPoint`: ``wl`` bits of which ``fl`` are fractional, saturating.
-* :class:`SmallFloat`: ``exp`` exponent and ``man`` mantissa bits, with subnormals, saturating at the
-  largest finite value (no infinities), like QPyTorch's float format.
 
-Rounding is ``nearest`` or ``stochastic`` (floor(x / step + u), u uniform in [0, 1): unbiased). The
-nearest-rounding tie rules follow QPyTorch's CPU kernels (fixed point: half to even; block: half up;
-small float: half away from zero), so results match it bit for bit.
+Rounding is ``nearest`` or ``stochastic`` (floor(x / step + u), u uniform in [0, 1): unbiased).
+Nearest rounding breaks ties upwards, as QPyTorch's CPU kernel does, so results match it bit for bit.
 """
 from __future__ import annotations
 
@@ -41,40 +37,6 @@ class BlockFloat:
         return f"BFP{self.wl} ({where})"
 
 
-@dataclass(frozen=True)
-class FixedPoint:
-    wl: int
-    fl: int
-
-    def __post_init__(self):
-        if not 1 <= self.wl <= 24 or not 0 <= self.fl <= 64:
-            raise ConfigError(f"fixed point needs 1..24 bits and 0..64 fractional bits, not {self.wl}, {self.fl}")
-
-    @property
-    def bits(self) -> int:
-        return self.wl
-
-    def describe(self) -> str:
-        return f"fixed<{self.wl},{self.fl}>"
-
-
-@dataclass(frozen=True)
-class SmallFloat:
-    exp: int
-    man: int
-
-    def __post_init__(self):
-        if not 2 <= self.exp <= 8 or not 0 <= self.man <= 23:
-            raise ConfigError(f"a small float needs 2..8 exponent and 0..23 mantissa bits, not {self.exp}, {self.man}")
-
-    @property
-    def bits(self) -> int:
-        return 1 + self.exp + self.man
-
-    def describe(self) -> str:
-        return f"float<e{self.exp},m{self.man}>"
-
-
 def uniform15(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """Uniform numbers (k + 1/2) / 2^15 from 15 random bits each: four per 64-bit draw (whose top bit
     is always 0, hence 15 and not 16), several times cheaper than torch.rand on a CPU. Rounding with
@@ -85,15 +47,11 @@ def uniform15(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return bits.float().add_(0.5).mul_(2.0 ** -15)
 
 
-def _round(t: torch.Tensor, rounding: str, generator: torch.Generator | None, tie: str) -> torch.Tensor:
-    """Round ``t`` (a fresh tensor: it may be overwritten) to integers."""
+def _round(t: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Round ``t`` (a fresh tensor: it may be overwritten) to integers, ties upwards when nearest."""
     if rounding == "stochastic":
         return t.add_(uniform15(t.shape, generator, t.device)).floor_()
-    if tie == "even":
-        return t.round_()
-    if tie == "up":
-        return t.add_(0.5).floor_()
-    return t.abs().add_(0.5).floor_().mul_(torch.sign(t))  # half away from zero
+    return t.add_(0.5).floor_()
 
 
 def _exponent(x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +75,10 @@ def quantize(x: torch.Tensor, fmt, rounding: str = "nearest", generator: torch.G
         raise ConfigError(f"--rounding {rounding} is not one of {', '.join(ROUNDINGS)}")
     x = x.float()
     # Steps are powers of two, so scaling by them and by their inverses is exact.
-    if isinstance(fmt, FixedPoint):
-        top = 2.0 ** (fmt.wl - 1)
-        return _round(x * 2.0 ** fmt.fl, rounding, generator, "even").clamp_(-top, top - 1).mul_(2.0 ** -fmt.fl)
     if isinstance(fmt, BlockFloat):
         big = _block_max(x, fmt.dim)
         exponent = torch.where(big > 0, _exponent(big), torch.zeros_like(big))  # an all-zero block stays zero
         top = 2.0 ** (fmt.wl - 1) - 1
-        t = _round(x * torch.exp2(fmt.wl - 2 - exponent), rounding, generator, "up").clamp_(-top, top)
+        t = _round(x * torch.exp2(fmt.wl - 2 - exponent), rounding, generator).clamp_(-top, top)
         return t.mul_(torch.exp2(exponent - (fmt.wl - 2)))
-    if isinstance(fmt, SmallFloat):
-        bias = 2 ** (fmt.exp - 1) - 1
-        largest = min((2 - 2.0 ** -fmt.man) * 2.0 ** (bias + 1), torch.finfo(torch.float32).max)
-        e = _exponent(x).clamp_min(1 - bias)  # below the normal range the step stays that of subnormals
-        return _round(x * torch.exp2(fmt.man - e), rounding, generator, "away").mul_(torch.exp2(e - fmt.man)) \
-            .clamp_(-largest, largest)
     raise TypeError(f"unknown number format {fmt!r}")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -258,9 +259,28 @@ class _Coupling:
     reach: dict[str, tuple[set[str], bool]] = field(default_factory=dict)
     # BN -> conv/linear whose output channels go with its channels -> {BN channel: output channel}
     producers: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
+    readers: dict[frozenset, set[str]] = field(default_factory=dict)  # _private_readers' answers, by candidates
+
+
+# A model's coupling, traced once per structure (module types, tensor shapes, input shape): the
+# prunable layers, the ties, the producers and every plan of one model share it.
+_COUPLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module, example: torch.Tensor) -> tuple:
+    return (tuple(example.shape[1:]), tuple((n, type(m)) for n, m in model.named_modules()),
+            tuple((n, tuple(t.shape)) for n, t in model.state_dict().items()))
 
 
 def _couple(model: nn.Module, example: torch.Tensor) -> _Coupling:
+    key = _structure(model, example)
+    cached = _COUPLINGS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _COUPLINGS[model] = (key, _trace(model, example))
+    return cached[1]
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> _Coupling:
     dg = _graph(model, example)
     names = {m: n for n, m in model.named_modules()}
     names.update({p: n for n, p in model.named_parameters()})
@@ -547,7 +567,10 @@ def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Cou
     tied = {bn for root in coupling.tied for bn, _ in coupling.members[root]}
     candidates = {n for n, k in masked.items() if bool((~k & kept_class[n]).any()) and type(bns[n]) is nn.BatchNorm2d
                   and n not in tied}
-    selects = _private_readers(model, candidates, example)
+    key = frozenset(candidates)
+    if key not in coupling.readers:  # the rounds of one plan often ask the same
+        coupling.readers[key] = _private_readers(model, candidates, example)
+    selects = coupling.readers[key]
     chosen = {}  # a select's kept channels: its own choice
     for name, keep in masked.items():
         rank = scores[name] if name in scores else bns[name].weight.detach().abs().float().cpu()

@@ -42,7 +42,8 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     """Top-1/top-5, parameters and MACs of any earlybird checkpoint on its dataset's test split."""
     if not cfg.model:
         raise ConfigError("--model is required: pass any checkpoint earlybird wrote (EB-*.pth, pruned.pth, model_best.pth)")
-    device = setup_runtime(rt)
+    platform = setup_runtime(rt)
+    device = platform.device
     ckpt = load_checkpoint(cfg.model)
     model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
@@ -54,7 +55,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
                               f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
-    test = make_loader(dataset, data, device, rt.seed, channels_last, train=False)
+    test = make_loader(dataset, data, platform, channels_last, train=False)
     result = evaluate(model, test, amp_dtype)
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     summary = {"model": str(cfg.model), "kind": ckpt["kind"], "dataset": dataset.info.name, "pruned": plan is not None,

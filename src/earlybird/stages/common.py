@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,7 +72,26 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
     return name or data.dataset or DEFAULT_DATASET
 
 
-def setup_runtime(rt: RuntimeConfig) -> torch.device:
+@dataclass(frozen=True)
+class Platform:
+    """Where this process runs, set up once per command by ``setup_runtime``: its device, its place
+    among the workers (rank, number, local rank) and the run's seed. The stages read these from
+    it, not from --device, --seed or the distributed module."""
+
+    device: torch.device
+    world: distributed.World
+    seed: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    def per_worker(self, batch_size: int) -> int:
+        """One worker's part of a global batch."""
+        return max(1, batch_size // self.world.size)
+
+
+def setup_runtime(rt: RuntimeConfig) -> Platform:
     if rt.gpu_ids:  # one id: that GPU; several: this is one of the workers launch_on_gpus started
         ids = distributed.parse_gpu_ids(rt.gpu_ids) if "WORLD_SIZE" not in os.environ else []
         rt = replace(rt, device=f"cuda:{ids[0]}" if len(ids) == 1 else "auto")
@@ -89,7 +108,7 @@ def setup_runtime(rt: RuntimeConfig) -> torch.device:
         torch.backends.cudnn.benchmark = False
     random.seed(rt.seed)
     torch.manual_seed(rt.seed)
-    return device
+    return Platform(device, distributed.world(), rt.seed)
 
 
 def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
@@ -109,11 +128,11 @@ def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
     return Path("runs") / f"{data.dataset or DEFAULT_DATASET}-{model_cfg.arch}{model_cfg.depth}"
 
 
-def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool,
+def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, platform: Platform, channels_last: bool,
                 train: bool) -> BatchLoader | FolderLoader:
     """This worker's loader of the training or the test split (a uint8 split is copied to ``device``
     whole: build only the ones a command uses)."""
-    w = distributed.world()
+    w, device, seed = platform.world, platform.device, platform.seed
     transform = InputTransform(data.filter, data.sigma, data.sparsify_gt)
     flag, size = ("--batch-size", data.batch_size) if train else ("--test-batch-size", data.test_batch_size)
     if size % w.size:
@@ -127,15 +146,15 @@ def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, device, seed
                        transform)
 
 
-def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, device, seed: int, channels_last: bool):
+def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, platform: Platform, channels_last: bool):
     """(training loader, test loader)."""
-    return tuple(make_loader(dataset, data, device, seed, channels_last, train) for train in (True, False))
+    return tuple(make_loader(dataset, data, platform, channels_last, train) for train in (True, False))
 
 
-def for_workers(model, rt: RuntimeConfig, device):
+def for_workers(model, rt: RuntimeConfig, platform: Platform):
     """With several workers and --sync-bn, batch statistics over the whole global batch."""
-    if rt.sync_bn and distributed.world().active:
-        return distributed.sync_batchnorm(model, device)
+    if rt.sync_bn and platform.world.active:
+        return distributed.sync_batchnorm(model, platform.device)
     return model
 
 
@@ -143,7 +162,7 @@ def low_precision(lowp: LowPrecisionConfig) -> LowPrecision:
     return LowPrecision(lowp.wl_weight, lowp.wl_grad, lowp.wl_activate, lowp.wl_error, lowp.wl_momentum, lowp.rounding)
 
 
-def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: RuntimeConfig, model, device,
+def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: RuntimeConfig, model, platform: Platform,
                    spec: ModelSpec) -> Precision:
     """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
     lowp = lowp or LowPrecisionConfig()
@@ -151,7 +170,7 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
     lp = low_precision(lowp)
     if lp.active and rt.amp == "on":
         raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
-    return Precision(lp, model, device, rt.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
+    return Precision(lp, model, platform.device, platform.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
@@ -159,28 +178,32 @@ def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
 
 
 def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
-                     lowp: LowPrecisionConfig | None, device, reporter: Reporter, resumed: dict | None = None):
+                     lowp: LowPrecisionConfig | None, platform: Platform, reporter: Reporter,
+                     resumed: dict | None = None):
     """(model, speed, precision, optimizer) of a training stage: the model on its device and
     workers, set up by ``accel.prepare`` (``resumed``: the speed entry of a resumed run's
     checkpoint), with its number formats and a fresh optimizer; ``speed.amp_dtype`` goes to ``fit``."""
+    device = platform.device
     if device.type == "cuda":
         reporter.line(f"GPU: {accel.describe_gpu(device)}" + (f"; --amp-dtype {rt.amp_dtype} sets the autocast type"
                                                                if rt.amp_dtype != "auto" else ""))
-    model = for_workers(model.to(device), rt, device)
+    model = for_workers(model.to(device), rt, platform)
     lowp = lowp or LowPrecisionConfig()
     model, speed = accel.prepare(model, (spec.in_channels, spec.image_size, spec.image_size), spec.num_classes,
-                                 data.batch_size, device, rt, reporter, low_precision(lowp).active, resumed)
-    precision = make_precision(lowp, optim, rt, model, device, spec)
+                                 platform.per_worker(data.batch_size), device, rt, reporter, low_precision(lowp).active,
+                                 resumed)
+    precision = make_precision(lowp, optim, rt, model, platform, spec)
     return model, speed, precision, precision.optimizer(make_optimizer(model, optim))
 
 
 def make_trainer(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,
-                 lowp: LowPrecisionConfig | None, device, reporter: Reporter, stage: str, resumed: dict | None) -> Trainer:
+                 lowp: LowPrecisionConfig | None, platform: Platform, reporter: Reporter, stage: str,
+                 resumed: dict | None) -> Trainer:
     """A stage's trainer (no callbacks yet): the model prepared for training; ``resumed``: the
     checkpoint the stage continues from, whose speed settings it keeps."""
-    model, speed, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, device, reporter,
+    model, speed, precision, optimizer = prepare_training(model, spec, data, optim, rt, lowp, platform, reporter,
                                                           resumed.get("speed") if resumed else None)
-    return Trainer(model, optimizer, precision, optim, device, speed, reporter, stage, rt.compile)
+    return Trainer(model, optimizer, precision, optim, platform.device, speed, reporter, stage, rt.compile)
 
 
 def with_callbacks(trainer: Trainer, run: RunDir, saver: Saver, kind: str, loaders, rt: RuntimeConfig,

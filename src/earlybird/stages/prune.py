@@ -13,7 +13,7 @@ from ..importance import make_importance
 from ..masks import ChannelIndex, channel_mask, check_ratio
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
-from ..train import distributed, evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..accel import inference_speed, training_speed
 from .common import check_expected, checkpoint_dataset, make_loader, setup_runtime
 from .rundir import PRUNED, RunDir, tag
@@ -54,7 +54,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
     if not cfg.model:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
-    device = setup_runtime(rt)
+    platform = setup_runtime(rt)
+    device = platform.device
     ckpt = load_checkpoint(cfg.model, ("ticket", "search", "imported"))
     if ckpt.get("plan"):
         raise CheckpointError(f"{cfg.model} is already pruned: retrain it, or prune its dense ticket")
@@ -65,16 +66,16 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     check_expected(check, spec, cfg.model)
     dense = dense.to(device).eval()
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
-    test = make_loader(dataset, data, device, rt.seed, False, train=False)
+    test = make_loader(dataset, data, platform, False, train=False)
     example = next(iter(test))[0][:8]
     requested, scores = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
     pruned, plan = prune_model(dense, requested, example, bool(ckpt.get("keep_streams", False)), options.round_to,
                                scores)
     report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test)
-    if options.measure_speed and distributed.is_main():
+    if options.measure_speed and platform.is_main:
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
-        shape, per_worker = report["input_shape"], max(1, data.batch_size // distributed.world().size)
+        shape, per_worker = report["input_shape"], platform.per_worker(data.batch_size)
         report["throughput"] = inference_speed(dense, pruned, shape, options.latency_batches, device)
         report["training_throughput"] = training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
     save_checkpoint(run / PRUNED, "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),

@@ -25,7 +25,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if not cfg.model:
         raise ConfigError("--model is required: pass the pruned.pth written by `earlybird prune`")
     run = RunDir(Path(save or rt.save or Path(cfg.model).parent / ("retrain-reinit" if cfg.reinit else "retrain")))
-    device = setup_runtime(rt)
+    platform = setup_runtime(rt)
     ckpt = load_checkpoint(cfg.model, ("pruned", "imported"))
     if not ckpt.get("plan"):
         raise CheckpointError(f"{cfg.model} is a dense network: prune it first (earlybird prune --model ...)")
@@ -36,13 +36,13 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     if state and state["plan"] != plan.to_dict():
         raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
     # a fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts
-    trainer = make_trainer(model, spec, data, optim, rt, lowp, device, reporter, "retrain", state)
+    trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "retrain", state)
     trainer.epoch = first
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download,
                                       data.train_subset, rt.seed)
     saver = Saver(spec, plan, {"ratio": ckpt.get("ratio"), "dataset": dataset.info.name,
                                "input_shape": ckpt["input_shape"]})
-    loaders = make_loaders(dataset, data, device, rt.seed, trainer.speed.channels_last)
+    loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
     best = SaveBest(saver, run.best, "retrain")
     with_callbacks(trainer, run, saver, "retrain", loaders, rt, best)
     if state:

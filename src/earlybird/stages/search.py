@@ -68,7 +68,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
-    device = setup_runtime(rt)
+    platform = setup_runtime(rt)
     spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data))
     model, layers, ties, importance = _dense(spec, detect)  # before the data: a bad model fails at once
     resume_path = run.prepare(rt.force, rt.resume, reporter)
@@ -77,13 +77,13 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if ckpt and ckpt["spec"] != spec.to_dict():
         raise CheckpointError(f"{resume_path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
                               f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
-    trainer = make_trainer(model, spec, data, optim, rt, lowp, device, reporter, "search", ckpt)
+    trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "search", ckpt)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,
                          layers, ties, importance, detect.eb_rule)
     info = dataset.info
     saver = Saver(spec, None, {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
                                "layers": layers, "keep_streams": detect.keep_streams, "importance": importance.name})
-    loaders = make_loaders(dataset, data, device, rt.seed, trainer.speed.channels_last)
+    loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
     eb = EarlyBirdCallback(detector, run, saver, detect.full)
     with_callbacks(trainer, run, saver, "search", loaders, rt, eb)
     if ckpt:
@@ -91,7 +91,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     macs = count_macs(trainer.model, tuple(saver.meta["input_shape"]))
     total = sum(m.weight.numel() for _, m in prunable_bns(trainer.model))
     reporter.line(f"search: {spec.describe()}, {count_params(trainer.model):,} params, {macs / 1e6:.1f} M MACs/image, "
-                  f"{loaders[0].num_samples:,} training images on {device}; ratios are of the {detector.num_channels} "
+                  f"{loaders[0].num_samples:,} training images on {platform.device}; ratios are of the {detector.num_channels} "
                   f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
     t0 = time.perf_counter()
     trainer.fit(*loaders)

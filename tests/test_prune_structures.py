@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomize_bn
-from earlybird import EarlyBird, PruneError, prune_model
+from earlybird import EarlyBird, ModelSpec, PruneError, create_model, prune_model
 from earlybird.cost import count_macs
 from earlybird.prune import PrunePlan, apply_plan, channel_ties, plan_pruning, prunable_layers
 
@@ -266,3 +266,28 @@ def test_a_slice_that_meets_a_stream_is_left_out_at_once(x):
     with pytest.raises(PruneError, match="slice of a channel stream"):
         prune_model(model, {"stem.1": torch.arange(16) % 2 == 0}, x)
     _prune_half(model, x)
+
+
+def test_the_dense_graph_is_traced_once_for_layers_ties_producers_and_plans(monkeypatch):
+    from earlybird.prune import channel_producers, engine
+
+    traced = []
+    real = engine._graph
+    monkeypatch.setattr(engine, "_graph", lambda model, example: traced.append(model) or real(model, example))
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("resnet", 18, 0.0625, 3, 10, 32))
+    x = torch.randn(2, 3, 32, 32)
+    layers = prunable_layers(model, x)
+    channel_ties(model, x), channel_producers(model, x)
+    mask = {n: torch.rand(model.get_submodule(n).weight.numel()) > 0.5 for n in layers}
+    for name, keep in mask.items():
+        keep[0] = True
+    plan_pruning(model, mask, x)
+    assert sum(m is model for m in traced) == 1  # the dense model: one trace for all four
+    with torch.no_grad():  # weights do not change the structure: still no new trace
+        model.conv1.weight.mul_(2)
+    plan_pruning(model, mask, x)
+    assert sum(m is model for m in traced) == 1
+    small, _ = prune_model(model, mask, x)
+    prunable_layers(small, x)  # another structure: traced anew
+    assert sum(m is small for m in traced) == 1

@@ -102,7 +102,7 @@ class PrunePlan:
 
     def masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The effective keep-mask per BN of the dense ``model``."""
-        sizes = {n: m.weight.numel() for n, m in prunable_bns(model)}
+        sizes = ChannelIndex.of(model).layer_sizes()
         out = {}
         for name, kept in self.keep.items():
             mask = torch.zeros(sizes[name], dtype=torch.bool)
@@ -113,16 +113,16 @@ class PrunePlan:
 
 def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
     """Per-layer keep masks from a flat mask over ``prunable_bns(model)`` (or pass a dict through)."""
-    named = prunable_bns(model)
+    index = ChannelIndex.of(model)
     if isinstance(mask, dict):
-        unknown = set(mask) - {n for n, _ in named}
+        sizes = index.layer_sizes()
+        unknown = set(mask) - set(sizes)
         if unknown:
             raise PruneError(f"mask names layers the model does not have: {', '.join(sorted(unknown))}")
-        for n, m in named:
-            if n in mask and mask[n].numel() != m.weight.numel():
-                raise PruneError(f"mask of layer '{n}' has {mask[n].numel()} entries, the layer {m.weight.numel()}")
-        return {n: mask[n].bool().cpu() for n, _ in named if n in mask}
-    index = ChannelIndex.of(model)
+        for n, size in sizes.items():
+            if n in mask and mask[n].numel() != size:
+                raise PruneError(f"mask of layer '{n}' has {mask[n].numel()} entries, the layer {size}")
+        return {n: mask[n].bool().cpu() for n in index.names if n in mask}
     if mask.numel() != index.total:
         raise PruneError(
             f"mask has {mask.numel()} entries but the model has {index.total} BN channels: "
@@ -639,11 +639,11 @@ def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams
     channels reach an operation the engine cannot prune through) never will. A PruneError naming
     such an operation where no BN is left.
     """
-    names = [n for n, _ in prunable_bns(model)]
-    extreme = {n: torch.arange(m.weight.numel()) == 0 for n, m in prunable_bns(model)}
+    index = ChannelIndex.of(model)
+    extreme = {n: torch.arange(size) == 0 for n, size in zip(index.names, index.sizes)}
     refused: dict[str, str] = {}
     plan = plan_pruning(model, extreme, example_inputs, keep_streams, strict=False, refused=refused)
-    layers = [n for n in names if n in plan.keep]
+    layers = [n for n in index.names if n in plan.keep]
     if not layers and refused:
         raise PruneError(next(iter(refused.values())))
     return layers

@@ -14,7 +14,7 @@ from ..data import Dataset, dataset_info, load_dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
 from ..importance import make_importance
-from ..masks import bn_gammas, prunable_bns
+from ..masks import ChannelIndex, bn_gammas
 from ..models import ModelSpec, create_model
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers
@@ -89,7 +89,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if ckpt:
         trainer.load_state_dict(ckpt, resume_path)
     macs = count_macs(trainer.model, tuple(saver.meta["input_shape"]))
-    total = sum(m.weight.numel() for _, m in prunable_bns(trainer.model))
+    total = ChannelIndex.of(trainer.model).total
     reporter.line(f"search: {spec.describe()}, {count_params(trainer.model):,} params, {macs / 1e6:.1f} M MACs/image, "
                   f"{loaders[0].num_samples:,} training images on {platform.device}; ratios are of the {detector.num_channels} "
                   f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")

@@ -17,7 +17,7 @@ SMALL = {"vgg": ["--arch", "vgg", "--depth", "11", "--width", "0.125"],
          "preresnet": ["--arch", "preresnet", "--depth", "20", "--width", "0.25"]}
 SCHEDULE = ["--dataset", "cifar10", "--no-download", "--batch-size", "16", "--test-batch-size", "64", "--seed", "0",
             "--epochs", "4", "--schedule", "2", "--ratios", "0.5", "--eb-window", "2", "--eb-threshold", "0.9",
-            "--latency-batches", "2"]
+            "--measure-speed", "--latency-batches", "2"]
 
 
 def _capability() -> tuple[int, int]:

@@ -32,9 +32,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     model, spec, plan = _network(ckpt, cfg, check)
     first = _first_epoch(cfg, ckpt, optim)
-    state = load_checkpoint(resume_path, ("retrain",)) if resume_path else None
-    if state and state["plan"] != plan.to_dict():
-        raise CheckpointError(f"{resume_path} belongs to another pruned network than {cfg.model}: resume with its --model")
+    state = _resumed(resume_path, plan, cfg)
     # a fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "retrain", state)
     trainer.epoch = first
@@ -59,6 +57,14 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best.best['test_acc']:.2f}% "
                   f"(epoch {best.best['epoch']}) -> {run.best}")
     return summary
+
+
+def _resumed(path: Path | None, plan, cfg: RetrainConfig) -> dict | None:
+    """The checkpoint a retrain continues from, which must be of the same pruned network."""
+    state = load_checkpoint(path, ("retrain",)) if path else None
+    if state and state["plan"] != plan.to_dict():
+        raise CheckpointError(f"{path} belongs to another pruned network than {cfg.model}: resume with its --model")
+    return state
 
 
 def _first_epoch(cfg: RetrainConfig, ckpt: dict, optim: OptimConfig) -> int:

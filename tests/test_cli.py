@@ -281,8 +281,13 @@ def test_run_without_a_ticket_reports_it(capsys, tmp_path, cifar10_root):
                          "--schedule", 2, "--ratios", 0.5, "--save", tmp_path / "run")
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["search_epochs"] == 3 and summary["ratios"] == [{"ratio": 0.5, "eb_epoch": None}]
-    assert "no ticket" in out
+    row = summary["ratios"][0]
+    assert summary["search_epochs"] == 3 and row["eb_epoch"] is None and row["closest"] is None
+    last = tmp_path / "run" / "search" / "checkpoint.pth"
+    # what to do next, down to the command that prunes where the search stopped
+    assert "no ticket within 3 epochs: the window of 5 masks never filled" in out
+    assert f"earlybird prune --model {last} --percent 0.5" in out and "larger --eb-threshold" in out
+    assert "even to chance" in out  # why a ticket's accuracy before retraining can be so low
     assert not (tmp_path / "run" / "pruned-50").exists()
 
 
@@ -339,6 +344,19 @@ def test_every_command_runs_on_plain_pytorch_without_the_cpu_kernels(capsys, tmp
                  ("report", save)):
         code, _, err = cli(capsys, *argv)
         assert code == 0, err
+
+
+def test_the_schedule_defaults_to_half_and_three_quarters_of_the_epochs(capsys, tmp_path, cifar10_root):
+    from earlybird.config import OptimConfig
+
+    assert OptimConfig().schedule == [80, 120] and OptimConfig(epochs=26).schedule == [13, 19]
+    assert OptimConfig(epochs=1).schedule == [] and OptimConfig(epochs=4, schedule=[]).schedule == []
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 1,
+                       "--ratios", 0.5, "--save", tmp_path / "s")  # no --schedule: it used to refuse 80 120
+    assert code == 0, err
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 2,
+                       "--schedule", 5, "--save", tmp_path / "t")
+    assert_one_line_error(code, err, "--schedule [5] must lie within 0..2")
 
 
 def test_configs_validate_themselves_and_one_table_builds_the_cli():

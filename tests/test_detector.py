@@ -130,3 +130,18 @@ def test_bad_settings_are_refused(kwargs):
 def test_a_model_without_batch_norm_is_refused():
     with pytest.raises(ConfigError, match="batch-norm"):
         EarlyBird(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_the_closest_window_is_kept_for_advice():
+    from test_importance import drifting_masks
+
+    model = TwoBN(40)
+    det = EarlyBird(model, ratios=[0.5], window=3, threshold=0.01)
+    for epoch, keep in enumerate(drifting_masks(epochs=6), start=1):
+        set_mask(model, keep, seed=epoch)
+        det.step(epoch)
+    # every full window drifts 0.1 from its newest mask back to its oldest: the first one counts
+    assert det.emerged == {} and det.closest == {0.5: (pytest.approx(0.1), 3)}
+    restored = EarlyBird(model, ratios=[0.5], window=3, threshold=0.01)
+    restored.load_state_dict(det.state_dict())
+    assert restored.closest == det.closest

@@ -68,7 +68,9 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = opt(160, "length of the training schedule in epochs", type=int)
-    schedule: list = opt([80, 120], "epochs at which the learning rate is multiplied by --gamma", type=int, nargs="*")
+    schedule: list | None = opt(None, "epochs at which the learning rate is multiplied by --gamma (default: at 50%% and "
+                                      "75%% of --epochs, the reference's 80 120 of 160; none: a constant rate)",
+                                type=int, nargs="*")
     gamma: float = opt(0.1, "learning-rate decay factor at each --schedule epoch", type=float)
     lr: float = opt(0.1, "initial learning rate", type=float)
     momentum: float = opt(0.9, "SGD momentum", type=float)
@@ -78,6 +80,8 @@ class OptimConfig:
     s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
 
     def __post_init__(self):
+        if self.schedule is None:  # milestones inside the schedule only: a 1-epoch run keeps --lr
+            self.schedule = sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if 0 < m < self.epochs})
         for flag, value in (("--momentum", self.momentum), ("--weight-decay", self.weight_decay)):
             if value < 0:
                 raise ConfigError(f"{flag} {value:g} must not be negative")

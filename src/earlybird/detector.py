@@ -60,6 +60,8 @@ class EarlyBird:
         self.emerged: dict[float, int] = {}
         self.tickets: dict[float, torch.Tensor] = {}
         self.distances: dict[float, list[float]] = {r: [] for r in self.ratios}
+        # per ratio, the full window that came closest to settling: (largest distance in it, epoch)
+        self.closest: dict[float, tuple[float, int]] = {}
 
     @property
     def layer_names(self) -> list[str]:
@@ -103,6 +105,8 @@ class EarlyBird:
             recent.append(mask)
             self.distances[r] = self.rule.distances(list(recent))
             full = len(recent) == self.window
+            if full and (r not in self.closest or max(self.distances[r]) < self.closest[r][0]):
+                self.closest[r] = (max(self.distances[r]), self.epoch)
             if r not in self.emerged and full and self.rule.settled(self.distances[r], self.threshold):
                 self.emerged[r] = self.epoch
                 self.tickets[r] = mask.clone()
@@ -125,6 +129,7 @@ class EarlyBird:
             "emerged": {str(r): e for r, e in self.emerged.items()},
             "tickets": {str(r): m for r, m in self.tickets.items()},
             "distances": {str(r): d for r, d in self.distances.items()},
+            "closest": {str(r): list(c) for r, c in self.closest.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -147,3 +152,4 @@ class EarlyBird:
             self.distances[r] = list(state["distances"][str(r)])
         self.emerged = {float(r): int(e) for r, e in state["emerged"].items()}
         self.tickets = {float(r): m for r, m in state["tickets"].items()}
+        self.closest = {float(r): (float(d), int(e)) for r, (d, e) in state.get("closest", {}).items()}

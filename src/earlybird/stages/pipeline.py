@@ -50,7 +50,8 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     for r in found["ratios"]:
         ticket = found["tickets"].get(str(r))
         if ticket is None:
-            rows.append({"ratio": r, "eb_epoch": None})
+            rows.append({"ratio": r, "eb_epoch": None, "closest": (found.get("closest") or {}).get(str(r)),
+                         "threshold": found["threshold"], "last": str(run.search().last)})
             continue
         reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
         pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, data, optim, rt,
@@ -181,7 +182,11 @@ def summary_table(summary: dict) -> str:
     lines = [head, "  ".join(f"{c:>10}" for c in cols)]
     for row in summary["ratios"]:
         if row["eb_epoch"] is None:
-            lines.append(f"{row['ratio']:>10g}  no ticket within the search")
+            near = (f": its masks came within {row['closest']['distance']:.3f} at best (--eb-threshold "
+                    f"{row['threshold']:g})" if row.get("closest") else "")
+            lines.append(f"{row['ratio']:>10g}  no ticket within the search{near}; a longer schedule or a larger "
+                         f"threshold may draw one, or prune now: earlybird prune --model {row.get('last')} --percent "
+                         f"{row['ratio']:g}")
             continue
         p, m = row["params"], row["macs"]
         cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
@@ -190,6 +195,9 @@ def summary_table(summary: dict) -> str:
                  f"{row['compute_vs_train_prune_retrain']:.2f}",
                  f"{row['compute_vs_dense_only']:.2f}"]
         lines.append("  ".join(f"{c:>10}" for c in cells))
+    lines.append("masked, pruned = the ticket's network before retraining: the search drove the pruned channels' "
+                 "gamma small but not to zero, so removing them can cost much accuracy (even to chance) until the "
+                 "retrain recovers it")
     lines.append("train speed = measured training images/s of the pruned network over the dense one's (at prune time); "
                  "compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
                  "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")

@@ -100,8 +100,19 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     for r in detector.ratios:
         t = eb.tickets.get(str(r))
         reporter.line(f"  p={r:g}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {run / t['path']}"
-                                         if t else f"no ticket within {trainer.epoch} epochs"))
+                                         if t else no_ticket_advice(r, detector, trainer.epoch, run.last)))
     return summary
+
+
+def no_ticket_advice(ratio: float, detector: EarlyBird, epochs: int, last: Path) -> str:
+    """Why ``ratio`` has no ticket (how close its masks came to settling) and what to do next."""
+    closest = detector.closest.get(ratio)
+    near = (f"its masks came within {closest[0]:.3f} of each other at best (epoch {closest[1]}; --eb-threshold "
+            f"{detector.threshold:g})" if closest else f"the window of {detector.window} masks never filled")
+    return (f"no ticket within {epochs} epochs: {near}. Next: a longer --epochs or an earlier first --schedule "
+            f"decay (masks settle as the rate falls), a larger --eb-threshold (e.g. "
+            f"{max(detector.threshold, closest[0] if closest else 0) + 0.05:.2f}), or prune where the search "
+            f"stopped: earlybird prune --model {last} --percent {ratio:g}")
 
 
 def _dense(spec: ModelSpec, detect: DetectConfig):
@@ -125,6 +136,7 @@ def _summary(trainer: Trainer, eb: EarlyBirdCallback, spec: ModelSpec, dataset: 
         "prunable_channels": det.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
         "number_formats": trainer.precision.lp.describe(), "window": det.window, "threshold": det.threshold,
         "importance": det.importance.name, "rule": det.rule.name, "tickets": eb.tickets,
+        "closest": {str(r): {"distance": round(d, 4), "epoch": e} for r, (d, e) in det.closest.items()},
         "epochs_trained": trainer.epoch, "schedule_epochs": epochs, "stopped_early": trainer.epoch < epochs,
         "final_test_acc": trainer.test_acc, "params": count_params(trainer.model), "macs": macs,
         "train_images": images, "wall_s": round(wall, 1), "train_s": round(trainer.train_seconds, 1),

@@ -376,3 +376,25 @@ def test_configs_validate_themselves_and_one_table_builds_the_cli():
     args = command_from_args(RunArgs, parser.parse_args(["run", "--reinit", "--ratios", "0.5", "--eb-rule", "chain"]))
     assert args.pipeline.reinit and not args.pipeline.baseline and args.detect.ratios == [0.5]
     assert args.detect.eb_rule == "chain" and args.rt.cpu_kernels == "on"
+
+
+def test_a_second_process_on_the_same_save_refuses_in_one_line(capsys, tmp_path, cifar10_root):
+    import subprocess
+    import sys
+
+    save = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from earlybird.stages.rundir import RunDir; RunDir(Path(sys.argv[1])).lock(); "
+                               "print('locked', flush=True); time.sleep(60)", str(save)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for command in ("search", "run"):
+            code, _, err = _search(capsys, cifar10_root, save) if command == "search" else cli(
+                capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, *TINY, "--epochs", 2, "--save", save)
+            assert_one_line_error(code, err, f"(pid {holder.pid}) is writing to {save}", "choose another --save")
+        assert sorted(p.name for p in save.iterdir()) == [".lock"]  # nothing of the refused runs written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _search(capsys, cifar10_root, save)[0] == 0  # the lock went with its process

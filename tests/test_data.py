@@ -52,6 +52,35 @@ def test_truncated_idx_file_is_reported(tmp_path):
         load_dataset("fashion-mnist", tmp_path, download=False)
 
 
+def test_an_idx_file_cut_inside_its_header_is_reported(tmp_path):
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(b"\0\0\x08\x03\0\0\0\x0a\0\0")  # three dimensions declared, one and a half given
+    with pytest.raises(DataError, match="ends inside its header.*truncated"):
+        fashion_mnist.read_idx(path)
+
+
+def test_a_folder_missing_one_file_names_it_without_waiting_on_the_network(tmp_path, monkeypatch):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for prefix, n in (("train", 10), ("t10k", 5)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(n))
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"lacks t10k-labels-idx1-ubyte.gz of Fashion-MNIST's four files"):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+    fetched = []  # with downloads on, only the missing file is fetched, into that folder
+
+    def fake_download(url, dest, md5, hint):
+        fetched.append(dest)
+        write_idx(dest, np.zeros(5))
+        return dest
+
+    monkeypatch.setattr(fashion_mnist, "download", fake_download)
+    d = load_dataset("fashion-mnist", tmp_path, download=True)
+    assert fetched == [folder / "t10k-labels-idx1-ubyte.gz"] and d.test_labels.shape == (5,)
+
+
 def test_missing_data_without_download_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(DataError, match="put the four"):

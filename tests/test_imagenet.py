@@ -106,3 +106,19 @@ def test_search_prune_eval_on_imagenet_folders(capsys, tmp_path, imagenet_root):
     assert json.loads(out.strip().splitlines()[-1])["test_images"] == 7
     code, _, err = cli(capsys, "eval", "--model", tmp_path / "p" / "pruned.pth", "--data", tmp_path / "nothing")
     assert_one_line_error(code, err, "no ImageNet class folders", "--data")
+
+
+def test_a_decompression_bomb_says_which_file_and_how_to_allow_it(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb"
+    for split in ("train", "val"):
+        (bomb / split / "n0").mkdir(parents=True)
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bomb / split / "n0" / "big.JPEG")
+    d = load_dataset("imagenet", bomb)
+    # a limit of 1,000 pixels makes this 4,096-pixel image a "bomb" (over twice the limit) in the
+    # worker process too: the variable is what a user sets
+    monkeypatch.setenv("EARLYBIRD_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(DataError, match=r"big.JPEG is too large to decode safely.*EARLYBIRD_MAX_IMAGE_PIXELS=<pixels>"):
+        next(iter(FolderLoader(d.train, 1, d.info, True, workers=1)))
+    monkeypatch.setenv("EARLYBIRD_MAX_IMAGE_PIXELS", "100000")  # trusted: allowed
+    x, y = next(iter(FolderLoader(d.train, 1, d.info, True, workers=1)))
+    assert x.shape == (1, 3, 224, 224)

@@ -36,6 +36,9 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} ends inside its header ({len(raw)} bytes): the file is truncated; delete it and "
+                        "fetch the dataset again")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)):
@@ -44,11 +47,23 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find(root: Path, download_ok: bool) -> dict[str, Path]:
+    hint = f"put the four *-ubyte.gz files from {_URL} in {root / 'fashion-mnist'} (or apt-get install dataset-fashion-mnist)"
+    partial = None
     for folder in (root, root / "fashion-mnist", SYSTEM_DIR):
         paths = {k: folder / name for k, (name, _) in FILES.items()}
         if all(p.is_file() for p in paths.values()):
             return paths
-    hint = f"put the four *-ubyte.gz files from {_URL} in {root / 'fashion-mnist'} (or apt-get install dataset-fashion-mnist)"
+        if partial is None and folder != SYSTEM_DIR and any(p.is_file() for p in paths.values()):
+            partial = paths
+    if partial is not None:  # a folder with some of the files: fetch (or name) just the missing ones
+        missing = {k: p for k, p in partial.items() if not p.is_file()}
+        if not download_ok:
+            raise DataError(f"{next(iter(partial.values())).parent} lacks {', '.join(p.name for p in missing.values())} "
+                            f"of Fashion-MNIST's four files: put {'it' if len(missing) == 1 else 'them'} there (from "
+                            f"{_URL}), or drop --no-download to fetch {'it' if len(missing) == 1 else 'them'}")
+        for k, p in missing.items():
+            download(_URL + p.name, p, FILES[k][1], hint)
+        return partial
     if not download_ok:
         raise DataError(f"Fashion-MNIST not found in {root} or {SYSTEM_DIR}: {hint}")
     target = root / "fashion-mnist"

@@ -9,6 +9,7 @@ depend only on (seed, epoch, index), so runs are reproducible whatever the numbe
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+
+MAX_PIXELS = "EARLYBIRD_MAX_IMAGE_PIXELS"  # Pillow's decompression-bomb limit, raised for trusted data
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 SIZE, RESIZE = 224, 256
@@ -98,9 +101,14 @@ class ImageFolderSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path = self.split.paths[i]
+        if os.environ.get(MAX_PIXELS):  # read here: decoding workers are other processes
+            Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS])
         try:
             with Image.open(path) as f:
                 img = f.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            raise DataError(f"{path} is too large to decode safely ({exc}): shrink or delete it, or if you trust "
+                            f"it raise the limit with {MAX_PIXELS}=<pixels>") from None
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{path} is not a readable image ({exc}): delete or replace it") from None
         if self.train:

@@ -38,6 +38,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
+    run.lock()
     rt = _continue_or_start(run, rt, reporter)
     t0 = time.perf_counter()
     setup_runtime(rt)

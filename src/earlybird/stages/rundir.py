@@ -7,6 +7,7 @@ directory (``earlybird run``) holds search/, pruned-<percent>/, retrain-<percent
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from ..train import distributed
 
 SUMMARY, LAST, BEST, SWA, PRUNED, METRICS = ("summary.json", "checkpoint.pth", "model_best.pth", "swa.pth",
                                              "pruned.pth", "metrics.jsonl")
+
+
+_HELD: dict[Path, int] = {}  # the directories this process writes to, locked until it exits
 
 
 def tag(ratio: float) -> str:
@@ -71,6 +75,30 @@ class RunDir:
     def summary(self) -> dict:
         return json.loads((self.path / SUMMARY).read_text())
 
+    def lock(self) -> None:
+        """Take the directory for this process (rank 0 of a run): another earlybird process that
+        would write here refuses in one line instead of interleaving its files with this one's."""
+        path = self.path.absolute()
+        if not distributed.is_main() or path in _HELD:
+            return
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"--save {self.path} is a file, not a directory: choose another --save")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"cannot write in --save {self.path} ({exc.strerror or exc}): choose another --save") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunDirError(f"another earlybird process{f' (pid {owner})' if owner else ''} is writing to "
+                              f"{self.path}: wait for it to finish, or choose another --save") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[path] = fd
+
     def _artifacts(self) -> list[Path]:
         names = [SUMMARY, LAST, BEST, SWA, PRUNED, METRICS, "summary.txt"]
         return [self.path / n for n in names if (self.path / n).exists()] + sorted(self.path.glob("EB-*.pth"))
@@ -79,6 +107,7 @@ class RunDir:
         """Refuse to clobber a finished run; return the checkpoint to continue from, if any. An
         unfinished run is continued (as with --resume) unless --force starts it over."""
         save = self.path
+        self.lock()
         if distributed.is_main() and save.is_dir():
             for stale in save.glob(".*.tmp"):  # a write cut short by a kill; the file it meant to replace is intact
                 stale.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The `earlybird` command line: search, prune, retrain, run (all three), eval, report, import-reference, models.
+"""The `earlybird` command line: search, prune, retrain, run (all three), eval, export, report, import-reference,
+models.
 
 The only place that parses flags, prints errors and exits. ``COMMANDS`` names each command's
 typed arguments (a dataclass of configs, which generates its flags and validates itself) and the
@@ -14,8 +15,8 @@ from dataclasses import fields
 from typing import NamedTuple
 
 from . import __version__
-from .config import (EvalArgs, ImportArgs, ModelsArgs, PruneArgs, ReportArgs, RetrainArgs, RunArgs, SearchArgs,
-                     add_command_args, command_from_args)
+from .config import (EvalArgs, ExportArgs, ImportArgs, ModelsArgs, PruneArgs, ReportArgs, RetrainArgs, RunArgs,
+                     SearchArgs, add_command_args, command_from_args)
 from .errors import EarlyBirdError
 from .progress import Reporter
 
@@ -66,6 +67,8 @@ COMMANDS: dict[str, Command] = {
                                                     "with compute accounting"),
     "eval": Command(EvalArgs, _stage("evaluate_checkpoint"), "top-1 / top-5 accuracy, parameters and MACs of any "
                                                              "dense, pruned or retrained checkpoint"),
+    "export": Command(ExportArgs, _stage("export_checkpoint"), "write a checkpoint's network as ONNX, TorchScript or "
+                                                              "torch.export (.pt2), to deploy without earlybird"),
     "import-reference": Command(ImportArgs, _import, "convert a checkpoint of the reference implementation (full "
                                                      "unpickling: only files you trust) to an earlybird checkpoint"),
     "report": Command(ReportArgs, _report, "figures (mask-distance heat-map, curves, gamma histograms, kept "

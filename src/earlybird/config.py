@@ -228,6 +228,14 @@ class ModelCheck:
 
 
 @dataclass
+class ExportConfig:
+    model: str = opt("", "checkpoint to export: dense, ticket, pruned or retrained", "--model")
+    format: str = opt("onnx", "onnx (ONNX Runtime), torchscript (torch.jit.load) or pt2 (torch.export.load): each loads "
+                              "without earlybird, with a free batch size", choices=["onnx", "torchscript", "pt2"])
+    out: str | None = opt(None, "file to write (default: next to --model, e.g. pruned.onnx)")
+
+
+@dataclass
 class EvalConfig:
     model: str = opt("", "checkpoint to evaluate: an EB ticket, a search, pruned or retrain checkpoint", "--model")
 
@@ -315,6 +323,13 @@ class EvalArgs:
     cfg: EvalConfig = part(EvalConfig, "eval")
     check: ModelCheck = part(ModelCheck, "model check")
     data: DataConfig = part(DataConfig, "data")
+    rt: RuntimeConfig = part(RuntimeConfig, "run")
+
+
+@dataclass
+class ExportArgs:
+    cfg: ExportConfig = part(ExportConfig, "export")
+    check: ModelCheck = part(ModelCheck, "model check")
     rt: RuntimeConfig = part(RuntimeConfig, "run")
 
 

@@ -1,4 +1,4 @@
-"""The commands that read a checkpoint without training it: import-reference and eval."""
+"""The commands that read a checkpoint without training it: import-reference, eval and export."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, EvalConfig, ImportConfig, ModelCheck, ModelConfig, RuntimeConfig
+from ..config import DataConfig, EvalConfig, ExportConfig, ImportConfig, ModelCheck, ModelConfig, RuntimeConfig
 from ..cost import count_macs, count_params
 from ..data import dataset_info, load_dataset
 from ..errors import CheckpointError, ConfigError, RunDirError
+from ..export import FORMATS, export_model, max_difference
 from ..progress import Reporter
 from ..reference import import_reference, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -34,6 +35,27 @@ def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: R
                     test_acc=obj.get("best_prec1"), dataset=cfg.dataset, input_shape=shape)
     reporter.line(f"imported {cfg.model} as {'a pruned' if plan else 'a dense'} {spec.describe()} "
                   f"({count_params(model):,} params, epoch {obj.get('epoch')}) -> {out}")
+    return out
+
+
+def export_checkpoint(cfg: ExportConfig, rt: RuntimeConfig, reporter: Reporter, check: ModelCheck | None = None) -> Path:
+    """Write a checkpoint's network as a file that deploys without earlybird, and check it against
+    the network itself."""
+    if not cfg.model:
+        raise ConfigError("--model is required: pass any checkpoint earlybird wrote (pruned.pth, model_best.pth, ...)")
+    ckpt = load_checkpoint(cfg.model)
+    model, spec, plan = model_from_checkpoint(ckpt, cfg.model)
+    check_expected(check, spec, cfg.model)
+    out = Path(cfg.out) if cfg.out else Path(cfg.model).with_suffix(FORMATS[cfg.format])
+    if out.exists() and not rt.force:
+        raise RunDirError(f"{out} exists: choose another --out or pass --force to overwrite it")
+    shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
+    g = torch.Generator().manual_seed(rt.seed)
+    export_model(model, torch.randn(2, *shape, generator=g), out, cfg.format)
+    diff = max_difference(out, cfg.format, model, torch.randn(3, *shape, generator=g))  # another batch size
+    checked = "not checked: pip install onnxruntime" if diff is None else f"largest output difference {diff:.1e}"
+    reporter.line(f"exported {cfg.model} ({'pruned ' if plan else ''}{spec.describe()}, {count_params(model):,} params) "
+                  f"as {cfg.format} -> {out} ({checked}, relative, on a batch of 3)")
     return out
 
 

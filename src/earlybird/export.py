@@ -1,0 +1,87 @@
+"""Deployable files of a network that load without earlybird: ONNX, TorchScript, torch.export (.pt2).
+
+The pruned layers (constant folds, channel gathers) are plain tensor operations in every format;
+the batch size stays free (a dynamic first axis in ONNX and .pt2; TorchScript traces are
+shape-generic in it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, EarlyBirdError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+
+
+def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Path, fmt: str) -> Path:
+    """Write ``model`` (evaluated on the CPU in eval mode) to ``path`` in ``fmt``: one of ``FORMATS``.
+    ``example_inputs``: a batch of two or more inputs of the model's shape. Written to a temporary
+    file and renamed, so a failed export leaves nothing behind."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    model = model.cpu().eval()
+    example = example_inputs.cpu()
+    path = Path(path)
+    # the exporters want a file of their own extension
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=FORMATS[fmt])
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and exporter chatter; failures raise
+            _WRITERS[fmt](model, example, tmp)
+        os.replace(tmp, path)
+    except EarlyBirdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an exporter's failure on a model is one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"exporting to {fmt} failed ({type(exc).__name__}: {first}): try another --format") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _batch_dim() -> dict:
+    return {"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
+
+
+def _pt2(model, example, path) -> None:
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_batch_dim()), path)
+
+
+def _torchscript(model, example, path) -> None:
+    torch.jit.trace(model, example, check_trace=False).save(path)
+
+
+def _onnx(model, example, path) -> None:
+    torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"], output_names=["logits"],
+                      dynamic_shapes=_batch_dim(), external_data=False, verbose=False)
+
+
+_WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "pt2": _pt2}
+
+
+def max_difference(path: str | Path, fmt: str, model: nn.Module, inputs: torch.Tensor) -> float | None:
+    """The largest difference between the exported file's outputs and ``model``'s on ``inputs``,
+    relative to the largest output; None for ONNX where onnxruntime is not installed."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; users still load it
+        want = model.cpu().eval()(inputs)
+        if fmt == "torchscript":
+            got = torch.jit.load(str(path))(inputs)
+        elif fmt == "pt2":
+            got = torch.export.load(str(path)).module()(inputs)
+        else:
+            try:
+                import onnxruntime
+            except ImportError:
+                return None
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0])
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))

@@ -4,12 +4,21 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from earlybird.models import ModelSpec, create_model
+
+if torch.version.cuda is None:
+    # torchvision's wheel here is a CUDA build: on the CPU torch its operator registrations fail, and
+    # it is imported by timm, torchmetrics (under Lightning) and the zoo tests, none of which needs
+    # them. Stubbed before any test imports it, in whichever order the workers run the tests.
+    for _module in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(_module, types.ModuleType(_module))
 
 
 def write_cifar(root, name="cifar10", per_batch=16, test=16, seed=0):

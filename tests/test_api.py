@@ -1,4 +1,5 @@
-"""The library example of README.md runs as written, and its result is right."""
+"""The documentation keeps up: its library examples run as written, every CLI flag is in the reference,
+the layout names every module, and README.md stays short."""
 import re
 from pathlib import Path
 
@@ -6,19 +7,21 @@ import torch
 
 import earlybird
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README, LIBRARY, CLI, LAYOUT = (ROOT / "README.md", ROOT / "docs" / "library.md", ROOT / "docs" / "cli.md",
+                                ROOT / "docs" / "development.md")
 
 
 def readme_example() -> str:
-    text = README.read_text()
+    text = LIBRARY.read_text()
     match = re.search(r"<!-- library-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its library example"
+    assert match, "docs/library.md lost its library example"
     return match.group(1)
 
 
 def test_readme_library_example(capsys):
     scope: dict = {}
-    exec(compile(readme_example(), str(README), "exec"), scope)
+    exec(compile(readme_example(), str(LIBRARY), "exec"), scope)
     out = capsys.readouterr().out
     detector, model, small, x = scope["detector"], scope["model"], scope["small"], scope["x"]
     assert detector.done and set(detector.emerged) == {0.3, 0.5}
@@ -32,13 +35,13 @@ def test_readme_library_example(capsys):
 def test_readme_layout_names_every_module_and_the_core_needs_no_accelerator():
     import ast
 
-    src = README.parent / "src" / "earlybird"
-    layout = README.read_text().split("src/earlybird/\n", 1)[1].split("```", 1)[0]
+    src = ROOT / "src" / "earlybird"
+    layout = LAYOUT.read_text().split("src/earlybird/\n", 1)[1].split("```", 1)[0]
     for path in src.glob("*.py"):
         if path.name not in ("__init__.py", "__main__.py"):
-            assert f"  {path.name}" in layout, f"README.md's layout lacks {path.name}"
+            assert f"  {path.name}" in layout, f"docs/development.md's layout lacks {path.name}"
     for package in (p for p in src.iterdir() if (p / "__init__.py").exists()):
-        assert f"  {package.name}/" in layout, f"README.md's layout lacks {package.name}/"
+        assert f"  {package.name}/" in layout, f"docs/development.md's layout lacks {package.name}/"
     # the method's core and the models import neither the accelerator nor files nor flags
     for name in ("masks.py", "importance.py", "rules.py", "detector.py", "sparsity.py", "prune/engine.py",
                  "prune/layers.py", "models/resnet.py", "models/densenet.py", "models/layers.py"):
@@ -47,3 +50,41 @@ def test_readme_layout_names_every_module_and_the_core_needs_no_accelerator():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(m.split(".")[-1] in ("accel", "config", "cli", "stages", "argparse") or "accel" in m
                        for m in imported), (name, imported)
+
+
+def test_the_cli_reference_names_every_flag_of_every_command():
+    import argparse
+
+    from earlybird.cli import COMMANDS, build_parser
+
+    text = CLI.read_text()
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)
+    missing = [f"{name} {flag}" for name, sub in commands.items() for action in sub._actions
+               for flag in action.option_strings if flag not in ("-h", "--help") and f"`{flag}`" not in text]
+    assert not missing, f"docs/cli.md lacks {missing}: run python scripts/cli_reference.py and update it"
+
+
+def test_the_other_library_examples_run():
+    """The README's loop and docs/library.md's own-criterion example, on a real model."""
+    blocks = re.findall(r"```python\n(.*?)```", LIBRARY.read_text(), re.S)
+    own = next(b for b in blocks if "class Reversed" in b)
+    model = earlybird.create_model(earlybird.ModelSpec("vgg", 11, 0.125, 3, 10, 32))
+    scope = {"earlybird": earlybird, "model": model}
+    exec(compile(own, str(LIBRARY), "exec"), scope)
+    detector = scope["detector"]
+    assert detector.importance.name == "reversed" and detector.rule.name == "chain"
+    loop = re.search(r"```python\n(import earlybird\n.*?)```", README.read_text(), re.S).group(1)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # a settled search: the same scales every epoch
+        for bn in earlybird.prunable_bns(model):
+            bn[1].weight.copy_(torch.rand(bn[1].weight.shape))
+    scope = {"model": model, "x": x, "epochs": 6, "Ellipsis": ...}
+    exec(compile(loop, str(README), "exec"), scope)
+    small = scope["small"]
+    assert scope["detector"].done and sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in model.parameters())
+
+
+def test_the_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 200

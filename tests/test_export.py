@@ -1,6 +1,5 @@
 """`earlybird export`: ONNX, TorchScript and torch.export files of dense and pruned networks load in a
 process that cannot import earlybird and compute what the checkpoint's network computes."""
-import json
 import subprocess
 import sys
 

@@ -1,0 +1,58 @@
+"""earlybird.lightning.EarlyBirdCallback in a real lightning.Trainer: a few epochs on the generated data,
+a ticket drawn, the run stopped, the ticket pruned and retrained in Lightning; and under DDP with two
+CPU processes (gloo)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+task_module = pytest.importorskip("lightning_task")  # stubs torchvision's registrations, then imports lightning
+Task, accuracy, data, trainer = task_module.Task, task_module.accuracy, task_module.data, task_module.trainer
+from torch.utils.data import DataLoader  # noqa: E402
+
+from earlybird import apply_mask  # noqa: E402
+from earlybird.lightning import EarlyBirdCallback  # noqa: E402
+
+
+def test_a_ticket_in_lightning_stops_the_run_and_prunes_and_retrains(tmp_path, cifar10_root, monkeypatch):
+    import earlybird.lightning as eb_lightning
+
+    torch.manual_seed(0)
+    task, x = Task(), torch.randn(2, 3, 32, 32)
+    steps = []
+    real = eb_lightning.add_bn_l1_grad
+    monkeypatch.setattr(eb_lightning, "add_bn_l1_grad", lambda m, s: steps.append(s) or real(m, s))
+    callback = EarlyBirdCallback([0.5], example_inputs=x, module="net", window=2, threshold=0.5,
+                                 save_dir=str(tmp_path / "tickets"))
+    run = trainer(max_epochs=12, callbacks=[callback])
+    run.fit(task, DataLoader(data(cifar10_root), batch_size=16, shuffle=True))
+    epoch = callback.detector.emerged[0.5]
+    assert run.current_epoch == epoch < 12  # stopped at the ticket's epoch, not the schedule's end
+    assert len(steps) == run.global_step and steps[0] == 1e-4  # L1 on every optimizer step
+    saved = torch.load(tmp_path / "tickets" / f"EB-50-{epoch}.pth", weights_only=True)
+    assert saved["epoch"] == epoch and set(saved["masks"]) == set(callback.tickets[0.5])
+    small, plan = callback.prune(0.5, task)
+    with torch.no_grad():  # the pruned network computes what the masked one does
+        want = apply_mask(task.net, plan.masks(task.net), plan.zeroed).eval()(x)
+        assert torch.allclose(small.eval()(x), want, atol=1e-4)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in task.net.parameters())
+    task.net = small  # the documented retrain: the small network in the same LightningModule
+    trainer(max_epochs=3).fit(task, DataLoader(data(cifar10_root), batch_size=16, shuffle=True))
+    assert 0 <= accuracy(task.net, data(cifar10_root, train=False)) <= 100
+
+
+def test_ddp_on_two_cpu_processes_draws_one_ticket(tmp_path, cifar10_root):
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(here), str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(here / "lightning_task.py"), str(cifar10_root), str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split()[1] for line in lines] == ["0", "1"], run.stdout[-2000:]
+    assert lines[0].split(" ", 2)[2] == lines[1].split(" ", 2)[2]  # same epochs, ticket epoch and mask on both
+    files = list((tmp_path / "t").glob("EB-50-*.pth"))
+    assert len(files) == 1 and not list((tmp_path / "t").glob(".*tmp"))  # written by rank 0 alone

@@ -7,6 +7,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import ConfigError
+from .budget import check_budget
 from .importance import IMPORTANCES
 from .masks import check_ratio
 from .rules import RULES
@@ -246,6 +247,25 @@ class PruneConfig:
     percent: float | None = opt(None, "pruning ratio in (0, 1) (default: the ticket's own ratio)", "--percent", type=float)
     min_channels: int = opt(1, "channels every layer keeps when --percent recomputes the mask (0: no collapse guard)",
                             type=int)
+    target_macs: float | None = opt(None, "prune to this fraction of the dense network's MACs instead of a ratio (e.g. "
+                                          "0.5): the ratio that meets it after coupling and --round-to is solved on the "
+                                          "ticket's scores", type=float)
+    target_params: float | None = opt(None, "the same for the number of parameters", type=float)
+
+    def __post_init__(self):
+        given = [f for f, v in (("--percent", self.percent), ("--target-macs", self.target_macs),
+                                ("--target-params", self.target_params)) if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} both say how much to prune: pass one")
+        if self.budget:
+            check_budget(*self.budget)
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """(metric, fraction) where a budget replaces the ratio."""
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        return ("params", self.target_params) if self.target_params is not None else None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeC
 from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, ConfigError
+from ..budget import BudgetTicket, solve_budget
 from ..importance import make_importance
 from ..masks import ChannelIndex, channel_mask, check_ratio
 from ..progress import Reporter
@@ -19,21 +20,26 @@ from .common import check_expected, checkpoint_dataset, make_loader, setup_runti
 from .rundir import PRUNED, RunDir, tag
 
 
-def _ticket_mask(ckpt: dict, dense, percent: float | None, min_channels: int, example
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(mask, scores) by BN name: the ticket's own mask, or one recomputed at ``percent`` over the
-    same prunable layers by the search's importance (with a grouped conv's tied channels ranked as
-    one, as the search ranks them); the scores rank what --round-to gives back."""
-    index = ChannelIndex.of(dense, ckpt.get("layers") or prunable_layers(dense, example,
-                                                                          ckpt.get("keep_streams", False)))
+def _ticket_mask(ckpt: dict, dense, cfg: PruneConfig, round_to: int, example
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], BudgetTicket | None]:
+    """(mask, scores, budget ticket) by BN name: the ticket's own mask, or one recomputed at --percent,
+    or at the ratio that meets --target-macs/--target-params, over the same prunable layers by the
+    search's importance (a grouped conv's tied channels ranked as one, as the search ranks them);
+    the scores rank what --round-to gives back."""
+    keep_streams = ckpt.get("keep_streams", False)
+    index = ChannelIndex.of(dense, ckpt.get("layers") or prunable_layers(dense, example, keep_streams))
     importance = make_importance(ckpt.get("importance", "bn-scale")).bind(dense, example)
     scores = torch.cat(importance.scores(dense, index.names))
-    if percent is None and "mask" in ckpt:
+    if cfg.budget:
+        found = solve_budget(dense, index.split(scores), example, *cfg.budget, channel_ties(dense, example),
+                             cfg.min_channels, keep_streams, round_to)
+        return found.masks, index.split(scores), found
+    if cfg.percent is None and "mask" in ckpt:
         mask = ckpt["mask"]
     else:
-        mask = channel_mask(scores, check_ratio(percent or ckpt.get("ratio", 0.5)), index.sizes, min_channels,
+        mask = channel_mask(scores, check_ratio(cfg.percent or ckpt.get("ratio", 0.5)), index.sizes, cfg.min_channels,
                             index.flat_ties(channel_ties(dense, example)))
-    return index.split(mask), index.split(scores)
+    return index.split(mask), index.split(scores), None
 
 
 def grouped_report(dense, pruned) -> dict:
@@ -60,7 +66,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     if ckpt.get("plan"):
         raise CheckpointError(f"{cfg.model} is already pruned: retrain it, or prune its dense ticket")
     ratio = check_ratio(cfg.percent if cfg.percent is not None else ckpt.get("ratio", 0.5))
-    run = RunDir(Path(save or rt.save or Path(cfg.model).parent / f"pruned-{tag(ratio)}"))
+    name = f"{cfg.budget[0]}{tag(cfg.budget[1])}" if cfg.budget else tag(ratio)
+    run = RunDir(Path(save or rt.save or Path(cfg.model).parent / f"pruned-{name}"))
     run.prepare(rt.force)
     dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
@@ -68,10 +75,14 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     test = make_loader(dataset, data, platform, False, train=False)
     example = next(iter(test))[0][:8]
-    requested, scores = _ticket_mask(ckpt, dense, cfg.percent, cfg.min_channels, example)
+    requested, scores, budget = _ticket_mask(ckpt, dense, cfg, options.round_to, example)
+    ratio = budget.ratio if budget else ratio
     pruned, plan = prune_model(dense, requested, example, bool(ckpt.get("keep_streams", False)), options.round_to,
                                scores)
     report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test)
+    if budget:
+        report["budget"] = {"metric": budget.metric, "asked": budget.asked, "reached": round(budget.reached, 4),
+                            "ratio": round(budget.ratio, 4)}
     if options.measure_speed and platform.is_main:
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
@@ -125,6 +136,10 @@ def _say(report: dict, cfg: PruneConfig, options: PruneOptions, plan, out: Path,
                   + (f"; {c['dead']} unasked went as they fed only masked BNs" if c["dead"] else "")
                   + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
+    if "budget" in report:
+        b = report["budget"]
+        reporter.line(f"  budget: {b['asked']:g} of the dense network's {b['metric']} asked, {b['reached']:.3f} reached "
+                      f"(ratio {b['ratio']:.3f} solved on the ticket's scores)")
     if report["grouped"]:
         rows = report["grouped"].values()
         reporter.line(f"  {len(rows)} grouped convolutions lost the same channel positions from each of their groups "

@@ -1,0 +1,74 @@
+"""Budget tickets: the pruning ratio whose pruned network meets a MACs or parameter budget.
+
+Coupling (channels that only go together), the collapse guard and ``round_to`` all give channels
+back, so the ratio that halves the MACs is not 0.5 and differs between models: it is solved on the
+network itself, by bisection over the ratio, measuring each candidate's pruned network.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cost import count_macs, count_params
+from .errors import ConfigError, PruneError
+from .masks import ChannelIndex, channel_mask
+from .prune import prune_model
+
+METRICS = ("macs", "params")
+
+
+@dataclass(frozen=True)
+class BudgetTicket:
+    ratio: float  # of the prunable channels, as --percent would take it
+    masks: dict[str, torch.Tensor]  # BN name -> keep mask
+    metric: str
+    asked: float  # the budget, a fraction of the dense network's MACs or parameters
+    reached: float  # what the pruned network has
+
+
+def check_budget(metric: str, fraction: float) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown budget '{metric}': choose macs or params")
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"--target-{metric} {fraction:g} is outside (0, 1): pass e.g. 0.5 for half the dense "
+                          f"network's {metric.upper() if metric == 'macs' else metric}")
+
+
+def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: torch.Tensor, metric: str,
+                 fraction: float, ties: Sequence = (), min_channels: int = 1, keep_streams: bool = False,
+                 round_to: int = 1, steps: int = 12) -> BudgetTicket:
+    """The smallest ratio (to 2^-``steps``) whose pruned ``model`` has at most ``fraction`` of the dense
+    MACs or parameters, with its masks. ``scores``: BN name -> channel importance over the layers to
+    prune (their order is the mask's); ``ties`` as ``EarlyBird(ties=)`` takes them."""
+    check_budget(metric, fraction)
+    index = ChannelIndex(tuple(scores), tuple(int(s.numel()) for s in scores.values()))
+    flat, flat_ties = index.join(scores), index.flat_ties(ties)
+    shape = tuple(example_inputs.shape[1:])
+
+    def measure(net: nn.Module) -> int:
+        return count_macs(net, shape) if metric == "macs" else count_params(net)
+
+    dense = measure(model)
+
+    def pruned_at(ratio: float) -> tuple[float, dict[str, torch.Tensor]]:
+        masks = index.split(channel_mask(flat, ratio, index.sizes, min_channels, flat_ties))
+        small, _ = prune_model(model, masks, example_inputs, keep_streams, round_to, dict(scores))
+        return measure(small) / dense, masks
+
+    lo, hi = 0.0, 0.99  # the metric falls as the ratio grows: keep the smallest ratio that meets it
+    best = pruned_at(hi)
+    if best[0] > fraction:
+        raise PruneError(f"even pruning 99% of the prunable channels leaves {best[0]:.2f} of the dense network's "
+                         f"{metric}: --target-{metric} {fraction:g} cannot be met (coupled channels stay); ask for "
+                         f"at least {best[0]:.2f}")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        got = pruned_at(mid)
+        if got[0] <= fraction:
+            hi, best = mid, got
+        else:
+            lo = mid
+    return BudgetTicket(hi, best[1], metric, fraction, best[0])

@@ -1,0 +1,75 @@
+"""Budget tickets: the ratio that meets a MACs or parameter budget after coupling and rounding."""
+import json
+
+import pytest
+import torch
+
+from conftest import randomize_bn
+from earlybird import ConfigError, ModelSpec, PruneError, create_model, prunable_layers
+from earlybird.budget import solve_budget
+from earlybird.cost import count_macs, count_params
+from earlybird.importance import BNScale
+from earlybird.prune import channel_ties, prune_model
+from earlybird.train import load_checkpoint, save_checkpoint
+from test_cli import assert_one_line_error, cli
+
+NETS = {"vgg": ("vgg", 11, 0.125), "resnet18": ("resnet", 18, 0.0625), "mobilenetv2": ("mobilenetv2", 0, 0.25)}
+
+
+def _dense(name):
+    arch, depth, width = NETS[name]
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(arch, depth, width, 3, 10, 32)).eval()
+    randomize_bn(model)
+    return model, torch.randn(4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("name", list(NETS))
+def test_the_pruned_network_meets_the_budget(name, metric, round_to):
+    model, x = _dense(name)
+    layers = prunable_layers(model, x)
+    scores = dict(zip(layers, BNScale().scores(model, layers)))
+    found = solve_budget(model, scores, x, metric, 0.5, channel_ties(model, x), round_to=round_to)
+    small, _ = prune_model(model, found.masks, x, round_to=round_to, scores=scores)
+    measure = (lambda m: count_macs(m, (3, 32, 32))) if metric == "macs" else count_params
+    reached = measure(small) / measure(model)
+    assert reached == pytest.approx(found.reached) and reached <= 0.5
+    # within one layer's rounding: one bisection step less (a few channels of one layer) breaks it
+    worse = solve_budget(model, scores, x, metric, reached - 1e-9, channel_ties(model, x), round_to=round_to, steps=12)
+    assert worse.ratio > found.ratio
+    assert 0.5 - reached < 0.08, (name, metric, round_to, reached)
+
+
+def test_prune_takes_a_budget_and_reports_it(capsys, tmp_path, cifar10_root):
+    model, x = _dense("vgg")
+    spec = ModelSpec("vgg", 11, 0.125, 3, 10, 32)
+    ticket = tmp_path / "EB-50-3.pth"
+    save_checkpoint(ticket, "ticket", spec, model, ratio=0.5, epoch=3, dataset="cifar10", input_shape=[3, 32, 32],
+                    layers=prunable_layers(model, x))
+    code, out, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--target-macs", 0.4)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "pruned-macs40" / "summary.json").read_text())
+    budget, macs = summary["budget"], summary["macs"]
+    assert budget["metric"] == "macs" and budget["asked"] == 0.4
+    assert budget["reached"] == pytest.approx(macs["after"] / macs["before"], abs=1e-4) and budget["reached"] <= 0.4
+    assert "budget: 0.4 of the dense network's macs asked" in out
+    assert load_checkpoint(tmp_path / "pruned-macs40" / "pruned.pth")["ratio"] == pytest.approx(budget["ratio"], abs=1e-4)
+    code, _, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--target-macs", 0.4, "--percent", 0.5)
+    assert_one_line_error(code, err, "--percent and --target-macs both say how much to prune")
+    code, _, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--target-params", 1.5)
+    assert_one_line_error(code, err, "--target-params 1.5 is outside (0, 1)")
+    code, _, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--target-macs", 0.001,
+                       "--save", tmp_path / "tiny")
+    assert_one_line_error(code, err, "cannot be met")
+
+
+def test_a_budget_outside_the_range_is_refused():
+    model, x = _dense("vgg")
+    layers = prunable_layers(model, x)
+    scores = dict(zip(layers, BNScale().scores(model, layers)))
+    with pytest.raises(ConfigError, match="outside"):
+        solve_budget(model, scores, x, "macs", 0.0)
+    with pytest.raises(PruneError, match="cannot be met"):
+        solve_budget(model, scores, x, "params", 1e-4)

@@ -73,3 +73,43 @@ def test_a_budget_outside_the_range_is_refused():
         solve_budget(model, scores, x, "macs", 0.0)
     with pytest.raises(PruneError, match="cannot be met"):
         solve_budget(model, scores, x, "params", 1e-4)
+
+
+def test_a_budget_is_a_detector_target_next_to_the_ratios():
+    from earlybird import EarlyBird
+    from earlybird.budget import BudgetTarget
+
+    model, x = _dense("vgg")
+    layers = prunable_layers(model, x)
+    target = BudgetTarget("macs", 0.5, model, x)
+    det = EarlyBird(model, [0.3], window=2, threshold=0.0, layers=layers, budgets=[target])
+    assert det.targets == (0.3, "macs50")
+    assert det.step(1) == [] and det.step(2) == [0.3, "macs50"]  # the same scores twice: settled
+    small, _ = prune_model(model, det.layer_masks("macs50"), x)
+    assert count_macs(small, (3, 32, 32)) / count_macs(model, (3, 32, 32)) == pytest.approx(target.solved[2].reached)
+    assert target.solved[2].reached <= 0.5
+    restored = EarlyBird(model, [0.3], window=2, threshold=0.0, layers=layers, budgets=[BudgetTarget("macs", 0.5, model, x)])
+    restored.load_state_dict(det.state_dict())
+    assert restored.emerged == {0.3: 2, "macs50": 2} and torch.equal(restored.tickets["macs50"], det.tickets["macs50"])
+    with pytest.raises(ConfigError, match="resume with the flags"):  # another budget than the saved run's
+        EarlyBird(model, [0.3], window=2, layers=layers).load_state_dict(det.state_dict())
+
+
+def test_run_searches_prunes_and_retrains_a_budget_ticket(capsys, tmp_path, cifar10_root):
+    from test_cli import TINY
+
+    save = tmp_path / "run"
+    code, out, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
+                         "--epochs", 4, "--ratios", "--target-macs", 0.5, "--eb-window", 2, "--eb-threshold", 0.9,
+                         "--save", save)
+    assert code == 0, err
+    search = json.loads((save / "search" / "summary.json").read_text())
+    ticket = search["tickets"]["macs50"]
+    assert search["ratios"] == [] and search["budgets"] == ["macs50"] and ticket["path"].startswith("EB-macs50-")
+    saved = load_checkpoint(save / "search" / ticket["path"])
+    assert saved["budget"]["metric"] == "macs" and saved["budget"]["reached"] <= 0.5
+    pruned = json.loads((save / "pruned-macs50" / "summary.json").read_text())
+    assert pruned["budget"]["asked"] == 0.5 and pruned["macs"]["after"] <= 0.5 * pruned["macs"]["before"]
+    row = json.loads((save / "summary.json").read_text())["ratios"][0]
+    assert row["ratio"] == "macs50" and row["acc_retrained"] is not None
+    assert "p=macs50" in out and "    macs50" in out  # the progress line and the table name it

@@ -6,8 +6,9 @@ network itself, by bisection over the ratio, measuring each candidate's pruned n
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -72,3 +73,36 @@ def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_i
         else:
             lo = mid
     return BudgetTicket(hi, best[1], metric, fraction, best[0])
+
+
+@dataclass
+class BudgetTarget:
+    """A budget as a detector target: every epoch, the mask of the ratio that meets it on that
+    epoch's scores enters the window like a fixed ratio's. Pruned sizes depend on which channels
+    go, not on the weights, so it measures a structural copy of the model taken as it is built:
+    the training model may be wrapped or accelerated meanwhile."""
+
+    metric: str
+    fraction: float
+    model: nn.Module  # the dense network (copied)
+    example_inputs: torch.Tensor
+    ties: Sequence = ()
+    min_channels: int = 1
+    keep_streams: bool = False
+    round_to: int = 1
+    solved: dict[int, BudgetTicket] = field(default_factory=dict)  # epoch -> what it solved
+
+    def __post_init__(self):
+        check_budget(self.metric, self.fraction)
+        self.model = copy.deepcopy(self.model).cpu().eval()
+        self.example_inputs = self.example_inputs[:2].cpu()
+
+    @property
+    def key(self) -> str:
+        """Its name among the detector's targets, in files and summaries: e.g. macs50."""
+        return f"{self.metric}{round(self.fraction * 100)}"
+
+    def solve(self, scores: Mapping[str, torch.Tensor], epoch: int) -> BudgetTicket:
+        self.solved[epoch] = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction,
+                                          self.ties, self.min_channels, self.keep_streams, self.round_to)
+        return self.solved[epoch]

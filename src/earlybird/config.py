@@ -126,7 +126,11 @@ class LowPrecisionConfig:
 
 @dataclass
 class DetectConfig:
-    ratios: list = opt([0.3, 0.5, 0.7], "pruning ratios whose tickets are searched for", type=float, nargs="+")
+    ratios: list = opt([0.3, 0.5, 0.7], "pruning ratios whose tickets are searched for", type=float, nargs="*")
+    target_macs: list = opt([], "budgets whose tickets are searched for too, as fractions of the dense network's MACs "
+                                "(e.g. 0.5): each epoch the ratio that meets one after coupling and --round-to is "
+                                "solved on that epoch's scores", type=float, nargs="*")
+    target_params: list = opt([], "the same for the number of parameters", type=float, nargs="*")
     eb_window: int = opt(5, "masks compared by the Early-Bird rule (newest vs the previous window-1)", type=int)
     eb_rule: str = opt("star", "Early-Bird rule: star (the reference code's: the newest mask within --eb-threshold of "
                                "each other in the window) or chain (the paper's wording: each mask within it of the "
@@ -143,6 +147,11 @@ class DetectConfig:
     def __post_init__(self):
         for r in self.ratios:
             check_ratio(r)
+        for metric, fractions in (("macs", self.target_macs), ("params", self.target_params)):
+            for f in fractions:
+                check_budget(metric, f)
+        if not (self.ratios or self.target_macs or self.target_params):
+            raise ConfigError("no pruning ratios or budgets given: pass e.g. --ratios 0.3 0.5 0.7 or --target-macs 0.5")
         if self.min_channels < 0:
             raise ConfigError(f"--min-channels {self.min_channels} must not be negative")
 

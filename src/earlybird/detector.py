@@ -7,14 +7,20 @@ window of the newest masks has settled.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .budget import BudgetTarget
 from .importance import Importance, make_importance
 from .masks import ChannelIndex, channel_mask, check_ratio
 from .rules import Rule, make_rule
+
+
+def _key(target: float | str) -> float | str:
+    return target if isinstance(target, str) else float(target)
 
 
 class EarlyBird:
@@ -25,7 +31,9 @@ class EarlyBird:
     ``layers``: the BN names to watch (default: every affine BN), e.g.
     ``earlybird.prune.prunable_layers(model, x)``; ``ties``: lists of (BN name, channel) that go
     together (``earlybird.prune.channel_ties``). ``importance`` and ``rule`` take a registry name
-    or an object (an Importance that needs it must be bound to the model already).
+    or an object (an Importance that needs it must be bound to the model already). ``budgets``:
+    ``earlybird.budget.BudgetTarget`` objects, targets next to the ratios, keyed by their ``key``
+    (e.g. "macs50") in ``emerged``, ``tickets`` and ``distances``.
     """
 
     def __init__(
@@ -39,13 +47,17 @@ class EarlyBird:
         ties=(),
         importance: Importance | str = "bn-scale",
         rule: Rule | str = "star",
+        budgets: Sequence[BudgetTarget] = (),
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(f"--eb-threshold {threshold:g} is outside [0, 1): it is a fraction of channels")
         self.ratios = tuple(sorted({check_ratio(r) for r in ratios}))
-        if not self.ratios:
+        self.budgets = {b.key: b for b in budgets}
+        # the targets: each ratio (a float) and each budget (its key, e.g. "macs50")
+        self.targets: tuple[float | str, ...] = self.ratios + tuple(self.budgets)
+        if not self.targets:
             raise ConfigError("no pruning ratios given: pass e.g. --ratios 0.3 0.5 0.7")
         self.model = model
         self.index = ChannelIndex.of(model, layers)
@@ -56,10 +68,10 @@ class EarlyBird:
         self.threshold = threshold
         self.min_channels = min_channels
         self.epoch = 0
-        self._recent: dict[float, deque] = {r: deque(maxlen=window) for r in self.ratios}
+        self._recent: dict[float | str, deque] = {r: deque(maxlen=window) for r in self.targets}
         self.emerged: dict[float, int] = {}
         self.tickets: dict[float, torch.Tensor] = {}
-        self.distances: dict[float, list[float]] = {r: [] for r in self.ratios}
+        self.distances: dict[float | str, list[float]] = {r: [] for r in self.targets}
         # per ratio, the full window that came closest to settling: (largest distance in it, epoch)
         self.closest: dict[float, tuple[float, int]] = {}
 
@@ -82,16 +94,16 @@ class EarlyBird:
     @property
     def done(self) -> bool:
         """True once every ratio has its ticket."""
-        return len(self.emerged) == len(self.ratios)
+        return len(self.emerged) == len(self.targets)
 
-    def layer_masks(self, ratio: float, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def layer_masks(self, ratio: float | str, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The ticket of ``ratio`` (or ``mask``) as BN name -> keep mask, as prune_model takes it."""
-        mask = self.tickets[float(ratio)] if mask is None else mask
+        mask = self.tickets[_key(ratio)] if mask is None else mask
         return self.index.split(mask)
 
-    def mask(self, ratio: float) -> torch.Tensor:
+    def mask(self, ratio: float | str) -> torch.Tensor:
         """The newest mask of ``ratio``."""
-        return self._recent[float(ratio)][-1]
+        return self._recent[_key(ratio)][-1]
 
     def step(self, epoch: int | None = None, scores: torch.Tensor | None = None) -> list[float]:
         """Take this epoch's snapshot (``scores``, or ``self.scores()``); return the ratios whose
@@ -99,8 +111,8 @@ class EarlyBird:
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
         scores = self.scores() if scores is None else scores
         new = []
-        for r in self.ratios:
-            mask = channel_mask(scores, r, self.layer_sizes, self.min_channels, self.ties)
+        for r in self.targets:
+            mask = self._mask(r, scores)
             recent = self._recent[r]
             recent.append(mask)
             self.distances[r] = self.rule.distances(list(recent))
@@ -113,10 +125,17 @@ class EarlyBird:
                 new.append(r)
         return new
 
+    def _mask(self, target: float | str, scores: torch.Tensor) -> torch.Tensor:
+        """This epoch's mask of a ratio, or of the ratio that meets a budget."""
+        if isinstance(target, str):
+            return self.index.join(self.budgets[target].solve(self.index.split(scores), self.epoch).masks)
+        return channel_mask(scores, target, self.layer_sizes, self.min_channels, self.ties)
+
     def state_dict(self) -> dict:
         """Plain values and tensors only, so it saves inside a weights-only checkpoint."""
         return {
             "ratios": list(self.ratios),
+            "budgets": list(self.budgets),
             "window": self.window,
             "threshold": self.threshold,
             "min_channels": self.min_channels,
@@ -135,6 +154,7 @@ class EarlyBird:
     def load_state_dict(self, state: dict) -> None:
         same = (
             list(state["ratios"]) == list(self.ratios)
+            and list(state.get("budgets", [])) == list(self.budgets)
             and state["window"] == self.window
             and state["layer_sizes"] == self.layer_sizes
             and state.get("importance", "bn-scale") == self.importance.name
@@ -146,10 +166,11 @@ class EarlyBird:
                 "resume with the flags of the original run"
             )
         self.epoch = state["epoch"]
-        for r in self.ratios:
+        key = {str(t): t for t in self.targets}
+        for r in self.targets:
             saved = state["recent"][str(r)]
             self._recent[r] = deque(list(saved) if saved.numel() else [], maxlen=self.window)
             self.distances[r] = list(state["distances"][str(r)])
-        self.emerged = {float(r): int(e) for r, e in state["emerged"].items()}
-        self.tickets = {float(r): m for r, m in state["tickets"].items()}
-        self.closest = {float(r): (float(d), int(e)) for r, (d, e) in state.get("closest", {}).items()}
+        self.emerged = {key[r]: int(e) for r, e in state["emerged"].items()}
+        self.tickets = {key[r]: m for r, m in state["tickets"].items()}
+        self.closest = {key[r]: (float(d), int(e)) for r, (d, e) in state.get("closest", {}).items()}

@@ -24,7 +24,7 @@ from .errors import RunDirError
 from .masks import ChannelIndex, channel_mask, distance_matrix, mask_distance
 from .progress import format_ratio, format_seconds
 from .rules import Rule, make_rule
-from .stages.rundir import RunDir
+from .stages.rundir import RunDir, label as target_label
 from .train import load_checkpoint
 
 
@@ -217,7 +217,7 @@ def _markdown(data: RunData, figures: list[str]) -> str:
             if row.get("eb_epoch") is None:
                 continue
             p, m = row["params"], row["macs"]
-            lines.append(f"| {row['ratio']:g} | {row['acc_dense_at_ticket']:.2f}% | {row['acc_masked']:.2f}% | "
+            lines.append(f"| {target_label(row['ratio'])} | {row['acc_dense_at_ticket']:.2f}% | {row['acc_masked']:.2f}% | "
                          f"{row['acc_pruned']:.2f}% | {row['acc_retrained']:.2f}% / {row['acc_retrained_best']:.2f}% | "
                          f"{p['before']:,} → {p['after']:,} | {m['before'] / 1e6:.2f}M → {m['after'] / 1e6:.2f}M | "
                          f"{format_ratio(row.get('train_speedup_measured'))} | "
@@ -230,7 +230,7 @@ def _markdown(data: RunData, figures: list[str]) -> str:
                   f"{s['search_epochs'] * dense_epoch:.3g} | {format_seconds(s['search_wall_s'])} |"]
         for row in s["ratios"]:
             if row.get("eb_epoch") is not None:
-                lines.append(f"| retrain p={row['ratio']:g} | {row['retrain_epochs']} | "
+                lines.append(f"| retrain p={target_label(row['ratio'])} | {row['retrain_epochs']} | "
                              f"{row['train_macs']['eb'] - row['eb_epoch'] * dense_epoch:.3g} | "
                              f"{format_seconds(row['retrain_wall_s'])} |")
         lines.append(f"| **whole run** | | {s['total_train_macs']:.3g} | {format_seconds(s['wall_s'])} |")
@@ -245,7 +245,7 @@ def _markdown(data: RunData, figures: list[str]) -> str:
             for row in s["ratios"]:
                 b = base["ratios"].get(str(row["ratio"]))
                 if b and row.get("eb_epoch") is not None:
-                    lines.append(f"| {row['ratio']:g} | {b['final']:.2f}% / {b['best']:.2f}% | "
+                    lines.append(f"| {target_label(row['ratio'])} | {b['final']:.2f}% / {b['best']:.2f}% | "
                                  f"{row['acc_retrained']:.2f}% / {row['acc_retrained_best']:.2f}% |")
     lines += [""] + [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from ..models import ModelSpec, create_model
 from ..progress import Reporter, format_ratio, format_seconds
 from ..train import distributed
 from .common import DEFAULT_DATASET, default_save, low_precision, model_spec, setup_runtime
-from .rundir import LAST, METRICS, PRUNED, SUMMARY, RunDir
+from .rundir import LAST, METRICS, PRUNED, SUMMARY, RunDir, label
 from .prune import prune
 from .retrain import retrain
 from .search import search
@@ -46,15 +46,15 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
     stage_rt = _stage_runtime(rt, run.search())
     found = run.search().summary() if stage_rt is None else search(
-        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp)
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, options.round_to)
     rows = []
-    for r in found["ratios"]:
+    for r in _targets(found):
         ticket = found["tickets"].get(str(r))
         if ticket is None:
             rows.append({"ratio": r, "eb_epoch": None, "closest": (found.get("closest") or {}).get(str(r)),
                          "threshold": found["threshold"], "last": str(run.search().last)})
             continue
-        reporter.line(f"--- p={r:g}: prune the ticket of epoch {ticket['epoch']}, then retrain")
+        reporter.line(f"--- p={label(r)}: prune the ticket of epoch {ticket['epoch']}, then retrain")
         pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, data, optim, rt,
                                     reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
         rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
@@ -68,6 +68,20 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
         (run / "summary.txt").write_text(table + "\n")
     reporter.line(table)
     return summary
+
+
+def _targets(found: dict) -> list[float | str]:
+    """The search's ratios, then its budgets (keys such as "macs50")."""
+    return list(found["ratios"]) + list(found.get("budgets", []))
+
+
+def _prune_config(source: Path, target: float | str | None, min_channels: int) -> PruneConfig:
+    """Prune ``source`` at a ratio, at a budget (by its key), or (None) at the ticket's own mask."""
+    if isinstance(target, str):
+        metric = "macs" if target.startswith("macs") else "params"
+        fraction = int(target[len(metric):]) / 100
+        return PruneConfig(str(source), None, min_channels, **{f"target_{metric}": fraction})
+    return PruneConfig(str(source), target, min_channels)
 
 
 def _continue_or_start(run: RunDir, rt: RuntimeConfig, reporter: Reporter) -> RuntimeConfig:
@@ -92,7 +106,7 @@ def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: 
     if _stage_runtime(rt, prune_dir) is None:
         pr = prune_dir.summary()
     else:
-        pr = prune(PruneConfig(str(source), percent, detect.min_channels), options, data,
+        pr = prune(_prune_config(source, percent, detect.min_channels), options, data,
                    replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path)
     stage_rt = _stage_runtime(rt, retrain_dir)
     rr = retrain_dir.summary() if stage_rt is None else retrain(
@@ -162,7 +176,7 @@ def _baseline(run: RunDir, data, model_cfg, optim, detect, options, rt, reporter
     dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
     out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
            "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
-    for r in found["ratios"]:
+    for r in _targets(found):
         pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, options, data, optim,
                                     replace(rt, resume=""), reporter, dataset, lowp, RetrainConfig(start_epoch=0))
         out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
@@ -185,12 +199,14 @@ def summary_table(summary: dict) -> str:
         if row["eb_epoch"] is None:
             near = (f": its masks came within {row['closest']['distance']:.3f} at best (--eb-threshold "
                     f"{row['threshold']:g})" if row.get("closest") else "")
-            lines.append(f"{row['ratio']:>10g}  no ticket within the search{near}; a longer schedule or a larger "
-                         f"threshold may draw one, or prune now: earlybird prune --model {row.get('last')} --percent "
-                         f"{row['ratio']:g}")
+            how = (f"--percent {row['ratio']:g}" if not isinstance(row["ratio"], str) else
+                   f"--target-{_prune_config(Path(), row['ratio'], 1).budget[0]} "
+                   f"{_prune_config(Path(), row['ratio'], 1).budget[1]:g}")
+            lines.append(f"{label(row['ratio']):>10}  no ticket within the search{near}; a longer schedule or a larger "
+                         f"threshold may draw one, or prune now: earlybird prune --model {row.get('last')} {how}")
             continue
         p, m = row["params"], row["macs"]
-        cells = [f"{row['ratio']:g}", f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
+        cells = [label(row["ratio"]), f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",
                  f"{row['acc_retrained']:.2f}%", f"{row['acc_retrained_best']:.2f}%", f"{p['before'] / p['after']:.2f}x less",
                  f"{m['before'] / m['after']:.2f}x less", format_ratio(row.get("train_speedup_measured")),
                  f"{row['compute_vs_train_prune_retrain']:.2f}",
@@ -217,5 +233,5 @@ def summary_table(summary: dict) -> str:
     swa = [r for r in summary["ratios"] if r.get("acc_retrained_swa") is not None]
     if swa:
         lines.append("SWA (averaged weights) accuracy: " + ", ".join(
-            f"p={r['ratio']:g} {r['acc_retrained_swa']:.2f}%" for r in swa))
+            f"p={label(r['ratio'])} {r['acc_retrained_swa']:.2f}%" for r in swa))
     return "\n".join(lines)

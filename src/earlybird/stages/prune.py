@@ -79,10 +79,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     ratio = budget.ratio if budget else ratio
     pruned, plan = prune_model(dense, requested, example, bool(ckpt.get("keep_streams", False)), options.round_to,
                                scores)
-    report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test)
-    if budget:
-        report["budget"] = {"metric": budget.metric, "asked": budget.asked, "reached": round(budget.reached, 4),
-                            "ratio": round(budget.ratio, 4)}
+    report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test, budget)
     if options.measure_speed and platform.is_main:
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
@@ -97,7 +94,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
 
 
 def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, requested: dict, dense, pruned,
-            plan, example, test) -> dict:
+            plan, example, test, budget: BudgetTicket | None) -> dict:
     """What pruning changed (channels, layers, parameters, MACs) and what it costs in accuracy: the
     dense, the masked and the pruned network on the test split."""
     effective, masked = plan.masks(dense), plan.masked(dense)
@@ -124,8 +121,20 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, r
         "max_output_diff_pruned_vs_masked": out_diff, "max_output_diff_relative": out_diff / (1 + want.abs().max().item()),
         "folds": plan.folds, "selects": plan.selects, "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
         "grouped": grouped_report(dense, pruned), "throughput": {}, "training_throughput": None,
-        "device": str(example.device),
+        "device": str(example.device), **_budget_report(cfg, ckpt, budget, ratio, dense, pruned, shape),
     }
+
+
+def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, ratio: float, dense, pruned,
+                   shape) -> dict:
+    """The budget asked (solved here, or by the search for a budget ticket) and what the pruned network has."""
+    asked = (budget.metric, budget.asked) if budget else (
+        (ckpt["budget"]["metric"], ckpt["budget"]["asked"]) if "budget" in ckpt and cfg.percent is None else None)
+    if not asked:
+        return {}
+    size = (lambda m: count_macs(m, shape)) if asked[0] == "macs" else count_params
+    return {"budget": {"metric": asked[0], "asked": asked[1], "reached": round(size(pruned) / size(dense), 4),
+                       "ratio": round(ratio, 4)}}
 
 
 def _say(report: dict, cfg: PruneConfig, options: PruneOptions, plan, out: Path, reporter: Reporter) -> None:

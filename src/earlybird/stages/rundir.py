@@ -24,8 +24,14 @@ SUMMARY, LAST, BEST, SWA, PRUNED, METRICS = ("summary.json", "checkpoint.pth", "
 _HELD: dict[Path, int] = {}  # the directories this process writes to, locked until it exits
 
 
-def tag(ratio: float) -> str:
-    return str(round(ratio * 100))
+def tag(target: float | str) -> str:
+    """A target in file names: a ratio in percent (EB-50-7.pth), a budget by its key (EB-macs50-7.pth)."""
+    return target if isinstance(target, str) else str(round(target * 100))
+
+
+def label(target: float | str) -> str:
+    """A target in lines and tables: 0.5, or a budget's key (macs50)."""
+    return target if isinstance(target, str) else f"{target:g}"
 
 
 @dataclass(frozen=True)

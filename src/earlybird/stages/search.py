@@ -13,6 +13,7 @@ from ..cost import count_macs, count_params
 from ..data import Dataset, dataset_info, load_dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
+from ..budget import BudgetTarget
 from ..importance import make_importance
 from ..masks import ChannelIndex, bn_gammas
 from ..models import ModelSpec, create_model
@@ -23,7 +24,7 @@ from ..train.callbacks import Saver
 from ..train.trainer import Callback, Trainer
 from .common import (DEFAULT_DATASET, default_save, make_loaders, make_trainer, model_spec, probe_inputs, setup_runtime,
                      with_callbacks)
-from .rundir import RunDir
+from .rundir import RunDir, label
 
 
 class EarlyBirdCallback(Callback):
@@ -42,16 +43,19 @@ class EarlyBirdCallback(Callback):
         emerged = det.step(epoch, self.scores[-1])
         g = bn_gammas(det.index.bns(trainer.model))
         record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
-        record["distances"] = {str(r): [round(d, 4) for d in det.distances[r]] for r in det.ratios}
+        record["distances"] = {str(r): [round(d, 4) for d in det.distances[r]] for r in det.targets}
         for r in emerged:
             path = self.run.ticket(r, epoch)
-            self.saver.save(path, "ticket", trainer.model, ratio=r, epoch=epoch, mask=det.tickets[r],
-                            test_acc=record["test_acc"])
+            solved = det.budgets[r].solved[epoch] if r in det.budgets else None
+            budget = {"budget": {"metric": solved.metric, "asked": solved.asked, "reached": solved.reached}} \
+                if solved else {}
+            self.saver.save(path, "ticket", trainer.model, ratio=solved.ratio if solved else r, epoch=epoch,
+                            mask=det.tickets[r], test_acc=record["test_acc"], **budget)
             self.tickets[str(r)] = {"epoch": epoch, "path": path.name, "test_acc": record["test_acc"]}
         trainer.stop = det.done and not self.full
-        dist = "  ".join(f"d{r:g}=" + (f"{max(det.distances[r]):.3f}" if det.distances[r] else "-")
-                         + ("*" if r in det.emerged else "") for r in det.ratios)
-        return f"  | max dist {dist}" + "".join(f"  -> EB ticket p={r:g} at epoch {epoch}" for r in emerged)
+        dist = "  ".join(f"d{label(r)}=" + (f"{max(det.distances[r]):.3f}" if det.distances[r] else "-")
+                         + ("*" if r in det.emerged else "") for r in det.targets)
+        return f"  | max dist {dist}" + "".join(f"  -> EB ticket p={label(r)} at epoch {epoch}" for r in emerged)
 
     def state_dict(self) -> dict:
         return {"detector": self.detector.state_dict(), "scores": torch.stack(self.scores), "tickets": self.tickets}
@@ -64,22 +68,20 @@ class EarlyBirdCallback(Callback):
 
 def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None,
-           lowp: LowPrecisionConfig | None = None) -> dict:
-    """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges."""
+           lowp: LowPrecisionConfig | None = None, round_to: int = 8) -> dict:
+    """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges
+    (``round_to``: the pruned widths budget targets are solved with, as --round-to prunes them)."""
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     platform = setup_runtime(rt)
     spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data))
-    model, layers, ties, importance = _dense(spec, detect)  # before the data: a bad model fails at once
+    model, layers, ties, importance, budgets = _dense(spec, detect, round_to)  # a bad model fails before the data
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
-    ckpt = load_checkpoint(resume_path, ("search",)) if resume_path else None
-    if ckpt and ckpt["spec"] != spec.to_dict():
-        raise CheckpointError(f"{resume_path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
-                              f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
+    ckpt = _resumed(resume_path, spec)
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "search", ckpt)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,
-                         layers, ties, importance, detect.eb_rule)
+                         layers, ties, importance, detect.eb_rule, budgets)
     info = dataset.info
     saver = Saver(spec, None, {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
                                "layers": layers, "keep_streams": detect.keep_streams, "importance": importance.name})
@@ -97,14 +99,14 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     trainer.fit(*loaders)
     summary = _summary(trainer, eb, spec, info.name, detect, total, macs, loaders[0].num_samples, time.perf_counter() - t0)
     run.write_summary(summary)
-    for r in detector.ratios:
+    for r in detector.targets:
         t = eb.tickets.get(str(r))
-        reporter.line(f"  p={r:g}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {run / t['path']}"
+        reporter.line(f"  p={label(r)}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {run / t['path']}"
                                          if t else no_ticket_advice(r, detector, trainer.epoch, run.last)))
     return summary
 
 
-def no_ticket_advice(ratio: float, detector: EarlyBird, epochs: int, last: Path) -> str:
+def no_ticket_advice(ratio: float | str, detector: EarlyBird, epochs: int, last: Path) -> str:
     """Why ``ratio`` has no ticket (how close its masks came to settling) and what to do next."""
     closest = detector.closest.get(ratio)
     near = (f"its masks came within {closest[0]:.3f} of each other at best (epoch {closest[1]}; --eb-threshold "
@@ -112,12 +114,23 @@ def no_ticket_advice(ratio: float, detector: EarlyBird, epochs: int, last: Path)
     return (f"no ticket within {epochs} epochs: {near}. Next: a longer --epochs or an earlier first --schedule "
             f"decay (masks settle as the rate falls), a larger --eb-threshold (e.g. "
             f"{max(detector.threshold, closest[0] if closest else 0) + 0.05:.2f}), or prune where the search "
-            f"stopped: earlybird prune --model {last} --percent {ratio:g}")
+            f"stopped: earlybird prune --model {last} "
+            + (f"--target-{b.metric} {b.fraction:g}" if (b := detector.budgets.get(ratio)) else f"--percent {ratio:g}"))
 
 
-def _dense(spec: ModelSpec, detect: DetectConfig):
-    """(model, prunable layers, tied channels, bound importance) of the dense network, traced on the
-    CPU in the default memory format: an unknown architecture or an unprunable model fails here."""
+def _resumed(path: Path | None, spec: ModelSpec) -> dict | None:
+    """The checkpoint a search continues from, which must be of the same network."""
+    ckpt = load_checkpoint(path, ("search",)) if path else None
+    if ckpt and ckpt["spec"] != spec.to_dict():
+        raise CheckpointError(f"{path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
+                              f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
+    return ckpt
+
+
+def _dense(spec: ModelSpec, detect: DetectConfig, round_to: int):
+    """(model, prunable layers, tied channels, bound importance, budget targets) of the dense network,
+    traced on the CPU in the default memory format: an unknown architecture or an unprunable model
+    fails here."""
     model = create_model(spec)
     example = probe_inputs(spec)
     layers = prunable_layers(model, example, detect.keep_streams)
@@ -125,7 +138,10 @@ def _dense(spec: ModelSpec, detect: DetectConfig):
         raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
                           + (": drop --keep-streams" if detect.keep_streams else ""))
     ties = channel_ties(model, example)  # a grouped conv's positions go from all its groups at once
-    return model, layers, ties, make_importance(detect.importance).bind(model, example)
+    budgets = [BudgetTarget(metric, f, model, example, ties, detect.min_channels, detect.keep_streams, round_to)
+               for metric, fractions in (("macs", detect.target_macs), ("params", detect.target_params))
+               for f in fractions]
+    return model, layers, ties, make_importance(detect.importance).bind(model, example), budgets
 
 
 def _summary(trainer: Trainer, eb: EarlyBirdCallback, spec: ModelSpec, dataset: str, detect: DetectConfig, total: int,
@@ -133,6 +149,7 @@ def _summary(trainer: Trainer, eb: EarlyBirdCallback, spec: ModelSpec, dataset: 
     det, epochs = eb.detector, trainer.optim.epochs
     return {
         "stage": "search", "spec": spec.to_dict(), "dataset": dataset, "ratios": list(det.ratios),
+        "budgets": list(det.budgets),
         "prunable_channels": det.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
         "number_formats": trainer.precision.lp.describe(), "window": det.window, "threshold": det.threshold,
         "importance": det.importance.name, "rule": det.rule.name, "tickets": eb.tickets,

@@ -1,7 +1,9 @@
 """A small Lightning task on the suite's generated CIFAR files, shared by the single-process test and
 the two-process DDP script (tests/test_lightning.py)."""
+import json
 import sys
 import types
+from pathlib import Path
 
 # torchmetrics (under Lightning) imports torchvision, whose CUDA wheel on a CPU-only torch fails in
 # two registration modules the suite does not need (see test_zoo_models)
@@ -64,5 +66,6 @@ if __name__ == "__main__":  # the DDP run: python lightning_task.py DATA_ROOT SA
     run = trainer(max_epochs=12, strategy="ddp", devices=2, callbacks=[callback])
     run.fit(task, DataLoader(data(root), batch_size=16, shuffle=True))
     mask = torch.cat([m for m in callback.tickets[0.5].values()]).int().tolist()
-    print(f"rank {run.global_rank} epochs {run.current_epoch} emerged {callback.detector.emerged} mask {mask}",
-          flush=True)
+    # a file per rank: two processes' long lines on one stdout can interleave
+    (Path(save) / f"rank-{run.global_rank}.json").write_text(json.dumps(
+        {"epochs": run.current_epoch, "emerged": callback.detector.emerged[0.5], "mask": mask}))

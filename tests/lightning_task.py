@@ -67,5 +67,6 @@ if __name__ == "__main__":  # the DDP run: python lightning_task.py DATA_ROOT SA
     run.fit(task, DataLoader(data(root), batch_size=16, shuffle=True))
     mask = torch.cat([m for m in callback.tickets[0.5].values()]).int().tolist()
     # a file per rank: two processes' long lines on one stdout can interleave
+    Path(save).mkdir(parents=True, exist_ok=True)
     (Path(save) / f"rank-{run.global_rank}.json").write_text(json.dumps(
         {"epochs": run.current_epoch, "emerged": callback.detector.emerged[0.5], "mask": mask}))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class BudgetTarget:
     min_channels: int = 1
     keep_streams: bool = False
     round_to: int = 1
-    solved: dict[int, BudgetTicket] = field(default_factory=dict)  # epoch -> what it solved
+    last: BudgetTicket | None = None  # what the latest step solved: a ticket that emerges records it
 
     def __post_init__(self):
         check_budget(self.metric, self.fraction)
@@ -102,7 +102,7 @@ class BudgetTarget:
         """Its name among the detector's targets, in files and summaries: e.g. macs50."""
         return f"{self.metric}{round(self.fraction * 100)}"
 
-    def solve(self, scores: Mapping[str, torch.Tensor], epoch: int) -> BudgetTicket:
-        self.solved[epoch] = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction,
-                                          self.ties, self.min_channels, self.keep_streams, self.round_to)
-        return self.solved[epoch]
+    def solve(self, scores: Mapping[str, torch.Tensor]) -> BudgetTicket:
+        self.last = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction, self.ties,
+                                 self.min_channels, self.keep_streams, self.round_to)
+        return self.last

@@ -128,7 +128,7 @@ class EarlyBird:
     def _mask(self, target: float | str, scores: torch.Tensor) -> torch.Tensor:
         """This epoch's mask of a ratio, or of the ratio that meets a budget."""
         if isinstance(target, str):
-            return self.index.join(self.budgets[target].solve(self.index.split(scores), self.epoch).masks)
+            return self.index.join(self.budgets[target].solve(self.index.split(scores)).masks)
         return channel_mask(scores, target, self.layer_sizes, self.min_channels, self.ties)
 
     def state_dict(self) -> dict:

@@ -46,7 +46,7 @@ class EarlyBirdCallback(Callback):
         record["distances"] = {str(r): [round(d, 4) for d in det.distances[r]] for r in det.targets}
         for r in emerged:
             path = self.run.ticket(r, epoch)
-            solved = det.budgets[r].solved[epoch] if r in det.budgets else None
+            solved = det.budgets[r].last if r in det.budgets else None
             budget = {"budget": {"metric": solved.metric, "asked": solved.asked, "reached": solved.reached}} \
                 if solved else {}
             self.saver.save(path, "ticket", trainer.model, ratio=solved.ratio if solved else r, epoch=epoch,

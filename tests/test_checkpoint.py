@@ -167,3 +167,31 @@ def test_import_reference_preresnet_and_mismatches(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "--arch, --depth and --dataset" in err[-1] and len(err) == 2  # the warning, the error
     assert not (tmp_path / "b.pth").exists()
+
+
+def test_a_reference_checkpoint_with_a_numpy_best_prec1_imports_and_then_loads(tmp_path, capsys, small_vgg,
+                                                                              cifar10_root):
+    import numpy as np
+
+    ref = tmp_path / "model_best.pth.tar"  # as the reference's main.py writes it: best_prec1 = np.round(...)
+    torch.save({"state_dict": reference_layout(small_vgg.state_dict(), "vgg"), "epoch": 5,
+                "best_prec1": np.round(np.float64(41.5312), 2), "cfg": [8, "M", 16]}, ref)
+    assert main(["import-reference", "--model", str(ref), "--arch", "vgg", "--depth", "11", "--width", "0.125",
+                 "--dataset", "cifar10"]) == 0
+    converted = load_checkpoint(tmp_path / "model_best.earlybird.pth")  # weights-only: it would refuse a numpy scalar
+    assert type(converted["test_acc"]) is float and converted["test_acc"] == 41.53
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), "--data", str(cifar10_root),
+                 "--device", "cpu"]) == 0
+
+
+def test_only_tensors_and_plain_values_are_written(tmp_path, small_vgg):
+    import numpy as np
+
+    spec = ModelSpec("vgg", 11, 0.125, 3, 10, 32)
+    save_checkpoint(tmp_path / "a.pth", "ticket", spec, small_vgg, epoch=np.int64(3), scores={"x": [np.float32(0.5)]})
+    ckpt = load_checkpoint(tmp_path / "a.pth")
+    assert type(ckpt["epoch"]) is int and type(ckpt["scores"]["x"][0]) is float
+    with pytest.raises(TypeError, match=r"checkpoint\['where'\] is a set"):
+        save_checkpoint(tmp_path / "b.pth", "ticket", spec, small_vgg, where={1, 2})
+    assert not (tmp_path / "b.pth").exists()

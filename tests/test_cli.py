@@ -398,3 +398,12 @@ def test_a_second_process_on_the_same_save_refuses_in_one_line(capsys, tmp_path,
         holder.kill()
         holder.wait()
     assert _search(capsys, cifar10_root, save)[0] == 0  # the lock went with its process
+
+
+def test_the_reference_spelling_of_preresnet_points_to_it(capsys, tmp_path, cifar10_root):
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "resnet", "--depth",
+                       56, "--save", tmp_path / "s")
+    assert_one_line_error(code, err, "reference code's CIFAR pre-activation ResNet", "--arch preresnet --depth 56")
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "resnet", "--depth",
+                       60, "--save", tmp_path / "t")
+    assert_one_line_error(code, err, "not one of [18, 34, 50, 101, 152]")

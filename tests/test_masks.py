@@ -93,3 +93,18 @@ def test_tied_channels_are_ranked_and_removed_as_one():
     # alone, channel 0 (0.1) and channel 1 (0.5) go; tied, 0 and 2 rank as 0.5 and go together with 1
     assert channel_mask(gammas, 2 / 6, [4, 2]).tolist() == [False, False, True, True, True, True]
     assert channel_mask(gammas, 3 / 6, [4, 2], ties=ties).tolist() == [False, False, False, True, True, True]
+
+
+def test_the_threshold_prunes_exactly_int_n_p_where_the_reference_prunes_one_more():
+    # the reference: thre = sorted(|g|)[int(N p)], keep |g| > thre: int(N p) + 1 channels go (more on ties)
+    def reference(g, p):
+        return g > torch.sort(g).values[int(g.numel() * p)]
+
+    g = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert (~channel_mask(g, 0.3, [10], min_channels=0)).sum() == 3  # earlybird: int(10 x 0.3)
+    assert (~reference(g, 0.3)).sum() == 4
+    tied = torch.tensor([0.5, 0.2, 0.1, 0.2, 0.2, 0.9, 0.8, 0.7, 0.6, 1.0])
+    # ties go by position: of the three 0.2s, the first; the reference drops all three
+    assert channel_mask(tied, 0.2, [10], min_channels=0).tolist() == [
+        True, False, False, True, True, True, True, True, True, True]
+    assert (~reference(tied, 0.2)).sum() == 4

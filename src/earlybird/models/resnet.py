@@ -94,6 +94,10 @@ class ResNet(nn.Module):
 @register_model("resnet", depths=sorted(RESNET_LAYERS))
 def resnet(spec: ModelSpec) -> ResNet:
     if spec.depth not in RESNET_LAYERS:
+        if (spec.depth - 2) % 9 == 0 and spec.depth > 2:  # the reference's CIFAR "resnet" is pre-activation
+            raise ConfigError(f"ResNet depth {spec.depth} is the reference code's CIFAR pre-activation ResNet: pass "
+                              f"--arch preresnet --depth {spec.depth} (--arch resnet is the ImageNet ResNet, depth "
+                              f"{', '.join(map(str, sorted(RESNET_LAYERS)))})")
         raise ConfigError(f"ResNet depth {spec.depth} is not one of {sorted(RESNET_LAYERS)}: pass e.g. --arch resnet18")
     block, layers = RESNET_LAYERS[spec.depth]
     return ResNet(block, layers, spec.in_channels, spec.num_classes, spec.width, small_input=spec.image_size <= 64)

@@ -24,6 +24,21 @@ VERSION = 1
 KINDS = ("search", "ticket", "pruned", "retrain", "imported", "swa")
 
 
+def plain(value, where: str = "checkpoint"):
+    """``value`` as what a weights-only load reads: tensors, Python numbers, strings, None, and
+    lists/tuples/dicts of them. A NumPy scalar (the reference's ``best_prec1`` is ``np.round`` of
+    a float64) becomes its Python number; anything else is a bug of the writer, named by ``where``."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # np.float64 is a float too
+        return value.item()
+    if value is None or isinstance(value, torch.Tensor) or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint holds tensors and plain values only")
+
+
 def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Module, plan: PrunePlan | None = None,
                     **extra) -> Path:
     """Write a checkpoint via a temporary file and a rename, so a crash never leaves half a file."""
@@ -39,7 +54,7 @@ def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Modu
         "spec": spec.to_dict(),
         "plan": plan.to_dict() if plan else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **extra,
+        **plain(extra),  # checked before writing: a file earlybird writes, earlybird must load
     }
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -407,3 +407,28 @@ def test_the_reference_spelling_of_preresnet_points_to_it(capsys, tmp_path, cifa
     code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--arch", "resnet", "--depth",
                        60, "--save", tmp_path / "t")
     assert_one_line_error(code, err, "not one of [18, 34, 50, 101, 152]")
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, cifar10_root):
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "earlybird", "search", "--device", "cpu", "--cpu-kernels", "off", "--dataset",
+            "cifar10", "--data", str(cifar10_root), "--no-download", *map(str, TINY), "--epochs", "40", "--ratios",
+            "0.5", "--full", "--save", str(tmp_path / "s")]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # a scheduler's SIGTERM once an epoch is saved
+        if line.startswith("search epoch 2/40"):
+            run.send_signal(signal.SIGTERM)
+            break
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("earlybird search: terminated; the last completed epoch is saved") and "Traceback" not in err
+    epoch = load_checkpoint(tmp_path / "s" / "checkpoint.pth")["epoch"]
+    assert 2 <= epoch < 40
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # the same command
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming search from {tmp_path / 's' / 'checkpoint.pth'} after epoch {epoch}" in again.stdout
+    assert load_checkpoint(tmp_path / "s" / "checkpoint.pth")["epoch"] == 40

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import fields
 from typing import NamedTuple
@@ -105,8 +107,19 @@ def _gpu_ids(args) -> list[int] | None:
     return ids if len(ids) > 1 else None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's "stop now": SLURM, Kubernetes, torchrun) handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # only the main thread may set handlers (a library user calling main() from another thread keeps theirs)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         ids = _gpu_ids(args)
         if ids:
@@ -118,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     except EarlyBirdError as exc:
         print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"earlybird {args.command}: interrupted; the last completed epoch is saved: run the same command "
-              "again (or add --resume) to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"earlybird {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; the "
+              "last completed epoch is saved: run the same command again (or add --resume) to continue",
+              file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if "earlybird.train.distributed" in sys.modules:  # imported only when a command ran
             sys.modules["earlybird.train.distributed"].finish()
     return 0

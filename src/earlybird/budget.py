@@ -30,6 +30,25 @@ class BudgetTicket:
     reached: float  # what the pruned network has
 
 
+def budget_key(metric: str, fraction: float) -> str:
+    """A budget's name among detector targets, in files and summaries: macs50 for half the MACs."""
+    return f"{metric}{round(fraction * 100)}"
+
+
+def parse_budget_key(key: str) -> tuple[str, float]:
+    """(metric, fraction) of a ``budget_key``."""
+    metric = next(m for m in METRICS if key.startswith(m))
+    return metric, int(key[len(metric):]) / 100
+
+
+def prune_flags(target: float | str) -> str:
+    """The ``earlybird prune`` flag that asks for a target: --percent p, or --target-macs f."""
+    if isinstance(target, str):
+        metric, fraction = parse_budget_key(target)
+        return f"--target-{metric} {fraction:g}"
+    return f"--percent {target:g}"
+
+
 def check_budget(metric: str, fraction: float) -> None:
     if metric not in METRICS:
         raise ConfigError(f"unknown budget '{metric}': choose macs or params")
@@ -100,7 +119,7 @@ class BudgetTarget:
     @property
     def key(self) -> str:
         """Its name among the detector's targets, in files and summaries: e.g. macs50."""
-        return f"{self.metric}{round(self.fraction * 100)}"
+        return budget_key(self.metric, self.fraction)
 
     def solve(self, scores: Mapping[str, torch.Tensor]) -> BudgetTicket:
         self.last = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction, self.ties,

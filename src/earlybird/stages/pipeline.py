@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
                       PipelineOptions, RetrainConfig, RuntimeConfig)
+from ..budget import parse_budget_key, prune_flags
 from ..cost import training_macs
 from ..data import dataset_info, load_dataset
 from ..errors import RunDirError
@@ -78,8 +79,7 @@ def _targets(found: dict) -> list[float | str]:
 def _prune_config(source: Path, target: float | str | None, min_channels: int) -> PruneConfig:
     """Prune ``source`` at a ratio, at a budget (by its key), or (None) at the ticket's own mask."""
     if isinstance(target, str):
-        metric = "macs" if target.startswith("macs") else "params"
-        fraction = int(target[len(metric):]) / 100
+        metric, fraction = parse_budget_key(target)
         return PruneConfig(str(source), None, min_channels, **{f"target_{metric}": fraction})
     return PruneConfig(str(source), target, min_channels)
 
@@ -199,11 +199,9 @@ def summary_table(summary: dict) -> str:
         if row["eb_epoch"] is None:
             near = (f": its masks came within {row['closest']['distance']:.3f} at best (--eb-threshold "
                     f"{row['threshold']:g})" if row.get("closest") else "")
-            how = (f"--percent {row['ratio']:g}" if not isinstance(row["ratio"], str) else
-                   f"--target-{_prune_config(Path(), row['ratio'], 1).budget[0]} "
-                   f"{_prune_config(Path(), row['ratio'], 1).budget[1]:g}")
             lines.append(f"{label(row['ratio']):>10}  no ticket within the search{near}; a longer schedule or a larger "
-                         f"threshold may draw one, or prune now: earlybird prune --model {row.get('last')} {how}")
+                         f"threshold may draw one, or prune now: earlybird prune --model {row.get('last')} "
+                         f"{prune_flags(row['ratio'])}")
             continue
         p, m = row["params"], row["macs"]
         cells = [label(row["ratio"]), f"{row['eb_epoch']}/{n}", f"{row['acc_masked']:.2f}%", f"{row['acc_pruned']:.2f}%",

@@ -104,7 +104,7 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, r
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before, after = ChannelIndex.of(dense).layer_sizes(), ChannelIndex.of(pruned).layer_sizes()
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
-    return {
+    report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
         "keep_streams": bool(ckpt.get("keep_streams", False)), "round_to": options.round_to, "input_shape": shape,
         "channels": {"before": sum(before.values()), "after": sum(after.values()),
@@ -121,20 +121,20 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, r
         "max_output_diff_pruned_vs_masked": out_diff, "max_output_diff_relative": out_diff / (1 + want.abs().max().item()),
         "folds": plan.folds, "selects": plan.selects, "shift_zeroed": {n: len(c) for n, c in plan.zeroed.items()},
         "grouped": grouped_report(dense, pruned), "throughput": {}, "training_throughput": None,
-        "device": str(example.device), **_budget_report(cfg, ckpt, budget, ratio, dense, pruned, shape),
+        "device": str(example.device),
     }
+    return {**report, **_budget_report(cfg, ckpt, budget, report)}
 
 
-def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, ratio: float, dense, pruned,
-                   shape) -> dict:
+def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, report: dict) -> dict:
     """The budget asked (solved here, or by the search for a budget ticket) and what the pruned network has."""
     asked = (budget.metric, budget.asked) if budget else (
         (ckpt["budget"]["metric"], ckpt["budget"]["asked"]) if "budget" in ckpt and cfg.percent is None else None)
     if not asked:
         return {}
-    size = (lambda m: count_macs(m, shape)) if asked[0] == "macs" else count_params
-    return {"budget": {"metric": asked[0], "asked": asked[1], "reached": round(size(pruned) / size(dense), 4),
-                       "ratio": round(ratio, 4)}}
+    sizes = report[asked[0]]  # the MACs or parameters the report counted
+    return {"budget": {"metric": asked[0], "asked": asked[1], "reached": round(sizes["after"] / sizes["before"], 4),
+                       "ratio": round(report["ratio"], 4)}}
 
 
 def _say(report: dict, cfg: PruneConfig, options: PruneOptions, plan, out: Path, reporter: Reporter) -> None:

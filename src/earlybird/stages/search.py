@@ -13,7 +13,7 @@ from ..cost import count_macs, count_params
 from ..data import Dataset, dataset_info, load_dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
-from ..budget import BudgetTarget
+from ..budget import BudgetTarget, prune_flags
 from ..importance import make_importance
 from ..masks import ChannelIndex, bn_gammas
 from ..models import ModelSpec, create_model
@@ -114,8 +114,7 @@ def no_ticket_advice(ratio: float | str, detector: EarlyBird, epochs: int, last:
     return (f"no ticket within {epochs} epochs: {near}. Next: a longer --epochs or an earlier first --schedule "
             f"decay (masks settle as the rate falls), a larger --eb-threshold (e.g. "
             f"{max(detector.threshold, closest[0] if closest else 0) + 0.05:.2f}), or prune where the search "
-            f"stopped: earlybird prune --model {last} "
-            + (f"--target-{b.metric} {b.fraction:g}" if (b := detector.budgets.get(ratio)) else f"--percent {ratio:g}"))
+            f"stopped: earlybird prune --model {last} {prune_flags(ratio)}")
 
 
 def _resumed(path: Path | None, spec: ModelSpec) -> dict | None:

@@ -4,9 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import randomize_bn
 from earlybird.cli import main
-from earlybird.models.vgg import VGG
 
 from earlybird import CheckpointError, ModelSpec, channel_masks, create_model, prune_model
 from earlybird.train import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -103,86 +101,6 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     code = main(["prune", "--model", str(path), "--save", str(tmp_path / "p"), "--device", "cpu"])
     assert code == 2 and "would run code" in capsys.readouterr().err
     assert not marker.exists()
-
-
-def reference_layout(state, arch):
-    """A state dict as the reference scripts save it: DataParallel prefix, their layer names."""
-    out = {}
-    for k, v in state.items():
-        if arch == "vgg":
-            k = k.replace("features.", "feature.")
-        if arch == "preresnet":
-            k = k.replace("downsample.", "downsample.0.")
-        out["module." + k] = v
-    if arch == "preresnet":
-        out["module.layer1.0.select.indexes"] = torch.ones(4)
-    return out
-
-
-def test_import_reference_vgg_dense_and_pruned(tmp_path, capsys, small_vgg):
-    ref = tmp_path / "EB-30-5.pth.tar"
-    torch.save({"state_dict": reference_layout(small_vgg.state_dict(), "vgg"), "epoch": 5, "best_prec1": 41.5,
-                "cfg": [8, "M", 16]}, ref)
-    with pytest.raises(CheckpointError, match="import-reference"):
-        load_checkpoint(ref)
-    args = ["import-reference", "--model", ref, "--arch", "vgg11", "--width", 0.125, "--dataset", "cifar10"]
-    assert main([str(a) for a in args]) == 0
-    out, err = capsys.readouterr()
-    assert "only files you trust" in err and "a dense vgg11" in out
-    model, spec, plan = model_from_checkpoint(load_checkpoint(tmp_path / "EB-30-5.earlybird.pth"))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert plan is None and torch.equal(model.eval()(x), small_vgg(x))
-    assert main([str(a) for a in args]) == 2  # never overwritten without --force
-    assert "--force" in capsys.readouterr().err
-
-    # a pruned reference VGG: compacted weights and a cfg of kept counts
-    torch.manual_seed(0)
-    cfg = [3, "M", 9, "M", 20, 11, "M", 40, 7, "M", 33, 64]
-    small = randomize_bn(VGG(cfg, 3, 10)).eval()
-    ref = tmp_path / "pruned.pth.tar"
-    torch.save({"state_dict": reference_layout(small.state_dict(), "vgg"), "cfg": cfg, "epoch": 160}, ref)
-    assert main(["import-reference", "--model", str(ref), "--arch", "vgg", "--depth", "11", "--width", "0.125",
-                 "--dataset", "cifar10", "--save", str(tmp_path / "p.pth")]) == 0
-    model, _, plan = model_from_checkpoint(load_checkpoint(tmp_path / "p.pth"))
-    assert [len(v) for v in plan.keep.values()] == [c for c in cfg if c != "M" and c != 64]
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), small(x))
-
-
-def test_import_reference_preresnet_and_mismatches(tmp_path, capsys):
-    torch.manual_seed(0)
-    spec = ModelSpec("preresnet", 20, 0.25, 3, 10, 32)
-    net = randomize_bn(create_model(spec)).eval()
-    ref = tmp_path / "ckpt.pth.tar"
-    torch.save({"state_dict": reference_layout(net.state_dict(), "preresnet")}, ref)
-    assert main(["import-reference", "--model", str(ref), "--arch", "preresnet", "--depth", "20", "--width", "0.25",
-                 "--save", str(tmp_path / "a.pth")]) == 0
-    model, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "a.pth"))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), net(x))
-    capsys.readouterr()
-    code = main(["import-reference", "--model", str(ref), "--arch", "vgg", "--save", str(tmp_path / "b.pth")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "--arch, --depth and --dataset" in err[-1] and len(err) == 2  # the warning, the error
-    assert not (tmp_path / "b.pth").exists()
-
-
-def test_a_reference_checkpoint_with_a_numpy_best_prec1_imports_and_then_loads(tmp_path, capsys, small_vgg,
-                                                                              cifar10_root):
-    import numpy as np
-
-    ref = tmp_path / "model_best.pth.tar"  # as the reference's main.py writes it: best_prec1 = np.round(...)
-    torch.save({"state_dict": reference_layout(small_vgg.state_dict(), "vgg"), "epoch": 5,
-                "best_prec1": np.round(np.float64(41.5312), 2), "cfg": [8, "M", 16]}, ref)
-    assert main(["import-reference", "--model", str(ref), "--arch", "vgg", "--depth", "11", "--width", "0.125",
-                 "--dataset", "cifar10"]) == 0
-    converted = load_checkpoint(tmp_path / "model_best.earlybird.pth")  # weights-only: it would refuse a numpy scalar
-    assert type(converted["test_acc"]) is float and converted["test_acc"] == 41.53
-    capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), "--data", str(cifar10_root),
-                 "--device", "cpu"]) == 0
 
 
 def test_only_tensors_and_plain_values_are_written(tmp_path, small_vgg):

@@ -260,6 +260,11 @@ class PruneConfig:
                                           "0.5): the ratio that meets it after coupling and --round-to is solved on the "
                                           "ticket's scores", type=float)
     target_params: float | None = opt(None, "the same for the number of parameters", type=float)
+    keep_streams: str | None = opt(None, "never prune residual streams or concatenations, as the reference's "
+                                         "resprune.py (layers that read them still drop channels): on (the bare "
+                                         "flag) or off, overriding what the search recorded (default: the "
+                                         "search's choice; off for an imported checkpoint)",
+                                   nargs="?", const="on", choices=["on", "off"])
 
     def __post_init__(self):
         given = [f for f, v in (("--percent", self.percent), ("--target-macs", self.target_macs),

@@ -20,21 +20,35 @@ from .common import check_expected, checkpoint_dataset, make_loader, setup_runti
 from .rundir import PRUNED, RunDir, tag
 
 
-def _ticket_mask(ckpt: dict, dense, cfg: PruneConfig, round_to: int, example
+def _keep_streams(cfg: PruneConfig, ckpt: dict, reporter: Reporter) -> bool:
+    """--keep-streams where given, else the search's choice; a one-line note where they differ."""
+    recorded = bool(ckpt.get("keep_streams", False))
+    if cfg.keep_streams is None or (cfg.keep_streams == "on") == recorded:
+        return recorded
+    whose = "its search's choice" if "keep_streams" in ckpt else "the default for a checkpoint that records none"
+    reporter.line(f"note: --keep-streams {cfg.keep_streams} overrides {whose} ({'on' if recorded else 'off'}) in "
+                  f"{cfg.model}: residual streams {'stay at full width' if not recorded else 'may be pruned'} and the "
+                  "mask is recomputed over the layers that leaves prunable")
+    return not recorded
+
+
+def _ticket_mask(ckpt: dict, dense, cfg: PruneConfig, keep_streams: bool, round_to: int, example
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], BudgetTicket | None]:
     """(mask, scores, budget ticket) by BN name: the ticket's own mask, or one recomputed at --percent,
     or at the ratio that meets --target-macs/--target-params, over the same prunable layers by the
     search's importance (a grouped conv's tied channels ranked as one, as the search ranks them);
-    the scores rank what --round-to gives back."""
-    keep_streams = ckpt.get("keep_streams", False)
-    index = ChannelIndex.of(dense, ckpt.get("layers") or prunable_layers(dense, example, keep_streams))
+    the scores rank what --round-to gives back. A --keep-streams other than the search's recomputes
+    the mask over the layers it leaves prunable."""
+    as_searched = keep_streams == bool(ckpt.get("keep_streams", False))
+    layers = ckpt.get("layers") if as_searched else None
+    index = ChannelIndex.of(dense, layers or prunable_layers(dense, example, keep_streams))
     importance = make_importance(ckpt.get("importance", "bn-scale")).bind(dense, example)
     scores = torch.cat(importance.scores(dense, index.names))
     if cfg.budget:
         found = solve_budget(dense, index.split(scores), example, *cfg.budget, channel_ties(dense, example),
                              cfg.min_channels, keep_streams, round_to)
         return found.masks, index.split(scores), found
-    if cfg.percent is None and "mask" in ckpt:
+    if cfg.percent is None and "mask" in ckpt and as_searched:
         mask = ckpt["mask"]
     else:
         mask = channel_mask(scores, check_ratio(cfg.percent or ckpt.get("ratio", 0.5)), index.sizes, cfg.min_channels,
@@ -75,11 +89,11 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
     test = make_loader(dataset, data, platform, False, train=False)
     example = next(iter(test))[0][:8]
-    requested, scores, budget = _ticket_mask(ckpt, dense, cfg, options.round_to, example)
+    keep_streams = _keep_streams(cfg, ckpt, reporter)
+    requested, scores, budget = _ticket_mask(ckpt, dense, cfg, keep_streams, options.round_to, example)
     ratio = budget.ratio if budget else ratio
-    pruned, plan = prune_model(dense, requested, example, bool(ckpt.get("keep_streams", False)), options.round_to,
-                               scores)
-    report = _report(cfg, ckpt, ratio, options, requested, dense, pruned, plan, example, test, budget)
+    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to, scores)
+    report = _report(cfg, ckpt, ratio, keep_streams, options, requested, dense, pruned, plan, example, test, budget)
     if options.measure_speed and platform.is_main:
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
@@ -93,8 +107,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     return report
 
 
-def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, requested: dict, dense, pruned,
-            plan, example, test, budget: BudgetTicket | None) -> dict:
+def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, options: PruneOptions, requested: dict,
+            dense, pruned, plan, example, test, budget: BudgetTicket | None) -> dict:
     """What pruning changed (channels, layers, parameters, MACs) and what it costs in accuracy: the
     dense, the masked and the pruned network on the test split."""
     effective, masked = plan.masks(dense), plan.masked(dense)
@@ -106,7 +120,7 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, options: PruneOptions, r
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
-        "keep_streams": bool(ckpt.get("keep_streams", False)), "round_to": options.round_to, "input_shape": shape,
+        "keep_streams": keep_streams, "round_to": options.round_to, "input_shape": shape,
         "channels": {"before": sum(before.values()), "after": sum(after.values()),
                      "prunable": sum(int(m.numel()) for m in requested.values()),
                      "requested": sum(int((~m).sum()) for m in requested.values()),

@@ -7,6 +7,7 @@ import torch
 from earlybird.cli import main
 
 from earlybird import CheckpointError, ModelSpec, channel_masks, create_model, prune_model
+from earlybird.errors import WriteError
 from earlybird.train import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 SPEC = ModelSpec("vgg", 11, 0.125, 3, 10, 32)
@@ -78,7 +79,7 @@ def test_atomic_write_keeps_the_old_file_when_saving_fails(tmp_path, small_vgg, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(WriteError, match="c.pth: No space left on device.*previous version is intact"):
         save_checkpoint(path, "search", SPEC, create_model(SPEC), epoch=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]

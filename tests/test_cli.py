@@ -1,10 +1,15 @@
 """The command line end to end on tiny generated CIFAR files, and every bad input it must refuse."""
 import argparse
+import errno
+import io
 import json
+import os
 
 import pytest
 import torch
 
+from earlybird import files as files_module
+from earlybird import progress as progress_module
 from earlybird import stages
 from earlybird.stages import pipeline
 from earlybird.cli import main
@@ -432,3 +437,63 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, cifar10_root):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming search from {tmp_path / 's' / 'checkpoint.pth'} after epoch {epoch}" in again.stdout
     assert load_checkpoint(tmp_path / "s" / "checkpoint.pth")["epoch"] == 40
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up after ``room`` bytes."""
+
+    room = 100
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def fill_disk_at(monkeypatch, name: str, n: int) -> None:
+    """The ``n``-th temporary file written for ``name`` hits a full disk (torch.save raises its
+    RuntimeError while handling the OSError, as on a real full disk)."""
+    real, seen = os.fdopen, []
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if f".{name}." in os.readlink(f"/proc/self/fd/{fd}") and "w" in mode:
+            seen.append(fd)
+            if len(seen) == n:
+                return _FullDisk(fd, "wb")
+        return real(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth", "metrics.jsonl", "summary.json"])
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(capsys, tmp_path, cifar10_root, monkeypatch, name):
+    save = tmp_path / "s"
+    if name == "metrics.jsonl":  # appended, not replaced: the third row finds no room
+        real = files_module.append_line
+        rows = []
+
+        def append_line(path, line):
+            rows.append(line)
+            if len(rows) == 3:
+                raise files_module.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), len(line))
+            real(path, line)
+
+        monkeypatch.setattr(progress_module, "append_line", append_line)
+    else:
+        fill_disk_at(monkeypatch, name, 2 if name == "checkpoint.pth" else 1)
+    code, out, err = _search(capsys, cifar10_root, save)
+    where, resume = {"checkpoint.pth": ("checkpoint.pth", "resumes after epoch 1"),
+                     "metrics.jsonl": ("metrics.jsonl", "resumes after epoch 3"),
+                     "summary.json": ("summary.json", "run the same command again")}[name]
+    assert_one_line_error(code, err, f"could not write {save / where}: No space left on device (it needs about",
+                          "free there", "previous version is intact", resume)
+    left = sorted(p.name for p in save.iterdir())
+    assert not [n for n in left if n.endswith(".tmp")], left
+    saved = load_checkpoint(save / "checkpoint.pth")["epoch"]
+    assert saved == {"checkpoint.pth": 1, "metrics.jsonl": 3, "summary.json": 4}[name]
+    monkeypatch.undo()  # space freed: the same command continues
+    code, out, err = _search(capsys, cifar10_root, save)
+    assert code == 0, err
+    assert f"after epoch {saved}" in out and load_checkpoint(save / "checkpoint.pth")["epoch"] == 4
+    epochs = [json.loads(line)["epoch"] for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [e for e in range(1, 5) if not (name == "metrics.jsonl" and e == 3)]  # no half row

@@ -133,3 +133,33 @@ def test_the_workers_take_the_first_workers_precision_probe(tmp_path):
     assert done.returncode == 0, done.stderr
     found = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert found[0] == found[1] > 0  # without agreeing, rank 1 measured 50 ms more
+
+
+def test_sigterm_under_torchrun_stops_every_worker_like_ctrl_c_and_the_run_resumes(tmp_path, cifar10_root):
+    """SLURM sends SIGTERM to every process of the job (torchrun forwards it again to its workers);
+    Kubernetes to the container's first process, torchrun, alone. Either way each worker says the
+    one line and stops at once (no barrier in collectives it stopped in), and the run resumes."""
+    save = tmp_path / "s"
+    args = [*ARGS[:-11], "--epochs", 30, "--ratios", 0.5, "--full", "--cpu-kernels", "off", "--data", cifar10_root,
+            "--save", save]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "earlybird",
+            *args]
+    for everyone in (True, False):
+        proc = subprocess.Popen(list(map(str, argv)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        for line in proc.stdout:
+            if line.startswith("search epoch "):  # an epoch is saved
+                (os.killpg if everyone else os.kill)(proc.pid, signal.SIGTERM)
+                break
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - started < 20, err[-3000:]  # torchrun waits 30 s before it kills a worker
+        lines = err.splitlines()
+        assert sum(line.startswith("earlybird search: terminated; the last completed epoch is saved")
+                   for line in lines) == 2, err[-3000:]
+        assert not [line for line in lines if "/earlybird/" in line], err[-3000:]  # torchrun's own report only
+        assert not list(save.glob(".*.tmp"))
+    epoch = load_checkpoint(save / "checkpoint.pth")["epoch"]
+    again = earlybird(*args, nproc=2)  # the same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"after epoch {epoch}" in again.stdout and load_checkpoint(save / "checkpoint.pth")["epoch"] == 30

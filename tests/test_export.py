@@ -84,3 +84,19 @@ def test_a_dense_checkpoint_exports_too_and_nothing_is_overwritten(capsys, tmp_p
     code, _, err = cli(capsys, "export", "--model", tmp_path / "nothing.pth")
     assert_one_line_error(code, err, "does not exist")
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+
+
+def test_a_full_disk_during_an_export_is_one_line_about_the_disk(capsys, tmp_path, monkeypatch):
+    from earlybird import export
+
+    ckpt = _ticket(tmp_path, "vgg", pruned=False)
+
+    def full(model, example, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("serialization failed") from OSError(28, "No space left on device")
+
+    monkeypatch.setitem(export._WRITERS, "torchscript", full)
+    code, _, err = cli(capsys, "export", "--model", ckpt, "--format", "torchscript")
+    assert_one_line_error(code, err, f"could not write {ckpt.with_suffix('.torchscript.pt')}: No space left on device")
+    assert not ckpt.with_suffix(".torchscript.pt").exists() and not list(tmp_path.glob(".*tmp*"))

@@ -112,7 +112,8 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
-    raise _Terminated
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough: a second (SLURM signals every process, then
+    raise _Terminated                              # torchrun its workers) would break the clean stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # only the main thread may set handlers (a library user calling main() from another thread keeps theirs)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
+    completed = False
     try:
         ids = _gpu_ids(args)
         if ids:
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch_on_gpus(ids, list(sys.argv[1:] if argv is None else argv), args.port)
         command = COMMANDS[args.command]
         command.run(command_from_args(command.args, args), Reporter())
+        completed = True
     except EarlyBirdError as exc:
         print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -140,5 +143,5 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if "earlybird.train.distributed" in sys.modules:  # imported only when a command ran
-            sys.modules["earlybird.train.distributed"].finish()
+            sys.modules["earlybird.train.distributed"].finish(completed)
     return 0

@@ -32,3 +32,22 @@ class RunDirError(EarlyBirdError):
 
 class TrainingError(EarlyBirdError):
     """Training diverged (NaN or infinite loss)."""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+class WriteError(EarlyBirdError):
+    """A file could not be written (disk full, quota, I/O error); its previous version is intact.
+    ``resume`` says where running the same command again continues, where a stage knows."""
+
+    def __init__(self, path, reason: str, needed: int, free: int | None, resume: str = ""):
+        self.path, self.reason, self.needed, self.free, self.resume = path, reason, needed, free, resume
+        free_text = f", {_size(free)} free there" if free is not None else ""
+        super().__init__(f"could not write {path}: {reason} (it needs about {_size(needed)}{free_text}); the "
+                         f"previous version is intact: free space there or choose another --save, then run the same "
+                         f"command again{resume}")
+
+    def resuming(self, resume: str) -> "WriteError":
+        return WriteError(self.path, self.reason, self.needed, self.free, resume)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, EarlyBirdError
+from .files import os_error, tensor_bytes, write_error
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 
@@ -39,6 +40,8 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Pat
     except EarlyBirdError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter's failure on a model is one line
+        if os_error(exc) is not None:  # the disk, not the format
+            raise write_error(path, os_error(exc), tensor_bytes(model.state_dict())) from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"exporting to {fmt} failed ({type(exc).__name__}: {first}): try another --format") from None
     finally:

@@ -13,8 +13,6 @@ gradients under 16-bit mixed precision. Under DDP every rank steps the detector 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from .detector import EarlyBird
+from .files import atomic_write, tensor_bytes
 from .importance import Importance, make_importance
 from .prune import PrunePlan, channel_ties, prunable_layers, prune_model
 from .rules import Rule
@@ -81,13 +80,10 @@ class EarlyBirdCallback(pl.Callback):
 
     def _save(self, ratio: float, net: nn.Module) -> Path:
         path = Path(self.save_dir) / f"EB-{round(ratio * 100)}-{self.detector.emerged[ratio]}.pth"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:  # plain tensors: torch.load(..., weights_only=True) reads it
-            torch.save({"ratio": ratio, "epoch": self.detector.emerged[ratio], "masks": self.tickets[ratio],
-                        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, f)
-        os.replace(tmp, path)
-        return path
+        # plain tensors: torch.load(..., weights_only=True) reads it
+        ticket = {"ratio": ratio, "epoch": self.detector.emerged[ratio], "masks": self.tickets[ratio],
+                  "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+        return atomic_write(path, lambda f: torch.save(ticket, f), tensor_bytes(ticket))
 
     @property
     def tickets(self) -> dict[float, dict[str, torch.Tensor]]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError
+from .files import append_line
 from .train.distributed import is_main
 
 
@@ -67,12 +68,7 @@ class MetricsLog:
         if not is_main():
             return
         record = {"time": round(time.time(), 3), **record}
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            raise RunDirError(f"could not write {self.path} ({exc.strerror or exc}): free disk space, then run the "
-                              "same command again (the epoch's checkpoint is saved)") from None
+        append_line(self.path, json.dumps(record))
         if self.writer is not None:
             stage, step = record.get("stage", "train"), record.get("epoch", 0)
             for key, value in record.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RunDirError
+from ..files import atomic_write
 from ..progress import Reporter
 from ..train import distributed
 
@@ -146,12 +147,6 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         """Mark the stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
         if distributed.is_main():
-            tmp = self.path / f".{SUMMARY}.tmp"
-            try:
-                tmp.write_text(json.dumps(summary, indent=2) + "\n")
-                os.replace(tmp, self.path / SUMMARY)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise RunDirError(f"could not write {self.path / SUMMARY} ({exc.strerror or exc}): free disk space, "
-                                  "then run the same command again") from None
+            text = (json.dumps(summary, indent=2) + "\n").encode()
+            atomic_write(self.path / SUMMARY, lambda f: f.write(text), len(text))
         distributed.barrier()

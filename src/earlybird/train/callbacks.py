@@ -61,6 +61,7 @@ class SaveLast(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> str:
         self.saver.save(self.path, self.kind, trainer.model, **trainer.state_dict())
+        trainer.saved_epoch = trainer.epoch
         return ""
 
 

@@ -5,9 +5,7 @@ the model is rebuilt from code: no pickled modules, nothing that breaks when cla
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, EarlyBirdError
+from ..files import atomic_write, tensor_bytes
 from ..models import ModelSpec, create_model
 from ..prune import PrunePlan, apply_plan
 from .distributed import is_main
@@ -41,12 +40,12 @@ def plain(value, where: str = "checkpoint"):
 
 def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Module, plan: PrunePlan | None = None,
                     **extra) -> Path:
-    """Write a checkpoint via a temporary file and a rename, so a crash never leaves half a file."""
+    """Write a checkpoint via a temporary file and a rename, so a crash never leaves half a file (a
+    failed write is a WriteError and the previous checkpoint stays)."""
     assert kind in KINDS
     path = Path(path)
     if not is_main():  # one writer: rank 0
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -56,23 +55,7 @@ def save_checkpoint(path: str | Path, kind: str, spec: ModelSpec, model: nn.Modu
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **plain(extra),  # checked before writing: a file earlybird writes, earlybird must load
     }
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise CheckpointError(f"cannot write in {path.parent} ({exc.strerror}): choose another --save") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, quota, I/O error: the previous file stays as it was
-        raise CheckpointError(f"could not write {path} ({exc.strerror or exc}): free disk space or choose another "
-                              "--save; the previous checkpoint is intact, run the same command again to continue") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), tensor_bytes(payload))
 
 
 def load_checkpoint(path: str | Path, kinds: tuple[str, ...] = KINDS) -> dict:

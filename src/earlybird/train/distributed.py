@@ -134,13 +134,16 @@ class _SumOverWorkers(torch.autograd.Function):
         return _all_reduce(grad.clone())
 
 
-def finish() -> None:
+def finish(completed: bool = True) -> None:
     """Leave the process group once every worker is done with it (gloo aborts a process that exits
-    while its threads still hold work)."""
+    while its threads still hold work). A command that stopped early (an error, Ctrl-C, SIGTERM)
+    leaves at once: the workers may have stopped in different collectives, and a barrier would wait
+    for ever."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # DDP wrappers left in reference cycles must go before their process group
         try:
-            dist.barrier()
+            if completed:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import OptimConfig
+from ..errors import WriteError
 from ..lowp import Precision
 from ..progress import Reporter, format_seconds
 from . import distributed
@@ -51,6 +52,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.callbacks: list[Callback] = []
         self.epoch, self.test_acc, self.stop, self.train_seconds = 0, None, False, 0.0
+        self.saved_epoch = None  # the epoch the resumable checkpoint holds (SaveLast keeps it current)
 
     def state_dict(self) -> dict:
         """Everything but the weights (``save_checkpoint`` takes the model), callbacks' entries included."""
@@ -70,6 +72,7 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.test_acc = ckpt["epoch"], ckpt["test_acc"]
+        self.saved_epoch = self.epoch
         torch.set_rng_state(ckpt["rng"])
         for callback in self.callbacks:
             callback.load_state_dict(ckpt)
@@ -83,7 +86,7 @@ class Trainer:
         start = self.epoch
         while self.epoch < self.optim.epochs and not self.stop:
             record, seconds = self._epoch(net, train, test)
-            note = "".join(callback.on_epoch_end(self, record) for callback in self.callbacks)
+            note = self._epoch_end(record)
             self.train_seconds += seconds
             left = (self.optim.epochs - self.epoch) * self.train_seconds / (self.epoch - start)
             self.reporter.line(
@@ -92,6 +95,14 @@ class Trainer:
                 f"{record['images_per_s']:.0f} img/s  {seconds:.0f}s"
                 f"{'' if self.stop else f'  ~{format_seconds(left)} left'}{note}")
         return self.train_seconds
+
+    def _epoch_end(self, record: dict) -> str:
+        """The callbacks' notes; a file they could not write says where a rerun continues."""
+        try:
+            return "".join(callback.on_epoch_end(self, record) for callback in self.callbacks)
+        except WriteError as exc:
+            raise exc.resuming(": it starts over (no epoch was saved yet)" if self.saved_epoch is None else
+                               f": it resumes after epoch {self.saved_epoch}") from None
 
     def _epoch(self, net, train, test) -> tuple[dict, float]:
         """One epoch of training and the evaluation after it: (metrics record, training seconds)."""

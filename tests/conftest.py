@@ -113,3 +113,9 @@ def _device_named(request, monkeypatch):
         return real(name)
 
     monkeypatch.setattr(common, "resolve_device", named)
+
+
+@pytest.fixture(autouse=True)
+def _own_speed_cache(tmp_path_factory, monkeypatch):
+    """Each test starts with no remembered speed choices and leaves none in the user's cache."""
+    monkeypatch.setenv("EARLYBIRD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

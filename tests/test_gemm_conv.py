@@ -309,3 +309,46 @@ def test_real_timing_leaves_the_model_and_the_random_stream_alone():
     assert all(type(m) is not GemmConv2d for m in model.modules())  # timing only: use_gemm switches
     eligible = {name for name, m in model.named_modules() if gemm_eligible(m)}
     assert set(choices) <= eligible and all(0 < c.chosen_ms < c.torch_ms and any(c.gemm) for c in choices.values())
+
+
+def test_a_network_timed_on_this_machine_before_starts_with_that_choice_untimed(capsys, tmp_path, cifar10_root,
+                                                                             monkeypatch):
+    from earlybird.accel import cache
+
+    widths, timed = [], []
+
+    def medians(runs, repeats):  # GEMM wins every part of the layers reading 16 channels
+        if len(runs) == 2:
+            return [0.030, 0.015]
+        return [t for _ in range(3) for t in ((0.010, 0.005) if widths[-1] == 16 else (0.010, 0.020))]
+
+    def fastest(model, input_shape, num_classes, batch_size, device, settings):
+        timed.append(batch_size)
+        return (True, torch.bfloat16), {s: 0.1 for s in settings}
+
+    monkeypatch.setattr(tuning, "_medians", medians)
+    real_runs = gemm.part_runs
+    monkeypatch.setattr(gemm, "part_runs", lambda x, *a: widths.append(x.shape[1]) or real_runs(x, *a))
+    monkeypatch.setattr(speed, "fastest_setting", fastest)
+
+    def search(save, *extra):
+        code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
+                             "--epochs", 1, "--ratios", 0.5, "--cpu-kernels", "on", "--save", tmp_path / save, *extra)
+        assert code == 0, err
+        return out, load_checkpoint(tmp_path / save / "checkpoint.pth")["speed"]
+
+    out, first = search("a")
+    assert timed == [16] and widths and "the fastest of" in out and first["gemm"]
+    assert cache.cache_file().is_file()
+    widths.clear()
+    out, second = search("b")  # the same network on the same machine: nothing timed
+    assert timed == [16] and widths == [] and second == first
+    assert ("training in channels-last bf16 autocast, 2 convolutions partly as im2col + GEMM, as timed for this "
+            f"network on this machine before (remembered in {cache.cache_file()}") in out
+    search("c", "--batch-size", 8)  # another batch: timed again
+    assert timed == [16, 8]
+    cache.cache_file().write_text("{not json")  # a damaged cache is timed over and rewritten
+    search("d")
+    assert timed == [16, 8, 16] and json.loads(cache.cache_file().read_text())
+    out, _ = search("e", "--cpu-kernels", "off")  # plain PyTorch: its own timing, nothing remembered
+    assert timed == [16, 8, 16, 16] and "as timed for this network" not in out

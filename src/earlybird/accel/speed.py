@@ -12,7 +12,9 @@ from torch import nn
 from ..config import RuntimeConfig
 from ..errors import ConfigError
 from ..progress import Reporter
+from ..train import distributed
 from . import batch_norm as kernels
+from . import cache
 from .conv import PARTS, keep_gemm
 from .tuning import (AUTOCAST_MAX_SLOWDOWN, ConvChoice, Setting, autocast_slowdown, channels_last_hazards,
                      default_autocast_dtype, fastest_setting, gemm_convolutions, inference_side_by_side,
@@ -48,11 +50,32 @@ def prepare(model: nn.Module, input_shape, num_classes: int, batch_size: int, de
         keep_freed_memory()
     undo: list = []
     use_fused_batch_norm(model, rt, device, reporter, undo)
-    channels_last, dtype = choose_speed(rt, model, input_shape, num_classes, batch_size, device, reporter,
-                                        low_precision_active, resumed)
+    # on CPUs the timing takes 20-40 s: a network timed on this machine before takes its choice back
+    key = cache.choice_key(model, input_shape, num_classes, batch_size, rt, low_precision_active) if (
+        resumed is None and device.type == "cpu" and rt.cpu_kernels == "on" and not rt.deterministic
+        and not distributed.world().active) else None
+    recalled = cache.recall(key) if key else None
+    if recalled is not None:
+        channels_last, dtype = recall_speed(model, recalled, rt, device, reporter)
+    else:
+        channels_last, dtype = choose_speed(rt, model, input_shape, num_classes, batch_size, device, reporter,
+                                            low_precision_active, resumed)
+        if key:
+            cache.remember(key, setting_to_dict((channels_last, dtype), model, device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, Speed(channels_last, dtype, device, undo)
+
+
+def recall_speed(model: nn.Module, entry: dict, rt: RuntimeConfig, device, reporter: Reporter) -> Setting:
+    """The setting (and its GEMM layers, made so in ``model``) chosen for this network on this machine before."""
+    setting = setting_from_dict(entry)
+    channels_last, dtype = setting
+    restored = restore_gemm(model, entry.get("gemm", {}), dtype) if channels_last and gemm_allowed(rt, device) else 0
+    gemm = f", {restored} convolutions partly as im2col + GEMM" if restored else ""
+    reporter.line(f"training in {setting_name(setting)}{gemm}, as timed for this network on this machine before "
+                  f"(remembered in {cache.cache_file()}: delete it to time again)")
+    return setting
 
 
 def restore(model: nn.Module, speed: Speed) -> nn.Module:

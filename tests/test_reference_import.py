@@ -87,8 +87,12 @@ def test_a_reference_checkpoint_with_a_numpy_best_prec1_imports_and_then_loads(t
     converted = load_checkpoint(tmp_path / "model_best.earlybird.pth")  # weights-only: it would refuse a numpy scalar
     assert type(converted["test_acc"]) is float and converted["test_acc"] == 41.53
     capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), "--data", str(cifar10_root),
-                 "--device", "cpu"]) == 0
+    data = ["--data", str(cifar10_root), "--device", "cpu", "--cpu-kernels", "off"]
+    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), *data]) == 0
+    assert main(["prune", "--model", str(tmp_path / "model_best.earlybird.pth"), *data]) == 0
+    pruned = tmp_path / "pruned-50" / "pruned.pth"
+    assert model_from_checkpoint(load_checkpoint(pruned))[2] is not None
+    assert main(["retrain", "--model", str(pruned), "--epochs", "6", "--batch-size", "16", *data]) == 0  # from epoch 5
 
 
 def test_prune_keep_streams_gives_the_reference_widths_on_an_imported_preresnet56(tmp_path, capsys, cifar10_root):

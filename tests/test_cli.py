@@ -484,7 +484,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(capsys, tmp_path, 
     code, out, err = _search(capsys, cifar10_root, save)
     where, resume = {"checkpoint.pth": ("checkpoint.pth", "resumes after epoch 1"),
                      "metrics.jsonl": ("metrics.jsonl", "resumes after epoch 3"),
-                     "summary.json": ("summary.json", "run the same command again")}[name]
+                     "summary.json": ("summary.json", "resumes after epoch 4, the last, and writes the summary")}[name]
     assert_one_line_error(code, err, f"could not write {save / where}: No space left on device (it needs about",
                           "free there", "previous version is intact", resume)
     left = sorted(p.name for p in save.iterdir())

@@ -53,7 +53,7 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     trainer.fit(*loaders)
     summary = _summary(trainer, best, cfg, ckpt.get("ratio"), first, macs, loaders[0].num_samples,
                        time.perf_counter() - t0)
-    run.write_summary(summary)
+    run.write_summary(summary, trainer.saved_epoch)
     reporter.line(f"retrain done: final {summary['final_test_acc']:.2f}%, best {best.best['test_acc']:.2f}% "
                   f"(epoch {best.best['epoch']}) -> {run.best}")
     return summary

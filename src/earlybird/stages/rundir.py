@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RunDirError
+from ..errors import RunDirError, WriteError
 from ..files import atomic_write
 from ..progress import Reporter
 from ..train import distributed
@@ -144,9 +144,15 @@ class RunDir:
         distributed.barrier()
         return None
 
-    def write_summary(self, summary: dict) -> None:
-        """Mark the stage finished (rank 0 writes; every worker waits, so all can read what it wrote)."""
+    def write_summary(self, summary: dict, saved_epoch: int | None = None) -> None:
+        """Mark the stage finished (rank 0 writes; every worker waits, so all can read what it wrote).
+        ``saved_epoch``: a training stage's last, which a rerun after a failed write resumes after."""
         if distributed.is_main():
             text = (json.dumps(summary, indent=2) + "\n").encode()
-            atomic_write(self.path / SUMMARY, lambda f: f.write(text), len(text))
+            try:
+                atomic_write(self.path / SUMMARY, lambda f: f.write(text), len(text))
+            except WriteError as exc:
+                if saved_epoch is None:
+                    raise
+                raise exc.resuming(f": it resumes after epoch {saved_epoch}, the last, and writes the summary") from None
         distributed.barrier()

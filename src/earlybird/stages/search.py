@@ -98,7 +98,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     t0 = time.perf_counter()
     trainer.fit(*loaders)
     summary = _summary(trainer, eb, spec, info.name, detect, total, macs, loaders[0].num_samples, time.perf_counter() - t0)
-    run.write_summary(summary)
+    run.write_summary(summary, trainer.saved_epoch)
     for r in detector.targets:
         t = eb.tickets.get(str(r))
         reporter.line(f"  p={label(r)}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {run / t['path']}"

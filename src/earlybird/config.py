@@ -31,9 +31,11 @@ def opt(default, help: str, *flags: str, **argparse_kwargs):
 
 @dataclass
 class DataConfig:
-    dataset: str | None = opt(None, "dataset: cifar10, cifar100, fashion-mnist or imagenet (train/ and val/ class "
-                                    "folders of JPEGs in --data); default: fashion-mnist for search and run, the "
-                                    "checkpoint's own for prune, retrain and eval")
+    dataset: str | None = opt(None, "dataset: cifar10, cifar100, fashion-mnist, imagenet (train/ and val/ class "
+                                    "folders of JPEGs in --data, at 224), folder (your own images: train/<class>/ "
+                                    "and val/<class>/ in --data, at their own size) or hf:PATH (a Hugging Face "
+                                    "dataset saved with save_to_disk, or hf:NAME from its cache); default: "
+                                    "fashion-mnist for search and run, the checkpoint's own for prune, retrain and eval")
     data: str = opt("data", "directory holding (or receiving) the dataset files")
     download: bool = opt(True, "download missing dataset files (checksummed)", action=argparse.BooleanOptionalAction)
     train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
@@ -44,12 +46,35 @@ class DataConfig:
     sigma: float = opt(1.0, "width of the --filter Gaussian, in frequency bins", type=float)
     sparsify_gt: float | None = opt(None, "zero every pixel at or below this value (0-1 scale) before normalization",
                                     "--sparsify-gt", "--sparsity_gt", "--sparsity-gt", type=float)
-    workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet)", type=int)
+    workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet, your own images)",
+                       type=int)
+    image_size: int | None = opt(None, "your own images (folder, hf:): the side they train at (default: their own "
+                                       "where they are small, median shorter side under 160 px; else 224)", type=int)
+    val_fraction: float = opt(0.1, "your own images with no val/ folder or test split: the seeded fraction of each "
+                                   "class held out for testing", type=float)
+    mean: list | None = opt(None, "your own images: per-channel mean on a 0-1 scale (default: measured on a sample)",
+                            type=float, nargs="+")
+    std: list | None = opt(None, "your own images: per-channel std on a 0-1 scale (with --mean)", type=float, nargs="+")
+    cache: str = opt("auto", "your own images: decode them once and hold them in memory (on; kept in a cache file for "
+                             "the next run), stream them through the decoding workers (off), or auto: in memory when "
+                             "they take at most a quarter of the free memory (the GPU's when training on one)",
+                     choices=["auto", "on", "off"])
+    image_column: str | None = opt(None, "hf: the image column (default: the first Image feature)")
+    label_column: str | None = opt(None, "hf: the label column (default: the first ClassLabel feature)")
+
+    def image_options(self, device="cpu"):
+        """How --dataset folder and hf: read the images (``device``: where training runs)."""
+        from .data.images import ImageOptions
+
+        return ImageOptions(self.image_size, self.val_fraction, tuple(self.mean) if self.mean else None,
+                            tuple(self.std) if self.std else None, self.cache, self.image_column, self.label_column,
+                            self.workers, str(device))
 
     def __post_init__(self):
         from .data.transforms import InputTransform
 
         InputTransform(self.filter, self.sigma, self.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
+        self.image_options()  # checks --image-size, --val-fraction, --mean/--std
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must not be negative (0: decode in the main process)")
         for flag, value in (("--batch-size", self.batch_size), ("--test-batch-size", self.test_batch_size)):

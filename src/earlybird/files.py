@@ -19,6 +19,13 @@ import torch
 from .errors import WriteError
 
 
+def user_cache_dir() -> Path:
+    """Where earlybird keeps what only saves time (speed choices, decoded images): ``$EARLYBIRD_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/earlybird``, else ``~/.cache/earlybird``."""
+    root = os.environ.get("EARLYBIRD_CACHE_DIR")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "earlybird"
+
+
 def os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, or what it was raised from or while handling), if any."""
     seen = set()

@@ -36,6 +36,18 @@ class Reporter:
         if is_main():  # under torchrun only rank 0 speaks
             print(text, file=self.out, flush=True)
 
+    def bar(self, total: int, desc: str):
+        """(update(done), close) of a plain progress bar, e.g. for decoding images."""
+        if not self.bars or not is_main():
+            return (lambda done: None), (lambda: None)
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(done: int) -> None:
+            bar.n = done
+            bar.refresh()
+
+        return update, bar.close
+
     def epoch_bar(self, total: int, desc: str):
         """A callback for train_epoch(on_batch=...) and a close() to call after the epoch."""
         if not self.bars or not is_main():

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import RuntimeConfig
 from ..errors import WriteError
-from ..files import atomic_write
+from ..files import atomic_write, user_cache_dir
 
 FILE = "speed-choices.json"
 MAX_ENTRIES = 256  # the oldest go first
@@ -28,9 +28,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_t
 
 
 def cache_file() -> Path:
-    root = os.environ.get("EARLYBIRD_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "earlybird"
-    return Path(root) / FILE
+    return user_cache_dir() / FILE
 
 
 def _cpu() -> list:

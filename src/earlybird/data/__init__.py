@@ -1,7 +1,7 @@
 """Datasets: readers of the official file formats, and a fast in-memory batch loader."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -9,7 +9,11 @@ import torch
 from ..errors import ConfigError, DataError
 from .cifar import load_cifar
 from .fashion_mnist import load_fashion_mnist
-from .imagenet import FolderSplit, class_folders, load_imagenet
+from .decode import FolderSplit
+from .folder import scan_folder
+from .hf import load_hf
+from .images import ImageOptions, decode_all, in_memory, survey
+from .imagenet import class_folders, load_imagenet
 from .loader import BatchLoader, FolderLoader
 from .transforms import FILTERS, InputTransform
 
@@ -26,6 +30,24 @@ class DatasetInfo:
     std: tuple[float, ...]
     crop_padding: int  # random crop after zero padding by this many pixels (0: none)
     flip: bool  # random horizontal flips
+    classes: tuple[str, ...] = ()  # one's own images: the class names, in label order
+    resized_crop: bool = False  # random-resized crops of the held images (one's own large images)
+    held_out: float = 0.0  # one's own images without a test split: the fraction of each class held out
+    columns: tuple[str, ...] = ()  # a Hugging Face dataset's image and label columns
+
+    def to_dict(self) -> dict:
+        """Plain values, for a checkpoint (eval, prune and retrain read one's own images with them)."""
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetInfo":
+        return cls(**{f.name: tuple(d[f.name]) if isinstance(d.get(f.name), list) else d[f.name]
+                      for f in fields(cls) if f.name in d})
+
+    @property
+    def own(self) -> bool:
+        """One's own images (a class folder, a Hugging Face dataset), described by the data itself."""
+        return is_own(self.name)
 
 
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -58,28 +80,82 @@ class FolderDataset:
     classes: list[str]
 
 
-def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
-    """The dataset's shapes; for ImageNet the class count is that of ``root/train`` when it exists."""
+def is_own(name: str) -> bool:
+    return name == "folder" or name.startswith("hf:")
+
+
+SPLIT_SEED = 0
+_SURVEYED: dict = {}  # (name, root, options, like) -> (Images, DatasetInfo, notes): surveyed once per process
+
+
+def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
+    """(images, info, notes) of one's own dataset: scanned and surveyed, or described by ``like``
+    (a checkpoint's: its classes, size, normalization, held-out fraction and columns). The held-out
+    split and the survey's sample are seeded with SPLIT_SEED, not --seed: a test split that moved
+    with the seed would put test images into training."""
+    key = (name, str(root), opts, like)
+    if key not in _SURVEYED:
+        if like is not None:
+            columns = dict(zip(("image_column", "label_column"), like.columns))
+            opts = replace(opts, val_fraction=like.held_out or opts.val_fraction, **columns)
+        images = (scan_folder(root, opts.val_fraction, SPLIT_SEED) if name == "folder" else
+                  load_hf(name[3:], opts, SPLIT_SEED))
+        notes = list(images.notes)
+        if like is not None:
+            if list(like.classes) != images.classes:
+                raise DataError(f"{root if name == 'folder' else name} has the classes {', '.join(images.classes[:5])}"
+                                f"{' ...' if len(images.classes) > 5 else ''}; the checkpoint was trained on "
+                                f"{', '.join(like.classes[:5])}{' ...' if len(like.classes) > 5 else ''}: pass the "
+                                "--data it was trained on")
+            info = like
+        else:
+            s = survey(images, opts, SPLIT_SEED)
+            info = DatasetInfo(images.name, s.channels, len(images.classes), s.size, s.mean, s.std,
+                               0 if s.large else max(1, s.size // 8), True, tuple(images.classes), s.large,
+                               images.held_out, images.columns)
+            notes += [s.note] if s.note else []
+        _SURVEYED[key] = images, info, notes
+    return _SURVEYED[key]
+
+
+def dataset_info(name: str, root: str | Path | None = None, images: ImageOptions | None = None) -> DatasetInfo:
+    """The dataset's shapes; for ImageNet the class count is that of ``root/train`` when it exists;
+    one's own images are scanned and a sample surveyed (once per process)."""
+    if is_own(name):
+        return _own(name, root if root is not None else "data", images or ImageOptions(), None)[1]
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}, folder (class folders of "
+                          "your own images in --data) or hf:PATH (a Hugging Face dataset)")
     info = DATASETS[name]
     if name == "imagenet" and root is not None and class_folders(Path(root) / "train"):
         info = replace(info, num_classes=len(class_folders(Path(root) / "train")))
     return info
 
 
+def _subset(n: int, train_subset: int | None, seed: int) -> torch.Tensor | None:
+    """The seeded random subset --train-subset keeps, or None."""
+    if train_subset is None:
+        return None
+    if not 0 < train_subset <= n:
+        raise ConfigError(f"--train-subset {train_subset} must be in 1..{n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:train_subset]
+
+
 def load_dataset(name: str, root: str | Path = "data", download: bool = True, train_subset: int | None = None,
-                 seed: int = 0) -> Dataset | FolderDataset:
-    """Read (or fetch) a dataset; ``train_subset`` keeps a seeded random subset of the training set."""
+                 seed: int = 0, images: ImageOptions | None = None, like: DatasetInfo | None = None,
+                 reporter=None) -> Dataset | FolderDataset:
+    """Read (or fetch) a dataset; ``train_subset`` keeps a seeded random subset of the training set.
+    One's own images (``folder``, ``hf:PATH``) are read with ``images`` (see data.images), as
+    ``like`` describes them where a checkpoint does; ``reporter`` receives what was found and done."""
+    if is_own(name):
+        return _load_own(name, root, images or ImageOptions(), train_subset, seed, like, reporter)
     info = dataset_info(name, root)
     root = Path(root)
     if name == "imagenet":
         train, test, classes = load_imagenet(root)
-        if train_subset is not None:
-            if not 0 < train_subset <= len(train.paths):
-                raise ConfigError(f"--train-subset {train_subset} must be in 1..{len(train.paths)}")
-            keep = torch.randperm(len(train.paths), generator=torch.Generator().manual_seed(seed))[:train_subset]
-            train = FolderSplit([train.paths[i] for i in keep], [train.labels[i] for i in keep])
+        keep = _subset(len(train.paths), train_subset, seed)
+        if keep is not None:
+            train = train.subset(keep.tolist())
         return FolderDataset(info, train, test, classes)
     if name == "fashion-mnist":
         (xtr, ytr), (xte, yte) = load_fashion_mnist(root, download)
@@ -90,13 +166,32 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
                         f"{(info.in_channels, info.image_size, info.image_size)}")
     if len(xtr) == 0 or len(xte) == 0:
         raise DataError(f"{name} in {root} has an empty training or test split")
-    if train_subset is not None:
-        if not 0 < train_subset <= len(xtr):
-            raise ConfigError(f"--train-subset {train_subset} must be in 1..{len(xtr)}")
-        keep = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))[:train_subset]
+    keep = _subset(len(xtr), train_subset, seed)
+    if keep is not None:
         xtr, ytr = xtr[keep], ytr[keep]
     return Dataset(info, xtr, ytr, xte, yte)
 
 
-__all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset", "FolderLoader", "dataset_info",
-           "load_dataset"]
+def _load_own(name: str, root, opts: ImageOptions, train_subset: int | None, seed: int, like: DatasetInfo | None,
+              reporter) -> Dataset | FolderDataset:
+    images, info, notes = _own(name, root, opts, like)
+    keep = _subset(len(images.train), train_subset, seed)
+    if keep is not None:
+        images = replace(images, train=images.train.subset(keep.tolist()))
+    held, why = in_memory(images, info, opts)
+    say = reporter.line if reporter is not None else (lambda text: None)
+    for note in notes:
+        say(f"{info.name}: {note}")
+    say(f"{info.name}: {len(images.classes)} classes, {len(images.train):,} training and {len(images.test):,} test "
+        f"images at {info.image_size}x{info.image_size}, {info.in_channels} channel{'s' if info.in_channels > 1 else ''}"
+        f", mean {', '.join(f'{m:.3f}' for m in info.mean)}, std {', '.join(f'{s:.3f}' for s in info.std)}; "
+        + ("held in memory" if held else "streamed through the decoding workers") + f" ({why})")
+    if not held:
+        return FolderDataset(info, images.train, images.test, images.classes)
+    (xtr, ytr, xte, yte), note = decode_all(images, info, opts, reporter)
+    say(f"{info.name}: {note}")
+    return Dataset(info, xtr, ytr, xte, yte)
+
+
+__all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset",
+           "FolderLoader", "ImageOptions", "dataset_info", "is_own", "load_dataset"]

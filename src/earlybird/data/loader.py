@@ -6,6 +6,9 @@ The shuffle order depends only on (seed, epoch), so a resumed run sees the same 
 """
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -80,10 +83,25 @@ class BatchLoader:
             batch = torch.arange(len(x), device=self.device)[:, None, None, None]
             chans = torch.arange(x.shape[1], device=self.device)[None, :, None, None]
             x = padded[batch, chans, rows, cols]
+        if self.info.resized_crop:
+            x = self._resized_crop(x, gen, n, part)
         if self.info.flip:
             flip = (torch.rand(n, generator=gen, device=self.device) < 0.5)[part]
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
+
+    def _resized_crop(self, x: torch.Tensor, gen: torch.Generator, n: int, part: slice) -> torch.Tensor:
+        """A random-resized crop of each image (area 8-100%, aspect 3/4-4/3, as torchvision's) scaled
+        back to the image's size, bilinear, as one batched resampling."""
+        draw = lambda low, high: (low + (high - low) * torch.rand(n, generator=gen, device=self.device))[part]  # noqa: E731
+        area, log_aspect = draw(0.08, 1.0), draw(math.log(3 / 4), math.log(4 / 3))
+        w = (area * log_aspect.exp()).sqrt().clamp(max=1.0)  # fractions of the side
+        h = (area / log_aspect.exp()).sqrt().clamp(max=1.0)
+        cx, cy = (2 * draw(0.0, 1.0) - 1) * (1 - w), (2 * draw(0.0, 1.0) - 1) * (1 - h)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def __iter__(self):
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
@@ -102,17 +120,17 @@ class BatchLoader:
 
 
 class FolderLoader:
-    """Batches of images decoded by worker processes (see data.imagenet), normalized on the device.
+    """Batches of images decoded by worker processes (see data.decode), normalized on the device.
 
     Same interface as BatchLoader; the shuffle order depends only on (seed, epoch).
     """
 
     def __init__(self, split, batch_size: int, info, train: bool, device="cpu", seed: int = 0,
                  channels_last: bool = False, workers: int = 2, rank: int = 0, world: int = 1, transform=None):
-        from .imagenet import ImageFolderSet
+        from .decode import ImageFolderSet, to_mode
 
         self.transform = transform if transform is not None and transform.active else None
-        self.dataset = ImageFolderSet(split, train, seed)
+        self.dataset = ImageFolderSet(split, train, seed, info.image_size, partial(to_mode, channels=info.in_channels))
         self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
         self.rank, self.world = rank, world
         self.device = torch.device(device)

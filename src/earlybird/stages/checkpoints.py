@@ -8,14 +8,14 @@ import torch
 
 from ..config import DataConfig, EvalConfig, ExportConfig, ImportConfig, ModelCheck, ModelConfig, RuntimeConfig
 from ..cost import count_macs, count_params
-from ..data import dataset_info, load_dataset
+from ..data import dataset_info
 from ..errors import CheckpointError, ConfigError, RunDirError
 from ..export import FORMATS, export_model, max_difference
 from ..progress import Reporter
 from ..reference import import_reference, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..accel import autocast_dtype
-from .common import check_expected, checkpoint_dataset, make_loader, model_spec, setup_runtime
+from .common import check_expected, checkpoint_data, make_loader, model_spec, setup_runtime
 
 
 def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
@@ -72,7 +72,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     # evaluation is too short to pay for timing the settings: auto means off here
     channels_last, amp_dtype = rt.channels_last == "on", autocast_dtype(rt, device) if rt.amp == "on" else None
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    dataset = load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
+    dataset = checkpoint_data(ckpt, data, cfg.model, platform, reporter)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
                               f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig
-from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform
+from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, is_own, load_dataset
 from ..errors import CheckpointError, ConfigError
 from .. import accel
 from ..lowp import LowPrecision, Precision
@@ -72,6 +72,28 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
     return name or data.dataset or DEFAULT_DATASET
 
 
+def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None) -> Dataset | FolderDataset:
+    """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded)."""
+    return load_dataset(data.dataset or DEFAULT_DATASET, data.data, data.download, data.train_subset, platform.seed,
+                        data.image_options(platform.device), reporter=reporter)
+
+
+def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", reporter: Reporter | None = None,
+                    train_subset: int | None = None) -> Dataset | FolderDataset:
+    """The dataset a checkpoint was trained on; one's own images read as the checkpoint describes
+    them (classes, size, normalization, held-out split)."""
+    name = checkpoint_dataset(ckpt, data, path)
+    like = DatasetInfo.from_dict(ckpt["data_info"]) if is_own(name) and ckpt.get("data_info") else None
+    return load_dataset(name, data.data, data.download, train_subset, platform.seed, data.image_options(platform.device),
+                        like, reporter)
+
+
+def data_meta(info: DatasetInfo) -> dict:
+    """What every checkpoint says of its data: the dataset's name, its input shape and its description."""
+    return {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
+            "data_info": info.to_dict()}
+
+
 @dataclass(frozen=True)
 class Platform:
     """Where this process runs, set up once per command by ``setup_runtime``: its device, its place
@@ -125,7 +147,9 @@ def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
 
 
 def default_save(data: DataConfig, model_cfg: ModelConfig) -> Path:
-    return Path("runs") / f"{data.dataset or DEFAULT_DATASET}-{model_cfg.arch}{model_cfg.depth}"
+    name = data.dataset or DEFAULT_DATASET
+    name = f"hf-{Path(name[3:]).name}" if name.startswith("hf:") else name  # a path or hub name: its last part
+    return Path("runs") / f"{name}-{model_cfg.arch}{model_cfg.depth}"
 
 
 def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, platform: Platform, channels_last: bool,

@@ -10,12 +10,12 @@ from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig,
                       PipelineOptions, RetrainConfig, RuntimeConfig)
 from ..budget import parse_budget_key, prune_flags
 from ..cost import training_macs
-from ..data import dataset_info, load_dataset
+from ..data import dataset_info
 from ..errors import RunDirError
 from ..models import ModelSpec, create_model
 from ..progress import Reporter, format_ratio, format_seconds
 from ..train import distributed
-from .common import DEFAULT_DATASET, default_save, low_precision, model_spec, setup_runtime
+from .common import DEFAULT_DATASET, default_save, load_data, low_precision, model_spec, setup_runtime
 from .rundir import LAST, METRICS, PRUNED, SUMMARY, RunDir, label
 from .prune import prune
 from .retrain import retrain
@@ -42,9 +42,10 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     run.lock()
     rt = _continue_or_start(run, rt, reporter)
     t0 = time.perf_counter()
-    setup_runtime(rt)
-    create_model(model_spec(model_cfg, dataset_info(data.dataset, data.data)))  # fail on a bad model before loading data
-    dataset = load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
+    platform = setup_runtime(rt)
+    # fail on a bad model before loading data
+    create_model(model_spec(model_cfg, dataset_info(data.dataset, data.data, data.image_options(platform.device))))
+    dataset = load_data(data, platform, reporter)
     stage_rt = _stage_runtime(rt, run.search())
     found = run.search().summary() if stage_rt is None else search(
         data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, options.round_to)

@@ -7,7 +7,7 @@ import torch
 
 from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig
 from ..cost import count_macs, count_params
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTicket, solve_budget
 from ..importance import make_importance
@@ -16,7 +16,7 @@ from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..accel import inference_speed, training_speed
-from .common import check_expected, checkpoint_dataset, make_loader, setup_runtime
+from .common import check_expected, checkpoint_data, data_meta, make_loader, setup_runtime
 from .rundir import PRUNED, RunDir, tag
 
 
@@ -86,7 +86,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     dense, spec, _ = model_from_checkpoint(ckpt, cfg.model)
     check_expected(check, spec, cfg.model)
     dense = dense.to(device).eval()
-    dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download)
+    dataset = dataset or checkpoint_data(ckpt, data, cfg.model, platform, reporter)
     test = make_loader(dataset, data, platform, False, train=False)
     example = next(iter(test))[0][:8]
     keep_streams = _keep_streams(cfg, ckpt, reporter)
@@ -101,7 +101,8 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
         report["throughput"] = inference_speed(dense, pruned, shape, options.latency_batches, device)
         report["training_throughput"] = training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
     save_checkpoint(run / PRUNED, "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
-                    dataset=dataset.info.name, input_shape=report["input_shape"], test_acc=report["test_acc"]["pruned"])
+                    **{**data_meta(dataset.info), "input_shape": report["input_shape"]},
+                    test_acc=report["test_acc"]["pruned"])
     run.write_summary(report)
     _say(report, cfg, options, plan, run / PRUNED, reporter)
     return report

@@ -7,14 +7,14 @@ from pathlib import Path
 from ..accel import format_name, precision_name
 from ..config import DataConfig, LowPrecisionConfig, ModelCheck, OptimConfig, RetrainConfig, RuntimeConfig
 from ..cost import count_macs, count_params
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..progress import Reporter
 from ..prune import apply_plan
 from ..train import load_checkpoint, model_from_checkpoint
 from ..train.callbacks import SWA, SaveBest, Saver
-from .common import check_expected, checkpoint_dataset, make_loaders, make_trainer, setup_runtime, with_callbacks
+from .common import check_expected, checkpoint_data, data_meta, make_loaders, make_trainer, setup_runtime, with_callbacks
 from .rundir import RunDir
 
 
@@ -36,10 +36,8 @@ def retrain(cfg: RetrainConfig, data: DataConfig, optim: OptimConfig, rt: Runtim
     # a fresh optimizer: the ticket's momentum buffers have the dense shapes, so momentum restarts
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "retrain", state)
     trainer.epoch = first
-    dataset = dataset or load_dataset(checkpoint_dataset(ckpt, data, cfg.model), data.data, data.download,
-                                      data.train_subset, rt.seed)
-    saver = Saver(spec, plan, {"ratio": ckpt.get("ratio"), "dataset": dataset.info.name,
-                               "input_shape": ckpt["input_shape"]})
+    dataset = dataset or checkpoint_data(ckpt, data, cfg.model, platform, reporter, data.train_subset)
+    saver = Saver(spec, plan, {"ratio": ckpt.get("ratio"), **data_meta(dataset.info), "input_shape": ckpt["input_shape"]})
     loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
     best = SaveBest(saver, run.best, "retrain")
     with_callbacks(trainer, run, saver, "retrain", loaders, rt, best)

@@ -10,7 +10,7 @@ import torch
 from ..accel import format_name, precision_name
 from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig
 from ..cost import count_macs, count_params
-from ..data import Dataset, dataset_info, load_dataset
+from ..data import Dataset, dataset_info
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTarget, prune_flags
@@ -22,8 +22,8 @@ from ..prune import channel_ties, prunable_layers
 from ..train import distributed, load_checkpoint
 from ..train.callbacks import Saver
 from ..train.trainer import Callback, Trainer
-from .common import (DEFAULT_DATASET, default_save, make_loaders, make_trainer, model_spec, probe_inputs, setup_runtime,
-                     with_callbacks)
+from .common import (DEFAULT_DATASET, data_meta, default_save, load_data, make_loaders, make_trainer, model_spec,
+                     probe_inputs, setup_runtime, with_callbacks)
 from .rundir import RunDir, label
 
 
@@ -74,17 +74,18 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     platform = setup_runtime(rt)
-    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data))
+    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data,
+                                                                           data.image_options(platform.device)))
     model, layers, ties, importance, budgets = _dense(spec, detect, round_to)  # a bad model fails before the data
     resume_path = run.prepare(rt.force, rt.resume, reporter)
-    dataset = dataset or load_dataset(data.dataset, data.data, data.download, data.train_subset, rt.seed)
+    dataset = dataset or load_data(data, platform, reporter)
     ckpt = _resumed(resume_path, spec)
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "search", ckpt)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,
                          layers, ties, importance, detect.eb_rule, budgets)
     info = dataset.info
-    saver = Saver(spec, None, {"dataset": info.name, "input_shape": [info.in_channels, info.image_size, info.image_size],
-                               "layers": layers, "keep_streams": detect.keep_streams, "importance": importance.name})
+    saver = Saver(spec, None, {**data_meta(info), "layers": layers, "keep_streams": detect.keep_streams,
+                               "importance": importance.name})
     loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
     eb = EarlyBirdCallback(detector, run, saver, detect.full)
     with_callbacks(trainer, run, saver, "search", loaders, rt, eb)

@@ -1,0 +1,107 @@
+"""Hugging Face image datasets: ``--dataset hf:PATH`` for one written with ``save_to_disk``, or
+``hf:NAME`` for one in the local Hugging Face cache (it loads offline once downloaded). The image
+and label columns are found by feature type (``Image``, ``ClassLabel``) unless --image-column and
+--label-column name them; the test split is ``validation``, ``val`` or ``test``, else a seeded,
+stratified --val-fraction of ``train``. Optional: ``pip install "earlybird[hf]"``.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from .decode import open_image
+from .images import Images, ImageOptions, hold_out
+
+TEST_SPLITS = ("validation", "val", "test")
+
+
+class HFSplit:
+    """One split: ``open(i)`` decodes row ``i``'s image itself (the column is read undecoded, so a
+    JPEG can be decoded at a reduced size and a broken one is named)."""
+
+    def __init__(self, rows, image_column: str, labels: list[int], name: str):
+        self.rows, self.image_column, self.labels, self.name = rows, image_column, labels, name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def open(self, i: int, shorter: int | None = None):
+        value = self.rows[i][self.image_column]
+        where = f"{self.name} row {i}"
+        if value is None:
+            raise DataError(f"{where} has no image: remove the row")
+        if value.get("bytes"):
+            return open_image(io.BytesIO(value["bytes"]), shorter, where)
+        return open_image(value["path"], shorter, f"{where} ({value['path']})")
+
+    def subset(self, keep: list[int]) -> "HFSplit":
+        return HFSplit(self.rows.select(keep), self.image_column, [self.labels[i] for i in keep], self.name)
+
+    def key(self) -> list:
+        return [getattr(self.rows, "_fingerprint", None) or [f["filename"] for f in self.rows.cache_files],
+                len(self.labels)]
+
+
+def _open(spec: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"--dataset hf:{spec} needs the datasets package: pip install \"earlybird[hf]\"") from None
+    try:
+        if Path(spec).exists():
+            return datasets, datasets.load_from_disk(spec)
+        return datasets, datasets.load_dataset(spec)
+    except Exception as exc:  # noqa: BLE001 - any failure to open the dataset is one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot open the Hugging Face dataset {spec} ({type(exc).__name__}: {first}): pass a folder "
+                        "written with save_to_disk, or the name of a dataset in the local cache") from None
+
+
+def _column(features, wanted: str | None, kind, flag: str, spec: str) -> str:
+    if wanted is not None:
+        if wanted not in features:
+            raise DataError(f"{spec} has no column '{wanted}' (columns: {_columns(features)}): fix {flag}")
+        return wanted
+    found = [name for name, feature in features.items() if isinstance(feature, kind)]
+    if not found:
+        raise DataError(f"{spec} has no {kind.__name__} column (columns: {_columns(features)}): name the "
+                        f"{'image' if flag == '--image-column' else 'label'} column with {flag}")
+    return found[0]
+
+
+def _columns(features) -> str:
+    return ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
+
+
+def load_hf(spec: str, opts: ImageOptions, seed: int = 0) -> Images:
+    """A Hugging Face dataset as two splits of images and labels; every problem is one line."""
+    datasets, obj = _open(spec)
+    splits = {"train": obj} if isinstance(obj, datasets.Dataset) else dict(obj)
+    if "train" not in splits:
+        raise DataError(f"{spec} has no 'train' split (splits: {', '.join(splits)})")
+    train = splits["train"]
+    image = _column(train.features, opts.image_column, datasets.Image, "--image-column", spec)
+    label = _column(train.features, opts.label_column, datasets.ClassLabel, "--label-column", spec)
+    feature = train.features[label]
+    values = [int(y) for y in train[label]]
+    classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else [str(k) for k in
+                                                                                     range(max(values) + 1)]
+    if len(set(values)) < 2:
+        raise DataError(f"{spec} has one class in its '{label}' column: a classifier needs two or more classes")
+
+    def split(ds, name: str) -> HFSplit:
+        rows = ds.select_columns([image]).cast_column(image, datasets.Image(decode=False))
+        return HFSplit(rows, image, [int(y) for y in ds[label]] if ds is not train else values, f"{spec}[{name}]")
+
+    test_name = next((name for name in TEST_SPLITS if name in splits), None)
+    notes = []
+    if test_name is not None:
+        return Images(f"hf:{spec}", split(train, "train"), split(splits[test_name], test_name), classes,
+                      columns=(image, label))
+    keep, held = hold_out(values, opts.val_fraction, seed)
+    whole = split(train, "train")
+    notes.append(f"no validation or test split: {len(held):,} training rows ({opts.val_fraction:g} of each class, "
+                 f"seed {seed}) are held out for testing")
+    return Images(f"hf:{spec}", whole.subset(keep), whole.subset(held), classes, notes, opts.val_fraction,
+                  (image, label))

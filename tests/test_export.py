@@ -91,7 +91,7 @@ def test_a_full_disk_during_an_export_is_one_line_about_the_disk(capsys, tmp_pat
 
     ckpt = _ticket(tmp_path, "vgg", pruned=False)
 
-    def full(model, example, path):
+    def full(model, example, path, meta):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise RuntimeError("serialization failed") from OSError(28, "No space left on device")

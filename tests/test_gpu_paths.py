@@ -17,6 +17,7 @@ from conftest import randomize_bn
 from earlybird import EarlyBird, ModelSpec, create_model, prune_model
 from earlybird.cli import main
 from earlybird.config import RuntimeConfig
+from earlybird import data as data_module
 from earlybird.data import BatchLoader
 from earlybird.errors import ConfigError, TrainingError
 from earlybird.lowp import LowPrecision, Precision
@@ -370,7 +371,7 @@ def test_prune_and_eval_build_only_the_test_loader(capsys, tmp_path, cifar10_roo
             built.append(train)  # a training loader copies the whole training split to the device
             super().__init__(images, labels, batch_size, info, train, *args, **kwargs)
 
-    monkeypatch.setattr(common, "BatchLoader", Spy)
+    monkeypatch.setattr(data_module, "BatchLoader", Spy)
     code, _, err = cli(capsys, "prune", "--model", ticket, "--data", cifar10_root, "--latency-batches",
                        "--device", "cpu", "--save", tmp_path / "p")
     assert code == 0, err

@@ -15,6 +15,7 @@ Training speed (memory format, autocast, CPU kernels) is apart, in ``earlybird.a
 """
 __version__ = "0.1.0"
 
+from . import data  # earlybird.data.folder / .hf: the loaders of one's own images
 from .detector import EarlyBird
 from .errors import CheckpointError, ConfigError, DataError, EarlyBirdError, PruneError
 from .importance import IMPORTANCES, BNScale, FilterNorm, Importance
@@ -26,6 +27,7 @@ from .rules import RULES, Chain, Rule, Star
 from .sparsity import add_bn_l1_grad
 
 __all__ = [
+    "data",
     "IMPORTANCES", "RULES", "BNScale", "Chain", "ChannelIndex", "CheckpointError", "ConfigError", "DataError",
     "EarlyBird", "EarlyBirdError", "FilterNorm", "Importance", "ModelSpec", "PruneError", "PrunePlan", "Rule", "Star",
     "add_bn_l1_grad", "apply_mask", "apply_plan", "bn_gammas", "channel_mask", "channel_masks", "channel_ties",

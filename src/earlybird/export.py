@@ -6,6 +6,7 @@ shape-generic in it).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -18,12 +19,16 @@ from .errors import ConfigError, EarlyBirdError
 from .files import os_error, tensor_bytes, write_error
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+META_KEY, META_FILE = "earlybird", "earlybird.json"
 
 
-def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Path, fmt: str) -> Path:
+def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Path, fmt: str,
+                 metadata: dict | None = None) -> Path:
     """Write ``model`` (evaluated on the CPU in eval mode) to ``path`` in ``fmt``: one of ``FORMATS``.
-    ``example_inputs``: a batch of two or more inputs of the model's shape. Written to a temporary
-    file and renamed, so a failed export leaves nothing behind."""
+    ``example_inputs``: a batch of two or more inputs of the model's shape; ``metadata``: plain
+    values (the input's preprocessing, the class names) stored in the file as JSON under ``earlybird``
+    (ONNX: a metadata property; TorchScript and .pt2: an extra file ``earlybird.json``), read back by
+    ``read_metadata``. Written to a temporary file and renamed, so a failed export leaves nothing behind."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     model = model.cpu().eval()
@@ -35,7 +40,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Pat
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and exporter chatter; failures raise
-            _WRITERS[fmt](model, example, tmp)
+            _WRITERS[fmt](model, example, tmp, json.dumps(metadata or {}))
         os.replace(tmp, path)
     except EarlyBirdError:
         raise
@@ -54,17 +59,38 @@ def _batch_dim() -> dict:
     return {"x": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
 
 
-def _pt2(model, example, path) -> None:
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_batch_dim()), path)
+def _pt2(model, example, path, meta: str) -> None:
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_batch_dim()), path,
+                      extra_files={META_FILE: meta})
 
 
-def _torchscript(model, example, path) -> None:
-    torch.jit.trace(model, example, check_trace=False).save(path)
+def _torchscript(model, example, path, meta: str) -> None:
+    torch.jit.trace(model, example, check_trace=False).save(path, _extra_files={META_FILE: meta})
 
 
-def _onnx(model, example, path) -> None:
+def _onnx(model, example, path, meta: str) -> None:
+    import onnx
+
     torch.onnx.export(model, (example,), path, dynamo=True, input_names=["input"], output_names=["logits"],
                       dynamic_shapes=_batch_dim(), external_data=False, verbose=False)
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {META_KEY: meta})
+    onnx.save(proto, path)
+
+
+def read_metadata(path: str | Path, fmt: str) -> dict:
+    """The ``metadata`` an export stored (what a deployment needs to feed the network)."""
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props.get(META_KEY, "{}"))
+    extra = {META_FILE: ""}
+    if fmt == "torchscript":
+        torch.jit.load(str(path), _extra_files=extra)
+    else:
+        torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[META_FILE] or "{}")
 
 
 _WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "pt2": _pt2}

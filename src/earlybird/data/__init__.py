@@ -34,6 +34,7 @@ class DatasetInfo:
     resized_crop: bool = False  # random-resized crops of the held images (one's own large images)
     held_out: float = 0.0  # one's own images without a test split: the fraction of each class held out
     columns: tuple[str, ...] = ()  # a Hugging Face dataset's image and label columns
+    root: str = ""  # a class folder's directory, where prune, retrain and eval look when --data is not given
 
     def to_dict(self) -> dict:
         """Plain values, for a checkpoint (eval, prune and retrain read one's own images with them)."""
@@ -112,7 +113,7 @@ def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
             s = survey(images, opts, SPLIT_SEED)
             info = DatasetInfo(images.name, s.channels, len(images.classes), s.size, s.mean, s.std,
                                0 if s.large else max(1, s.size // 8), True, tuple(images.classes), s.large,
-                               images.held_out, images.columns)
+                               images.held_out, images.columns, str(Path(root).resolve()) if name == "folder" else "")
             notes += [s.note] if s.note else []
         _SURVEYED[key] = images, info, notes
     return _SURVEYED[key]
@@ -193,5 +194,42 @@ def _load_own(name: str, root, opts: ImageOptions, train_subset: int | None, see
     return Dataset(info, xtr, ytr, xte, yte)
 
 
+def loader_of(dataset: Dataset | FolderDataset, train: bool, batch_size: int, device="cpu", seed: int = 0,
+              channels_last: bool = False, workers: int = 2, rank: int = 0, world: int = 1, transform=None):
+    """The loader of a dataset's training or test split: the in-memory batch loader (a uint8 split is
+    copied to ``device`` whole), or the decoding workers' for a dataset streamed from files."""
+    if isinstance(dataset, FolderDataset):
+        return FolderLoader(dataset.train if train else dataset.test, batch_size, dataset.info, train, device, seed,
+                            channels_last, workers, rank, world, transform)
+    images, labels = (dataset.train_images, dataset.train_labels) if train else (dataset.test_images,
+                                                                                 dataset.test_labels)
+    return BatchLoader(images, labels, batch_size, dataset.info, train, device, seed, channels_last, rank, world,
+                       transform)
+
+
+def _own_loaders(name: str, root, batch_size: int, test_batch_size: int, device, seed: int, reporter, options: dict):
+    opts = ImageOptions(**options, device=str(device))
+    dataset = load_dataset(name, root, False, None, seed, opts, reporter=reporter)
+    return (loader_of(dataset, True, batch_size, device, seed, workers=opts.workers),
+            loader_of(dataset, False, test_batch_size, device, seed, workers=opts.workers), dataset.info)
+
+
+def folder(root: str | Path, batch_size: int = 256, test_batch_size: int = 256, device="cpu", seed: int = 0,
+           reporter=None, **options):
+    """(training loader, test loader, DatasetInfo) of class folders of one's own images
+    (``root/train/<class>/``, ``root/val/<class>/``), as ``--dataset folder`` reads them: at their own
+    size, held in memory where they fit, normalized, the training batches augmented on ``device``.
+    ``options``: ImageOptions' fields (image_size, val_fraction, mean, std, cache, workers). Each
+    loader yields (float images, labels) on ``device``; call ``set_epoch(e)`` before each pass."""
+    return _own_loaders("folder", root, batch_size, test_batch_size, device, seed, reporter, options)
+
+
+def hf(path: str, batch_size: int = 256, test_batch_size: int = 256, device="cpu", seed: int = 0, reporter=None,
+       **options):
+    """The same for a Hugging Face dataset (a ``save_to_disk`` folder, or a name in the local cache),
+    as ``--dataset hf:PATH`` reads it; ``options`` may also name image_column and label_column."""
+    return _own_loaders(f"hf:{path}", ".", batch_size, test_batch_size, device, seed, reporter, options)
+
+
 __all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset",
-           "FolderLoader", "ImageOptions", "dataset_info", "is_own", "load_dataset"]
+           "FolderLoader", "ImageOptions", "dataset_info", "folder", "hf", "is_own", "load_dataset", "loader_of"]

@@ -8,7 +8,7 @@ import torch
 
 from ..config import DataConfig, EvalConfig, ExportConfig, ImportConfig, ModelCheck, ModelConfig, RuntimeConfig
 from ..cost import count_macs, count_params
-from ..data import dataset_info
+from ..data import DATASETS, dataset_info
 from ..errors import CheckpointError, ConfigError, RunDirError
 from ..export import FORMATS, export_model, max_difference
 from ..progress import Reporter
@@ -51,12 +51,25 @@ def export_checkpoint(cfg: ExportConfig, rt: RuntimeConfig, reporter: Reporter, 
         raise RunDirError(f"{out} exists: choose another --out or pass --force to overwrite it")
     shape = ckpt.get("input_shape", [spec.in_channels, spec.image_size, spec.image_size])
     g = torch.Generator().manual_seed(rt.seed)
-    export_model(model, torch.randn(2, *shape, generator=g), out, cfg.format)
+    export_model(model, torch.randn(2, *shape, generator=g), out, cfg.format, _export_metadata(ckpt, spec, shape))
     diff = max_difference(out, cfg.format, model, torch.randn(3, *shape, generator=g))  # another batch size
     checked = "not checked: pip install onnxruntime" if diff is None else f"largest output difference {diff:.1e}"
     reporter.line(f"exported {cfg.model} ({'pruned ' if plan else ''}{spec.describe()}, {count_params(model):,} params) "
                   f"as {cfg.format} -> {out} ({checked}, relative, on a batch of 3)")
     return out
+
+
+def _export_metadata(ckpt: dict, spec, shape) -> dict:
+    """What a deployment needs to feed the exported network: the input's shape, channel order and
+    normalization, and the class names where the data named them."""
+    name = ckpt.get("dataset")
+    info = ckpt.get("data_info") or (DATASETS[name].to_dict() if name in DATASETS else None)
+    meta = {"network": spec.describe(), "input_shape": list(shape), "dataset": name}
+    if info:
+        meta.update({"channels": "RGB" if info["in_channels"] == 3 else "grayscale",
+                     "normalize": "(pixel / 255 - mean) / std, per channel", "mean": info["mean"], "std": info["std"],
+                     "classes": info.get("classes") or None})
+    return meta
 
 
 def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, reporter: Reporter,
@@ -75,7 +88,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     dataset = checkpoint_data(ckpt, data, cfg.model, platform, reporter)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
-                              f"data in {data.data} {dataset.info.num_classes} and {dataset.info.in_channels}: "
+                              f"data in {data.data or 'data'} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
     test = make_loader(dataset, data, platform, channels_last, train=False)
     result = evaluate(model, test, amp_dtype)

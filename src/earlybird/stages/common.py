@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig
-from ..data import BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, is_own, load_dataset
+from ..data import (BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, is_own, load_dataset,
+                    loader_of)
 from ..errors import CheckpointError, ConfigError
 from .. import accel
 from ..lowp import LowPrecision, Precision
@@ -74,7 +75,7 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None) -> Dataset | FolderDataset:
     """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded)."""
-    return load_dataset(data.dataset or DEFAULT_DATASET, data.data, data.download, data.train_subset, platform.seed,
+    return load_dataset(data.dataset or DEFAULT_DATASET, data.data or "data", data.download, data.train_subset, platform.seed,
                         data.image_options(platform.device), reporter=reporter)
 
 
@@ -84,7 +85,8 @@ def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", re
     them (classes, size, normalization, held-out split)."""
     name = checkpoint_dataset(ckpt, data, path)
     like = DatasetInfo.from_dict(ckpt["data_info"]) if is_own(name) and ckpt.get("data_info") else None
-    return load_dataset(name, data.data, data.download, train_subset, platform.seed, data.image_options(platform.device),
+    root = data.data or (like.root if like is not None and like.root else "data")
+    return load_dataset(name, root, data.download, train_subset, platform.seed, data.image_options(platform.device),
                         like, reporter)
 
 
@@ -161,13 +163,7 @@ def make_loader(dataset: Dataset | FolderDataset, data: DataConfig, platform: Pl
     flag, size = ("--batch-size", data.batch_size) if train else ("--test-batch-size", data.test_batch_size)
     if size % w.size:
         raise ConfigError(f"{flag} {size} is the global batch: it must divide among the {w.size} workers")
-    if isinstance(dataset, FolderDataset):
-        return FolderLoader(dataset.train if train else dataset.test, size, dataset.info, train, device, seed,
-                            channels_last, data.workers, w.rank, w.size, transform)
-    images, labels = (dataset.train_images, dataset.train_labels) if train else (dataset.test_images,
-                                                                                  dataset.test_labels)
-    return BatchLoader(images, labels, size, dataset.info, train, device, seed, channels_last, w.rank, w.size,
-                       transform)
+    return loader_of(dataset, train, size, device, seed, channels_last, data.workers, w.rank, w.size, transform)
 
 
 def make_loaders(dataset: Dataset | FolderDataset, data: DataConfig, platform: Platform, channels_last: bool):

@@ -1,0 +1,254 @@
+"""One's own images: class folders and Hugging Face datasets, at their own size, end to end."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from earlybird import data as data_module
+from earlybird.data.decode import to_mode
+from earlybird.export import read_metadata
+from earlybird.progress import Reporter
+from earlybird.train import load_checkpoint
+from test_cli import TINY, assert_one_line_error, cli
+
+RUN = ["--device", "cpu", "--cpu-kernels", "off", "--workers", "1"]
+
+
+def picture(label: int, size, mode: str, rng) -> Image.Image:
+    """A class-dependent image (brightness by class) in ``mode``."""
+    w, h = size
+    rgb = np.clip(rng.normal(50 + 70 * label, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    if mode == "I;16":  # 16-bit grayscale, as scanners and microscopes write it
+        return Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def write_folder(root, per_class=(10, 3), classes=("cat", "dog", "emu"), sizes=((32, 32),), modes=("RGB",),
+                 formats=("png",), seed=0, val=True):
+    """train/<class>/ (and val/<class>/) of images cycling through ``sizes``, ``modes`` and ``formats``."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for split, n in zip(("train", "val") if val else ("train",), per_class):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                mode, fmt, size = modes[k % len(modes)], formats[k % len(formats)], sizes[k % len(sizes)]
+                img = picture(label, size, mode, rng)
+                if fmt == "jpg" and img.mode not in ("RGB", "L"):
+                    img = img.convert("RGB")
+                img.save(folder / f"{i}.{fmt}")
+                k += 1
+    return root
+
+
+def _flow(capsys, tmp_path, source):
+    """search -> prune -> retrain -> eval -> export, the later stages naming no dataset."""
+    run = tmp_path / "run"
+    code, out, err = cli(capsys, "search", *source, *TINY, "--epochs", 2, "--ratios", 0.5, "--save", run, *RUN)
+    assert code == 0, err
+    code, pout, err = cli(capsys, "prune", "--model", run / "checkpoint.pth", "--percent", 0.5, *RUN[:-2])
+    assert code == 0, err
+    pruned = run / "pruned-50" / "pruned.pth"
+    code, _, err = cli(capsys, "retrain", "--model", pruned, "--epochs", 3, "--batch-size", 16, *RUN[:-2])
+    assert code == 0, err
+    best = run / "pruned-50" / "retrain" / "model_best.pth"
+    code, eout, err = cli(capsys, "eval", "--model", best, *RUN[:-2])
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", "--model", best, "--format", "onnx")
+    assert code == 0, err
+    return out, pout, eout, load_checkpoint(best), read_metadata(best.with_suffix(".onnx"), "onnx")
+
+
+def test_a_class_folder_of_small_mixed_images_goes_the_whole_way_at_its_own_size(capsys, tmp_path):
+    root = write_folder(tmp_path / "pets", sizes=((32, 32), (32, 32), (30, 34), (33, 31)),
+                        modes=("RGB", "L", "RGBA", "P", "I;16"), formats=("png", "jpg"))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    out, pout, eout, best, meta = _flow(capsys, tmp_path, ["--dataset", "folder", "--data", root])
+    assert "folder: skipped 1 non-image file (e.g. train/cat/notes.txt)" in out
+    assert "folder: 3 classes, 30 training and 9 test images at 32x32, 3 channels" in out and "held in memory" in out
+    assert "vgg11 width 0.0625 (3x32x32 -> 3)" in out  # its own size, not ImageNet's 224
+    assert "folder test (9 images)" in eout
+    info = best["data_info"]
+    assert best["dataset"] == "folder" and info["classes"] == ["cat", "dog", "emu"] and info["image_size"] == 32
+    assert meta["classes"] == ["cat", "dog", "emu"] and meta["mean"] == info["mean"] and meta["input_shape"] == [3, 32, 32]
+
+
+def test_a_hugging_face_dataset_saved_to_disk_goes_the_whole_way(capsys, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = [i % 3 for i in range(n)]
+        return datasets.Dataset.from_dict(
+            {"photo": [picture(y, (28, 28), "L", rng) for y in labels], "kind": labels, "note": ["x"] * n},
+            features=datasets.Features({"photo": datasets.Image(), "note": datasets.Value("string"),
+                                        "kind": datasets.ClassLabel(names=["a", "b", "c"])}))
+
+    datasets.DatasetDict({"train": split(30), "validation": split(9)}).save_to_disk(str(tmp_path / "hfds"))
+    out, _, eout, best, meta = _flow(capsys, tmp_path, ["--dataset", f"hf:{tmp_path / 'hfds'}"])
+    assert f"hf:{tmp_path / 'hfds'}: 3 classes, 30 training and 9 test images at 28x28, 1 channel" in out
+    assert "(1x28x28 -> 3)" in out and "test (9 images)" in eout
+    assert best["data_info"]["columns"] == ["photo", "kind"] and meta["classes"] == ["a", "b", "c"]
+    assert meta["channels"] == "grayscale"
+
+    # no column of the kind earlybird looks for: the columns are listed
+    datasets.Dataset.from_dict({"pixels": [[1, 2]], "label": [0]}).save_to_disk(str(tmp_path / "bare"))
+    capsys.readouterr()  # the datasets library's own progress bar
+    code, _, err = cli(capsys, "search", "--dataset", f"hf:{tmp_path / 'bare'}", *TINY, *RUN)
+    assert_one_line_error(code, err, "has no Image column (columns: pixels (", "--image-column")
+
+
+def test_the_next_run_reads_the_decoded_images_and_a_changed_folder_is_decoded_again(tmp_path):
+    root = write_folder(tmp_path / "f")
+    lines = io.StringIO()
+    reporter = Reporter(bars=False, out=lines)
+    train, test, info = data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
+    assert "decoded 39 images" in lines.getvalue() and "kept in" in lines.getvalue()
+    first = next(iter(test))[0]
+    data_module._SURVEYED.clear()  # as a new process
+    lines.truncate(0)
+    _, test2, _ = data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
+    assert "decoded images read from" in lines.getvalue() and torch.equal(next(iter(test2))[0], first)
+    picture(0, (32, 32), "RGB", np.random.default_rng(9)).save(root / "val" / "cat" / "0.png")  # a changed file
+    data_module._SURVEYED.clear()
+    lines.truncate(0)
+    data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
+    assert "decoded 39 images" in lines.getvalue()
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_image_modes_become_the_datasets_channels():
+    sixteen = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
+    assert sixteen.mode == "I;16"
+    assert np.asarray(to_mode(sixteen, 1)).tolist() == [[0, 1, 255]]  # scaled, not clipped at 255
+    rgba = Image.new("RGBA", (2, 1), (200, 100, 50, 0))
+    rgba.putpixel((1, 0), (200, 100, 50, 255))
+    assert np.asarray(to_mode(rgba, 3)).tolist() == [[[0, 0, 0], [200, 100, 50]]]  # transparent: black
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([10, 20, 30] * 256)
+    assert to_mode(palette, 3).getpixel((0, 0)) == (10, 20, 30)
+    assert to_mode(Image.new("RGB", (1, 1), (30, 60, 90)), 1).mode == "L"
+
+
+def test_grayscale_folders_train_in_one_channel_and_large_images_get_random_resized_crops(tmp_path):
+    gray = write_folder(tmp_path / "gray", modes=("L", "I;16"), per_class=(4, 2))
+    _, _, info = data_module.folder(gray, batch_size=4, workers=0)
+    assert info.in_channels == 1 and not info.resized_crop and info.crop_padding == 4
+
+    large = write_folder(tmp_path / "large", sizes=((200, 170), (180, 240)), per_class=(4, 2), formats=("jpg",))
+    train, test, info = data_module.folder(large, batch_size=12, image_size=32, workers=0)
+    assert info.resized_crop and info.crop_padding == 0 and info.image_size == 32
+    batches = []
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        batches.append(next(iter(train))[0])
+    assert batches[0].shape == (12, 3, 32, 32) and not torch.equal(batches[0], batches[1])
+    assert torch.equal(next(iter(test))[0], next(iter(test))[0])  # evaluation: the central crop, every time
+
+
+def test_without_val_a_fixed_stratified_part_is_held_out_whatever_the_seed(tmp_path):
+    root = write_folder(tmp_path / "f", per_class=(10,), val=False)
+    lines = io.StringIO()
+    splits = []
+    for seed in (0, 5):
+        data_module._SURVEYED.clear()
+        _, test, info = data_module.folder(root, batch_size=64, seed=seed, reporter=Reporter(bars=False, out=lines),
+                                           workers=0)
+        splits.append(torch.cat([y for _, y in test]))
+    assert torch.equal(splits[0], splits[1]) and splits[0].bincount().tolist() == [1, 1, 1]
+    assert info.held_out == 0.1 and "no val/ folder: 3 of the training images (0.1 of each class" in lines.getvalue()
+
+
+def test_streaming_through_the_workers_keeps_the_images_own_size(capsys, tmp_path):
+    root = write_folder(tmp_path / "f", sizes=((24, 24),), per_class=(6, 2))
+    code, out, err = cli(capsys, "search", "--dataset", "folder", "--data", root, *TINY, "--epochs", 1, "--ratios", 0.5,
+                         "--cache", "off", "--save", tmp_path / "run", *RUN)
+    assert code == 0, err
+    assert "streamed through the decoding workers (--cache off)" in out and "(3x24x24 -> 3)" in out
+
+
+def test_images_of_wildly_different_sizes_say_what_was_done(capsys, tmp_path):
+    root = write_folder(tmp_path / "f", sizes=((20, 20), (32, 32), (64, 48)), per_class=(3, 1))
+    lines = io.StringIO()
+    data_module.folder(root, batch_size=4, reporter=Reporter(bars=False, out=lines), workers=0)
+    assert ("images from 20x20 to 64x48 px (sampled): each is resized to 32 px on its shorter side and "
+            "center-cropped to 32x32") in lines.getvalue()
+
+
+def _bad(tmp_path, case):
+    root = write_folder(tmp_path / "f", per_class=(3, 1))
+    if case == "no train":
+        (root / "train").rename(root / "training")
+    elif case == "one class":
+        for name in ("dog", "emu"):
+            for f in (root / "train" / name).iterdir():
+                f.unlink()
+            (root / "train" / name).rmdir()
+    elif case == "empty class":
+        for f in (root / "train" / "emu").iterdir():
+            f.unlink()
+        (root / "train" / "emu" / "readme.md").write_text("soon")
+    elif case == "val only class":
+        (root / "val" / "yak").mkdir()
+        picture(0, (32, 32), "RGB", np.random.default_rng(0)).save(root / "val" / "yak" / "0.png")
+    elif case == "corrupt image":
+        (root / "train" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("no train", ["has no train/ folder", "train/<class>/"]),
+    ("one class", ["has one class folder (cat)", "two or more classes"]),
+    ("empty class", ["class folder", "emu holds no images (1 other files)"]),
+    ("val only class", ["has classes that", "lacks (yak)"]),
+    ("corrupt image", ["dog/1.png is not a readable image", "delete or replace it"]),
+])
+def test_bad_folders_are_one_line(capsys, tmp_path, case, needles):
+    root = _bad(tmp_path, case)
+    code, _, err = cli(capsys, "search", "--dataset", "folder", "--data", root, *TINY, "--epochs", 1,
+                       "--save", tmp_path / "run", *RUN)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_bad_image_flags_are_one_line(capsys, tmp_path):
+    root = write_folder(tmp_path / "f", per_class=(3, 1))
+    for flags, needle in ((["--mean", "0.5", "--std", "0.2"], "--mean and --std give 1 values; the images have 3"),
+                          (["--mean", "0.5"], "--mean and --std go together"),
+                          (["--val-fraction", "1.5"], "--val-fraction 1.5 must be in (0, 1)"),
+                          (["--image-size", "4"], "--image-size 4 must be in 8..1024")):
+        code, _, err = cli(capsys, "search", "--dataset", "folder", "--data", root, *TINY, "--epochs", 1,
+                           "--save", tmp_path / "run", *RUN, *flags)
+        assert_one_line_error(code, err, needle)
+    code, _, err = cli(capsys, "eval", "--model", tmp_path / "none.pth", "--dataset", "folder", *RUN)
+    assert code == 2
+
+
+def test_a_checkpoint_of_one_folder_refuses_a_folder_of_other_classes(capsys, tmp_path):
+    root = write_folder(tmp_path / "f", per_class=(3, 1))
+    code, _, err = cli(capsys, "search", "--dataset", "folder", "--data", root, *TINY, "--epochs", 1, "--ratios", 0.5,
+                       "--save", tmp_path / "run", *RUN)
+    assert code == 0, err
+    other = write_folder(tmp_path / "g", per_class=(3, 1), classes=("ant", "bee", "cow"))
+    code, _, err = cli(capsys, "eval", "--model", tmp_path / "run" / "checkpoint.pth", "--data", other, *RUN[:-2])
+    assert_one_line_error(code, err, "has the classes ant, bee, cow; the checkpoint was trained on cat, dog, emu")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"] == "folder"
+
+
+def test_the_documented_python_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "own-images.md").read_text()
+    code = re.search(r"<!-- own-images-example -->\s*```python\n(.*?)```", text, re.S).group(1)
+    root = write_folder(tmp_path / "photos", per_class=(4, 2))
+    code = code.replace('"photos"', repr(str(root))).replace('device="cuda"', 'device="cpu", workers=0')
+    scope = {"epochs": 1}
+    exec(compile(code, "docs/own-images.md", "exec"), scope)
+    assert scope["model"](scope["x"]).shape == (12, 3) and scope["info"].classes == ("cat", "dog", "emu")

@@ -110,12 +110,10 @@ def test_the_next_run_reads_the_decoded_images_and_a_changed_folder_is_decoded_a
     train, test, info = data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
     assert "decoded 39 images" in lines.getvalue() and "kept in" in lines.getvalue()
     first = next(iter(test))[0]
-    data_module._SURVEYED.clear()  # as a new process
     lines.truncate(0)
     _, test2, _ = data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
     assert "decoded images read from" in lines.getvalue() and torch.equal(next(iter(test2))[0], first)
     picture(0, (32, 32), "RGB", np.random.default_rng(9)).save(root / "val" / "cat" / "0.png")  # a changed file
-    data_module._SURVEYED.clear()
     lines.truncate(0)
     data_module.folder(root, batch_size=8, reporter=reporter, workers=1)
     assert "decoded 39 images" in lines.getvalue()
@@ -157,7 +155,6 @@ def test_without_val_a_fixed_stratified_part_is_held_out_whatever_the_seed(tmp_p
     lines = io.StringIO()
     splits = []
     for seed in (0, 5):
-        data_module._SURVEYED.clear()
         _, test, info = data_module.folder(root, batch_size=64, seed=seed, reporter=Reporter(bars=False, out=lines),
                                            workers=0)
         splits.append(torch.cat([y for _, y in test]))

@@ -1,6 +1,7 @@
 """Datasets: readers of the official file formats, and a fast in-memory batch loader."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -86,37 +87,36 @@ def is_own(name: str) -> bool:
 
 
 SPLIT_SEED = 0
-_SURVEYED: dict = {}  # (name, root, options, like) -> (Images, DatasetInfo, notes): surveyed once per process
+_SURVEYED: dict = {}  # (name, root, options, the images' identity) -> (DatasetInfo, notes)
 
 
 def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
-    """(images, info, notes) of one's own dataset: scanned and surveyed, or described by ``like``
-    (a checkpoint's: its classes, size, normalization, held-out fraction and columns). The held-out
-    split and the survey's sample are seeded with SPLIT_SEED, not --seed: a test split that moved
-    with the seed would put test images into training."""
-    key = (name, str(root), opts, like)
+    """(images, info, notes) of one's own dataset: scanned (every call: a changed folder is seen)
+    and surveyed (once per process for the same images), or described by ``like`` (a checkpoint's:
+    its classes, size, normalization, held-out fraction and columns). The held-out split and the
+    survey's sample are seeded with SPLIT_SEED, not --seed: a test split that moved with the seed
+    would put test images into training."""
+    if like is not None:
+        columns = dict(zip(("image_column", "label_column"), like.columns))
+        opts = replace(opts, val_fraction=like.held_out or opts.val_fraction, **columns)
+    images = scan_folder(root, opts.val_fraction, SPLIT_SEED) if name == "folder" else load_hf(name[3:], opts, SPLIT_SEED)
+    notes = list(images.notes)
+    if like is not None:
+        if list(like.classes) != images.classes:
+            raise DataError(f"{root if name == 'folder' else name} has the classes {', '.join(images.classes[:5])}"
+                            f"{' ...' if len(images.classes) > 5 else ''}; the checkpoint was trained on "
+                            f"{', '.join(like.classes[:5])}{' ...' if len(like.classes) > 5 else ''}: pass the "
+                            "--data it was trained on")
+        return images, like, notes
+    key = (name, str(root), opts, json.dumps([images.train.key(), images.test.key()]))
     if key not in _SURVEYED:
-        if like is not None:
-            columns = dict(zip(("image_column", "label_column"), like.columns))
-            opts = replace(opts, val_fraction=like.held_out or opts.val_fraction, **columns)
-        images = (scan_folder(root, opts.val_fraction, SPLIT_SEED) if name == "folder" else
-                  load_hf(name[3:], opts, SPLIT_SEED))
-        notes = list(images.notes)
-        if like is not None:
-            if list(like.classes) != images.classes:
-                raise DataError(f"{root if name == 'folder' else name} has the classes {', '.join(images.classes[:5])}"
-                                f"{' ...' if len(images.classes) > 5 else ''}; the checkpoint was trained on "
-                                f"{', '.join(like.classes[:5])}{' ...' if len(like.classes) > 5 else ''}: pass the "
-                                "--data it was trained on")
-            info = like
-        else:
-            s = survey(images, opts, SPLIT_SEED)
-            info = DatasetInfo(images.name, s.channels, len(images.classes), s.size, s.mean, s.std,
-                               0 if s.large else max(1, s.size // 8), True, tuple(images.classes), s.large,
-                               images.held_out, images.columns, str(Path(root).resolve()) if name == "folder" else "")
-            notes += [s.note] if s.note else []
-        _SURVEYED[key] = images, info, notes
-    return _SURVEYED[key]
+        s = survey(images, opts, SPLIT_SEED)
+        info = DatasetInfo(images.name, s.channels, len(images.classes), s.size, s.mean, s.std,
+                           0 if s.large else max(1, s.size // 8), True, tuple(images.classes), s.large,
+                           images.held_out, images.columns, str(Path(root).resolve()) if name == "folder" else "")
+        _SURVEYED[key] = info, [s.note] if s.note else []
+    info, survey_notes = _SURVEYED[key]
+    return images, info, notes + survey_notes
 
 
 def dataset_info(name: str, root: str | Path | None = None, images: ImageOptions | None = None) -> DatasetInfo:

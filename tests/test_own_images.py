@@ -103,6 +103,26 @@ def test_a_hugging_face_dataset_saved_to_disk_goes_the_whole_way(capsys, tmp_pat
     assert_one_line_error(code, err, "has no Image column (columns: pixels (", "--image-column")
 
 
+def test_a_hugging_face_dataset_with_one_split_holds_out_part_and_one_without_labels_is_refused(capsys, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    labels = [i % 2 for i in range(20)]
+    images = [picture(y, (16, 16), "RGB", rng) for y in labels]
+    datasets.Dataset.from_dict({"image": images, "y": labels}, features=datasets.Features(
+        {"image": datasets.Image(), "y": datasets.Value("int64")})).save_to_disk(str(tmp_path / "one"))
+    lines = io.StringIO()
+    train, test, info = data_module.hf(str(tmp_path / "one"), batch_size=64, reporter=Reporter(bars=False, out=lines),
+                                       label_column="y", workers=0)
+    assert info.classes == ("0", "1") and info.held_out == 0.1 and train.num_samples == 18
+    assert torch.cat([y for _, y in test]).tolist() == [0, 1]  # one of each class held out
+    assert "no validation or test split: 2 training rows" in lines.getvalue()
+    datasets.Dataset.from_dict({"image": images[:2]}, features=datasets.Features(
+        {"image": datasets.Image()})).save_to_disk(str(tmp_path / "unlabelled"))
+    capsys.readouterr()
+    code, _, err = cli(capsys, "search", "--dataset", f"hf:{tmp_path / 'unlabelled'}", *TINY, *RUN)
+    assert_one_line_error(code, err, "has no ClassLabel column (columns: image (Image))", "--label-column")
+
+
 def test_the_next_run_reads_the_decoded_images_and_a_changed_folder_is_decoded_again(tmp_path):
     root = write_folder(tmp_path / "f")
     lines = io.StringIO()

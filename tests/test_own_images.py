@@ -9,6 +9,7 @@ from PIL import Image
 
 from earlybird import data as data_module
 from earlybird.data.decode import to_mode
+from earlybird.errors import DataError
 from earlybird.export import read_metadata
 from earlybird.progress import Reporter
 from earlybird.train import load_checkpoint
@@ -116,6 +117,13 @@ def test_a_hugging_face_dataset_with_one_split_holds_out_part_and_one_without_la
     assert info.classes == ("0", "1") and info.held_out == 0.1 and train.num_samples == 18
     assert torch.cat([y for _, y in test]).tolist() == [0, 1]  # one of each class held out
     assert "no validation or test split: 2 training rows" in lines.getvalue()
+    named = ["dog" if y else "cat" for y in labels]  # labels as strings: classes by name
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images, "kind": named}, features=datasets.Features(
+        {"image": datasets.Image(), "kind": datasets.Value("string")})), "test": datasets.Dataset.from_dict(
+        {"image": images[:2], "kind": ["cat", "yak"]}, features=datasets.Features(
+            {"image": datasets.Image(), "kind": datasets.Value("string")}))}).save_to_disk(str(tmp_path / "named"))
+    with pytest.raises(DataError, match=r"named\[test\] has the label 'yak', which the training split"):
+        data_module.hf(str(tmp_path / "named"), label_column="kind", workers=0)
     datasets.Dataset.from_dict({"image": images[:2]}, features=datasets.Features(
         {"image": datasets.Image()})).save_to_disk(str(tmp_path / "unlabelled"))
     capsys.readouterr()
@@ -139,6 +147,10 @@ def test_the_next_run_reads_the_decoded_images_and_a_changed_folder_is_decoded_a
     assert "decoded 39 images" in lines.getvalue()
     x, y = next(iter(train))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    lines.truncate(0)  # --train-subset: other images, another cache file
+    subset = data_module.load_dataset("folder", root, train_subset=5, images=data_module.ImageOptions(workers=0),
+                                      reporter=reporter)
+    assert len(subset.train_images) == 5 and "decoded 14 images" in lines.getvalue()
 
 
 def test_image_modes_become_the_datasets_channels():

@@ -63,6 +63,11 @@ class DataConfig:
     image_column: str | None = opt(None, "hf: the image column (default: the first Image feature)")
     label_column: str | None = opt(None, "hf: the label column (default: the first ClassLabel feature)")
 
+    @property
+    def root(self) -> str:
+        """--data, or its default."""
+        return self.data or "data"
+
     def image_options(self, device="cpu"):
         """How --dataset folder and hf: read the images (``device``: where training runs)."""
         from .data.images import ImageOptions

@@ -1,7 +1,6 @@
 """Datasets: readers of the official file formats, and a fast in-memory batch loader."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -45,11 +44,6 @@ class DatasetInfo:
     def from_dict(cls, d: dict) -> "DatasetInfo":
         return cls(**{f.name: tuple(d[f.name]) if isinstance(d.get(f.name), list) else d[f.name]
                       for f in fields(cls) if f.name in d})
-
-    @property
-    def own(self) -> bool:
-        """One's own images (a class folder, a Hugging Face dataset), described by the data itself."""
-        return is_own(self.name)
 
 
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -108,7 +102,7 @@ def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
                             f"{', '.join(like.classes[:5])}{' ...' if len(like.classes) > 5 else ''}: pass the "
                             "--data it was trained on")
         return images, like, notes
-    key = (name, str(root), opts, json.dumps([images.train.key(), images.test.key()]))
+    key = (name, str(root), opts, images.identity())
     if key not in _SURVEYED:
         s = survey(images, opts, SPLIT_SEED)
         info = DatasetInfo(images.name, s.channels, len(images.classes), s.size, s.mean, s.std,
@@ -178,7 +172,7 @@ def _load_own(name: str, root, opts: ImageOptions, train_subset: int | None, see
     images, info, notes = _own(name, root, opts, like)
     keep = _subset(len(images.train), train_subset, seed)
     if keep is not None:
-        images = replace(images, train=images.train.subset(keep.tolist()))
+        images = replace(images, train=images.train.subset(keep.tolist()), _identity=None)  # other images
     held, why = in_memory(images, info, opts)
     say = reporter.line if reporter is not None else (lambda text: None)
     for note in notes:

@@ -74,6 +74,26 @@ def _columns(features) -> str:
     return ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
 
 
+def _classes(feature, column, datasets) -> list[str]:
+    """Class names: a ClassLabel's, 0..max of integer labels, else the sorted distinct values."""
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if all(isinstance(v, int) and v >= 0 for v in column):
+        return [str(k) for k in range(max(column) + 1)]
+    return sorted({str(v) for v in column})
+
+
+def _labels(column, classes: list[str], where: str) -> list[int]:
+    """Class numbers of a label column (integers as they are, other values by name)."""
+    index, labels = {name: i for i, name in enumerate(classes)}, []
+    for v in column:
+        i = v if isinstance(v, int) else index.get(str(v))
+        if i is None or not 0 <= i < len(classes):
+            raise DataError(f"{where} has the label {v!r}, which the training split lacks: one set of classes for all")
+        labels.append(i)
+    return labels
+
+
 def load_hf(spec: str, opts: ImageOptions, seed: int = 0) -> Images:
     """A Hugging Face dataset as two splits of images and labels; every problem is one line."""
     datasets, obj = _open(spec)
@@ -83,16 +103,15 @@ def load_hf(spec: str, opts: ImageOptions, seed: int = 0) -> Images:
     train = splits["train"]
     image = _column(train.features, opts.image_column, datasets.Image, "--image-column", spec)
     label = _column(train.features, opts.label_column, datasets.ClassLabel, "--label-column", spec)
-    feature = train.features[label]
-    values = [int(y) for y in train[label]]
-    classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else [str(k) for k in
-                                                                                     range(max(values) + 1)]
+    classes = _classes(train.features[label], train[label], datasets)
+    values = _labels(train[label], classes, f"{spec}[train]")
     if len(set(values)) < 2:
         raise DataError(f"{spec} has one class in its '{label}' column: a classifier needs two or more classes")
 
     def split(ds, name: str) -> HFSplit:
         rows = ds.select_columns([image]).cast_column(image, datasets.Image(decode=False))
-        return HFSplit(rows, image, [int(y) for y in ds[label]] if ds is not train else values, f"{spec}[{name}]")
+        labels = values if ds is train else _labels(ds[label], classes, f"{spec}[{name}]")
+        return HFSplit(rows, image, labels, f"{spec}[{name}]")
 
     test_name = next((name for name in TEST_SPLITS if name in splits), None)
     notes = []

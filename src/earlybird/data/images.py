@@ -76,6 +76,14 @@ class Images:
     notes: list[str] = field(default_factory=list)
     held_out: float = 0.0  # the fraction of each class held out for testing (no test split of its own)
     columns: tuple[str, ...] = ()  # a Hugging Face dataset's image and label columns
+    _identity: str | None = field(default=None, repr=False)
+
+    def identity(self) -> str:
+        """What the images are (every file's name, size and time; a dataset's fingerprint), as JSON:
+        worked out once (a million files take seconds to stat)."""
+        if self._identity is None:
+            self._identity = json.dumps([self.name, self.train.key(), self.test.key()])
+        return self._identity
 
 
 @dataclass(frozen=True)
@@ -197,8 +205,7 @@ def in_memory(images: Images, info, opts: ImageOptions) -> tuple[bool, str]:
 
 
 def _cache_path(images: Images, info) -> Path:
-    key = [CACHE_VERSION, images.name, images.train.key(), images.test.key(), info.in_channels, info.image_size,
-           info.resized_crop]
+    key = [CACHE_VERSION, images.identity(), info.in_channels, info.image_size, info.resized_crop]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
     return user_cache_dir() / "images" / f"{digest}.pt"
 

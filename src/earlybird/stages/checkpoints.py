@@ -88,7 +88,7 @@ def evaluate_checkpoint(cfg: EvalConfig, data: DataConfig, rt: RuntimeConfig, re
     dataset = checkpoint_data(ckpt, data, cfg.model, platform, reporter)
     if (dataset.info.in_channels, dataset.info.num_classes) != (spec.in_channels, spec.num_classes):
         raise CheckpointError(f"{cfg.model} has {spec.num_classes} classes and {spec.in_channels} input channels, the "
-                              f"data in {data.data or 'data'} {dataset.info.num_classes} and {dataset.info.in_channels}: "
+                              f"data in {data.root} {dataset.info.num_classes} and {dataset.info.in_channels}: "
                               "pass the --data it was trained on")
     test = make_loader(dataset, data, platform, channels_last, train=False)
     result = evaluate(model, test, amp_dtype)

@@ -75,7 +75,7 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None) -> Dataset | FolderDataset:
     """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded)."""
-    return load_dataset(data.dataset or DEFAULT_DATASET, data.data or "data", data.download, data.train_subset, platform.seed,
+    return load_dataset(data.dataset or DEFAULT_DATASET, data.root, data.download, data.train_subset, platform.seed,
                         data.image_options(platform.device), reporter=reporter)
 
 
@@ -85,7 +85,7 @@ def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", re
     them (classes, size, normalization, held-out split)."""
     name = checkpoint_dataset(ckpt, data, path)
     like = DatasetInfo.from_dict(ckpt["data_info"]) if is_own(name) and ckpt.get("data_info") else None
-    root = data.data or (like.root if like is not None and like.root else "data")
+    root = data.data or (like.root if like is not None and like.root else data.root)
     return load_dataset(name, root, data.download, train_subset, platform.seed, data.image_options(platform.device),
                         like, reporter)
 

@@ -44,7 +44,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     t0 = time.perf_counter()
     platform = setup_runtime(rt)
     # fail on a bad model before loading data
-    info = dataset_info(data.dataset, data.data or "data", data.image_options(platform.device))
+    info = dataset_info(data.dataset, data.root, data.image_options(platform.device))
     create_model(model_spec(model_cfg, info))
     dataset = load_data(data, platform, reporter)
     stage_rt = _stage_runtime(rt, run.search())

@@ -74,7 +74,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     platform = setup_runtime(rt)
-    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.data or "data",
+    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.root,
                                                                            data.image_options(platform.device)))
     model, layers, ties, importance, budgets = _dense(spec, detect, round_to)  # a bad model fails before the data
     resume_path = run.prepare(rt.force, rt.resume, reporter)

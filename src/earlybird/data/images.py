@@ -99,9 +99,11 @@ class Survey:
 def hold_out(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(kept, held out) indices: a seeded ``fraction`` of each class (at least one image where the
     class has two or more) held out for testing."""
-    rng, keep, held = random.Random(seed), [], []
-    for label in sorted(set(labels)):
-        members = [i for i, y in enumerate(labels) if y == label]
+    rng, keep, held, by_class = random.Random(seed), [], [], {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    for label in sorted(by_class):
+        members = by_class[label]
         rng.shuffle(members)
         k = min(len(members) - 1, max(1, round(fraction * len(members))))
         held += members[:k]

@@ -281,3 +281,16 @@ def test_the_documented_python_example_runs(tmp_path):
     scope = {"epochs": 1}
     exec(compile(code, "docs/own-images.md", "exec"), scope)
     assert scope["model"](scope["x"]).shape == (12, 3) and scope["info"].classes == ("cat", "dog", "emu")
+
+
+def test_auto_holds_in_memory_what_fits_a_quarter_of_the_free_memory_and_streams_the_rest(tmp_path, monkeypatch):
+    from earlybird.data import images as images_module
+
+    root = write_folder(tmp_path / "f", per_class=(4, 2))  # 18 images of 3 x 32 x 32: 55,296 bytes decoded
+    for free, kind in ((4 * 55_296, data_module.Dataset), (4 * 55_296 - 4, data_module.FolderDataset)):
+        monkeypatch.setattr(images_module, "available_memory", lambda device, free=free: free)
+        lines = io.StringIO()
+        got = data_module.load_dataset("folder", root, images=data_module.ImageOptions(workers=0),
+                                       reporter=Reporter(bars=False, out=lines))
+        assert type(got) is kind, lines.getvalue()
+    assert "streamed through the decoding workers (54.0 KiB decoded, over a quarter of the free memory" in lines.getvalue()

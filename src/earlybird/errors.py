@@ -34,7 +34,8 @@ class TrainingError(EarlyBirdError):
     """Training diverged (NaN or infinite loss)."""
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """'1.1 MiB', '868.0 KiB', '12 bytes'."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
@@ -44,8 +45,8 @@ class WriteError(EarlyBirdError):
 
     def __init__(self, path, reason: str, needed: int, free: int | None, resume: str = ""):
         self.path, self.reason, self.needed, self.free, self.resume = path, reason, needed, free, resume
-        free_text = f", {_size(free)} free there" if free is not None else ""
-        super().__init__(f"could not write {path}: {reason} (it needs about {_size(needed)}{free_text}); the "
+        free_text = f", {format_bytes(free)} free there" if free is not None else ""
+        super().__init__(f"could not write {path}: {reason} (it needs about {format_bytes(needed)}{free_text}); the "
                          f"previous version is intact: free space there or choose another --save, then run the same "
                          f"command again{resume}")
 

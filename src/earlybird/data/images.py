@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, DataError, WriteError
+from ..errors import ConfigError, DataError, WriteError, format_bytes
 from ..files import atomic_write, tensor_bytes, user_cache_dir
 from .decode import RESIZE, SIZE, as_tensor, center_crop, to_mode
 
@@ -201,8 +201,8 @@ def in_memory(images: Images, info, opts: ImageOptions) -> tuple[bool, str]:
     if opts.cache != "auto":
         return opts.cache == "on", f"--cache {opts.cache}"
     budget = available_memory(opts.device) // 4
-    why = f"{need / 2**20:,.0f} MiB decoded, {'within' if need <= budget else 'over'} a quarter of the free memory " \
-          f"({budget / 2**20:,.0f} MiB)"
+    why = (f"{format_bytes(need)} decoded, {'within' if need <= budget else 'over'} a quarter of the free memory "
+           f"({format_bytes(budget)})")
     return need <= budget, why
 
 

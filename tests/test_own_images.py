@@ -294,3 +294,26 @@ def test_auto_holds_in_memory_what_fits_a_quarter_of_the_free_memory_and_streams
                                        reporter=Reporter(bars=False, out=lines))
         assert type(got) is kind, lines.getvalue()
     assert "streamed through the decoding workers (54.0 KiB decoded, over a quarter of the free memory" in lines.getvalue()
+
+
+def test_the_image_column_and_the_normalization_can_be_named(capsys, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(2)
+    labels = [i % 2 for i in range(12)]
+    features = datasets.Features({"thumb": datasets.Image(), "photo": datasets.Image(),
+                                  "y": datasets.ClassLabel(names=["no", "yes"])})
+    datasets.Dataset.from_dict({"thumb": [picture(y, (8, 8), "L", rng) for y in labels],
+                                "photo": [picture(y, (20, 20), "RGB", rng) for y in labels], "y": labels},
+                               features=features).save_to_disk(str(tmp_path / "two"))
+    capsys.readouterr()
+    code, out, err = cli(capsys, "search", "--dataset", f"hf:{tmp_path / 'two'}", "--image-column", "photo",
+                         "--mean", 0.5, 0.4, 0.3, "--std", 0.2, 0.2, 0.2, *TINY, "--epochs", 1, "--ratios", 0.5,
+                         "--save", tmp_path / "run", *RUN)
+    assert code == 0, err
+    info = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["data_info"]
+    assert info["columns"] == ["photo", "y"] and info["image_size"] == 20 and info["in_channels"] == 3
+    assert info["mean"] == [0.5, 0.4, 0.3] and info["std"] == [0.2, 0.2, 0.2]
+    code, _, err = cli(capsys, "search", "--dataset", f"hf:{tmp_path / 'two'}", "--image-column", "picture", *TINY,
+                       "--save", tmp_path / "other", *RUN)
+    assert_one_line_error(code, err, "has no column 'picture' (columns: thumb (Image), photo (Image), y (ClassLabel))",
+                          "fix --image-column")

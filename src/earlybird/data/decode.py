@@ -47,6 +47,12 @@ class FolderSplit:
         return [[p, s.st_size, s.st_mtime_ns, label] for p, s, label in zip(self.paths, stats, self.labels)]
 
 
+def worker_error(exc: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker, as its own one line (torch re-raises it with the
+    worker's traceback in the message)."""
+    return DataError(str(exc).strip().splitlines()[-1].removeprefix("earlybird.errors.DataError: "))
+
+
 def open_image(source, shorter: int | None = None, name: str | None = None) -> Image.Image:
     """The decoded image at the path ``source`` (or in the file object ``source``, called ``name`` in
     errors); a JPEG that will be resized to ``shorter`` pixels on its shorter side is decoded at the

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, DataError, WriteError, format_bytes
 from ..files import atomic_write, tensor_bytes, user_cache_dir
-from .decode import RESIZE, SIZE, as_tensor, center_crop, to_mode
+from .decode import RESIZE, SIZE, as_tensor, center_crop, to_mode, worker_error
 
 SMALL = 160  # median shorter side under this: the images' own size
 SURVEY = 256  # images sampled for channels, size, mean and std
@@ -175,7 +175,7 @@ def decode_split(split, size: int, shorter: int, channels: int, workers: int, re
             done += len(x)
             update(done)
     except DataError as exc:  # raised in a worker: keep its own one-line message
-        raise DataError(str(exc).strip().splitlines()[-1].removeprefix("earlybird.errors.DataError: ")) from None
+        raise worker_error(exc) from None
     finally:
         close()
     return images, torch.as_tensor(split.labels, dtype=torch.int64)

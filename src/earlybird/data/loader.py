@@ -157,6 +157,7 @@ class FolderLoader:
 
     def __iter__(self):
         from ..errors import DataError
+        from .decode import worker_error
 
         self.dataset.epoch = self.epoch  # workers start per pass, so they see this epoch
         n = len(self.dataset)
@@ -171,4 +172,4 @@ class FolderLoader:
                 x = (x if self.transform is None else self.transform(x)) * self._scale + self._shift
                 yield x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
         except DataError as exc:  # raised in a worker: keep its own one-line message
-            raise DataError(str(exc).strip().splitlines()[-1].removeprefix("earlybird.errors.DataError: ")) from None
+            raise worker_error(exc) from None

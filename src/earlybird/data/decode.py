@@ -47,6 +47,12 @@ class FolderSplit:
         return [[p, s.st_size, s.st_mtime_ns, label] for p, s, label in zip(self.paths, stats, self.labels)]
 
 
+def eval_shorter(size: int, large: bool = True) -> int:
+    """The shorter side an evaluation image is resized to before its central ``size`` crop: 256/224
+    of it for large images (ImageNet's 256 -> 224), the size itself for small ones."""
+    return round(size * RESIZE / SIZE) if large else size
+
+
 def worker_error(exc: DataError) -> DataError:
     """A DataError raised in a DataLoader worker, as its own one line (torch re-raises it with the
     worker's traceback in the message)."""
@@ -139,7 +145,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         # decode no finer than the crop needs (a JPEG at a reduced DCT scale): the evaluation crop's
         # shorter side, or for training the smallest random crop (8% of the area, aspect 3/4) at full size
-        need = round(self.size * RESIZE / SIZE) if not self.train else math.ceil(self.size / math.sqrt(0.08 * 3 / 4))
+        need = eval_shorter(self.size) if not self.train else math.ceil(self.size / math.sqrt(0.08 * 3 / 4))
         img = self.convert(self.split.open(i, need))
         if self.train:
             rng = random.Random((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
@@ -147,5 +153,5 @@ class ImageFolderSet(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            img = center_crop(img, self.size, round(self.size * RESIZE / SIZE))
+            img = center_crop(img, self.size, need)
         return as_tensor(img), self.split.labels[i]

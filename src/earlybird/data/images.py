@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, DataError, WriteError, format_bytes
 from ..files import atomic_write, tensor_bytes, user_cache_dir
-from .decode import RESIZE, SIZE, as_tensor, center_crop, to_mode, worker_error
+from .decode import SIZE, as_tensor, center_crop, eval_shorter, to_mode, worker_error
 
 SMALL = 160  # median shorter side under this: the images' own size
 SURVEY = 256  # images sampled for channels, size, mean and std
@@ -141,11 +141,6 @@ def survey(images: Images, opts: ImageOptions, seed: int = 0) -> Survey:
                   tuple(round(float(s), 4) for s in std), note)
 
 
-def test_shorter(size: int, large: bool) -> int:
-    """The shorter side an evaluation image is resized to before its central crop."""
-    return round(size * RESIZE / SIZE) if large else size
-
-
 class _Decode(torch.utils.data.Dataset):
     """One image decoded, converted, resized on its shorter side and center-cropped (in a worker)."""
 
@@ -227,7 +222,7 @@ def decode_all(images: Images, info, opts: ImageOptions, reporter) -> tuple[tupl
     t0 = time.perf_counter()
     size, large = info.image_size, info.resized_crop
     train = decode_split(images.train, size, size, info.in_channels, opts.workers, reporter, "training images")
-    test = decode_split(images.test, size, test_shorter(size, large), info.in_channels, opts.workers, reporter,
+    test = decode_split(images.test, size, eval_shorter(size, large), info.in_channels, opts.workers, reporter,
                         "test images")
     seconds = time.perf_counter() - t0
     n = len(images.train) + len(images.test)

@@ -200,6 +200,11 @@ def test_streaming_through_the_workers_keeps_the_images_own_size(capsys, tmp_pat
                          "--cache", "off", "--save", tmp_path / "run", *RUN)
     assert code == 0, err
     assert "streamed through the decoding workers (--cache off)" in out and "(3x24x24 -> 3)" in out
+    # streamed or held, small images are evaluated alike, and trained on shifted crops at their size
+    streamed, held = (data_module.folder(root, batch_size=18, cache=cache, workers=0) for cache in ("off", "on"))
+    assert torch.equal(next(iter(streamed[1]))[0], next(iter(held[1]))[0])
+    x = next(iter(streamed[0]))[0]
+    assert x.shape == (18, 3, 24, 24) and not torch.equal(x, next(iter(held[0]))[0])
 
 
 def test_images_of_wildly_different_sizes_say_what_was_done(capsys, tmp_path):

@@ -93,7 +93,8 @@ def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
     if like is not None:
         columns = dict(zip(("image_column", "label_column"), like.columns))
         opts = replace(opts, val_fraction=like.held_out or opts.val_fraction, **columns)
-    images = scan_folder(root, opts.val_fraction, SPLIT_SEED) if name == "folder" else load_hf(name[3:], opts, SPLIT_SEED)
+    images = (scan_folder(root, opts.val_fraction, SPLIT_SEED) if name == "folder" else
+              load_hf(name[3:], opts, SPLIT_SEED))
     notes = list(images.notes)
     if like is not None:
         if list(like.classes) != images.classes:
@@ -178,8 +179,8 @@ def _load_own(name: str, root, opts: ImageOptions, train_subset: int | None, see
     for note in notes:
         say(f"{info.name}: {note}")
     say(f"{info.name}: {len(images.classes)} classes, {len(images.train):,} training and {len(images.test):,} test "
-        f"images at {info.image_size}x{info.image_size}, {info.in_channels} channel{'s' if info.in_channels > 1 else ''}"
-        f", mean {', '.join(f'{m:.3f}' for m in info.mean)}, std {', '.join(f'{s:.3f}' for s in info.std)}; "
+        f"images at {info.image_size}x{info.image_size}, {info.in_channels} "
+        f"channel{'s' if info.in_channels > 1 else ''}, mean {', '.join(f'{m:.3f}' for m in info.mean)}, std {', '.join(f'{s:.3f}' for s in info.std)}; "
         + ("held in memory" if held else "streamed through the decoding workers") + f" ({why})")
     if not held:
         return FolderDataset(info, images.train, images.test, images.classes)

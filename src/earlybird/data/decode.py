@@ -134,10 +134,14 @@ def to_mode(img: Image.Image, channels: int = 3) -> Image.Image:
 class ImageFolderSet(torch.utils.data.Dataset):
     """Decodes and augments one image per index; ``epoch`` is set before each pass. ``split``: any
     list of images with ``open(i)`` and ``labels`` (files, a Hugging Face dataset); ``convert``
-    turns a decoded image into the dataset's mode (RGB or L) before it is resized."""
+    turns a decoded image into the dataset's mode (RGB or L) before it is resized. ``padding`` 0
+    (ImageNet, large images): a random-resized crop for training, the central crop of a 256/224
+    resize for evaluation; over 0 (small images, as the in-memory loader augments them): the
+    central crop, shifted at random within that much zero padding for training."""
 
-    def __init__(self, split, train: bool, seed: int, size: int = SIZE, convert=to_mode):
+    def __init__(self, split, train: bool, seed: int, size: int = SIZE, convert=to_mode, padding: int = 0):
         self.split, self.train, self.seed, self.epoch, self.size, self.convert = split, train, seed, 0, size, convert
+        self.padding = padding
 
     def __len__(self) -> int:
         return len(self.split)
@@ -145,13 +149,22 @@ class ImageFolderSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         # decode no finer than the crop needs (a JPEG at a reduced DCT scale): the evaluation crop's
         # shorter side, or for training the smallest random crop (8% of the area, aspect 3/4) at full size
-        need = eval_shorter(self.size) if not self.train else math.ceil(self.size / math.sqrt(0.08 * 3 / 4))
+        small = self.padding > 0
+        need = (eval_shorter(self.size, not small) if not self.train or small else
+                math.ceil(self.size / math.sqrt(0.08 * 3 / 4)))
         img = self.convert(self.split.open(i, need))
-        if self.train:
-            rng = random.Random((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
-            img = random_resized_crop(img, rng, self.size)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            img = center_crop(img, self.size, need)
+        if not self.train:
+            return as_tensor(center_crop(img, self.size, need)), self.split.labels[i]
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
+        img = (self._shifted(center_crop(img, self.size, need), rng) if small else
+               random_resized_crop(img, rng, self.size))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return as_tensor(img), self.split.labels[i]
+
+    def _shifted(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        p = self.padding
+        canvas = Image.new(img.mode, (self.size + 2 * p, self.size + 2 * p))
+        canvas.paste(img, (p, p))
+        dx, dy = rng.randint(0, 2 * p), rng.randint(0, 2 * p)
+        return canvas.crop((dx, dy, dx + self.size, dy + self.size))

@@ -93,7 +93,9 @@ class BatchLoader:
     def _resized_crop(self, x: torch.Tensor, gen: torch.Generator, n: int, part: slice) -> torch.Tensor:
         """A random-resized crop of each image (area 8-100%, aspect 3/4-4/3, as torchvision's) scaled
         back to the image's size, bilinear, as one batched resampling."""
-        draw = lambda low, high: (low + (high - low) * torch.rand(n, generator=gen, device=self.device))[part]  # noqa: E731
+        def draw(low: float, high: float) -> torch.Tensor:
+            return (low + (high - low) * torch.rand(n, generator=gen, device=self.device))[part]
+
         area, log_aspect = draw(0.08, 1.0), draw(math.log(3 / 4), math.log(4 / 3))
         w = (area * log_aspect.exp()).sqrt().clamp(max=1.0)  # fractions of the side
         h = (area / log_aspect.exp()).sqrt().clamp(max=1.0)
@@ -130,7 +132,8 @@ class FolderLoader:
         from .decode import ImageFolderSet, to_mode
 
         self.transform = transform if transform is not None and transform.active else None
-        self.dataset = ImageFolderSet(split, train, seed, info.image_size, partial(to_mode, channels=info.in_channels))
+        self.dataset = ImageFolderSet(split, train, seed, info.image_size, partial(to_mode, channels=info.in_channels),
+                                      info.crop_padding)
         self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
         self.rank, self.world = rank, world
         self.device = torch.device(device)

@@ -6,10 +6,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from earlybird.train import load_checkpoint
+from conftest import write_cifar
+from earlybird import cli
+from earlybird.progress import Reporter
+from earlybird.train import distributed, load_checkpoint
 
 ARGS = ["search", "--dataset", "cifar10", "--no-download", "--arch", "vgg", "--depth", "11", "--width", "0.0625",
         "--batch-size", "16", "--test-batch-size", "64", "--seed", "0", "--device", "cpu", "--epochs", "6", "--schedule", "3",
@@ -163,3 +168,197 @@ def test_sigterm_under_torchrun_stops_every_worker_like_ctrl_c_and_the_run_resum
     again = earlybird(*args, nproc=2)  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"after epoch {epoch}" in again.stdout and load_checkpoint(save / "checkpoint.pth")["epoch"] == 30
+
+
+# `earlybird run` under torchrun: the whole pipeline, as docs/many-gpus.md shows it, on images a
+# network learns within the schedule (the retrain goes from about 20% to about 80%)
+TRAIN = ["--dataset", "cifar10", "--no-download", "--batch-size", "32", "--test-batch-size", "64", "--lr", "0.05",
+         "--seed", "0", "--device", "cpu", "--epochs", "10", "--schedule", "5", "--amp", "off", "--cpu-kernels", "off",
+         "--channels-last", "off"]  # what every training stage takes
+RUN = ["run", "--arch", "vgg", "--depth", "11", "--width", "0.0625", "--ratios", "0.5", "--eb-window", "2",
+       "--eb-threshold", "0.2", *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar10"), per_batch=64, test=64)
+
+
+def retrained(save):
+    """(ticket epoch and mask, pruned widths, retrained accuracy, retrained weights) of a finished run."""
+    summary = json.loads((save / "summary.json").read_text())
+    (row,) = summary["ratios"]
+    assert row["eb_epoch"], summary  # a ticket was drawn, pruned and retrained
+    ticket = load_checkpoint(save / "search" / f"EB-50-{row['eb_epoch']}.pth")
+    pruned = load_checkpoint(save / "pruned-50" / "pruned.pth")
+    weights = load_checkpoint(save / "retrain-50" / "checkpoint.pth")["state_dict"]
+    return row["eb_epoch"], ticket["mask"], pruned["plan"], row["acc_retrained"], weights
+
+
+def assert_same_run(a, b):
+    (epoch_a, mask_a, plan_a, acc_a, wa), (epoch_b, mask_b, plan_b, acc_b, wb) = a, b
+    assert epoch_a == epoch_b and torch.equal(mask_a, mask_b) and plan_a == plan_b
+    assert acc_a == acc_b
+    assert wa.keys() == wb.keys()
+    for k in wa:  # the tolerance of the two-worker search above
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-4), k
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, learnable):
+    save = tmp_path_factory.mktemp("one") / "run"
+    done = earlybird(*RUN, "--data", learnable, "--save", save)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = retrained(save)
+    assert result[3] >= 50  # the retrained network learned: its accuracy says something
+    return result
+
+
+def test_run_under_torchrun_with_sync_bn_equals_one_process(tmp_path, learnable, one_process_run):
+    # every worker used to take itself for rank 0 before joining the group: rank 1 refused the
+    # --save lock rank 0 held, and rank 0 waited in the rendezvous until torchrun killed it
+    two = earlybird(*RUN, "--data", learnable, "--save", tmp_path / "two", "--sync-bn", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Early-Bird run:") == 1  # rank 0 alone speaks
+    assert_same_run(one_process_run, retrained(tmp_path / "two"))
+    # each worker evaluates its share of the test split; the counts are summed
+    evaluated = [earlybird("eval", "--model", tmp_path / "two" / "retrain-50" / "model_best.pth", "--data", learnable,
+                           "--device", "cpu", nproc=n) for n in (1, 2)]
+    one, two = (json.loads(e.stdout.splitlines()[-1]) for e in evaluated)
+    assert (one["top1"], one["top5"], one["test_images"]) == (two["top1"], two["top5"], two["test_images"]) == \
+        (one["top1"], one["top5"], 64) and abs(one["loss"] - two["loss"]) < 1e-5
+
+
+def test_run_under_torchrun_without_sync_bn_equals_its_stages_under_torchrun(tmp_path, learnable):
+    # without --sync-bn each worker normalizes over its half of the batch: not one process's
+    # computation, so the pipeline is checked against its own stages run one by one on two workers
+    args = [*RUN[1:], "--data", learnable]
+    two = earlybird("run", *args, "--save", tmp_path / "run", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = retrained(tmp_path / "run")
+    stage = tmp_path / "stages"
+    search = earlybird("search", *args, "--save", stage / "search", nproc=2)
+    assert search.returncode == 0, search.stderr[-3000:]
+    prune = earlybird("prune", "--model", stage / "search" / f"EB-50-{run[0]}.pth", "--data", learnable, "--device",
+                      "cpu", "--save", stage / "pruned-50", nproc=2)
+    assert prune.returncode == 0, prune.stderr[-3000:]
+    retrain = earlybird("retrain", "--model", stage / "pruned-50" / "pruned.pth", *TRAIN, "--data", learnable,
+                        "--save", stage / "retrain-50", nproc=2)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    summary = json.loads((stage / "retrain-50" / "summary.json").read_text())
+    weights = load_checkpoint(stage / "retrain-50" / "checkpoint.pth")["state_dict"]
+    ticket = load_checkpoint(stage / "search" / f"EB-50-{run[0]}.pth")
+    plan = load_checkpoint(stage / "pruned-50" / "pruned.pth")["plan"]
+    assert_same_run(run, (run[0], ticket["mask"], plan, summary["final_test_acc"], weights))
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+        ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_run_under_torchrun_killed_mid_retrain_resumes_to_one_process_result(tmp_path, learnable,
+                                                                              one_process_run, rank):
+    # rank 0 is the one that writes; rank 1 is killed while rank 0 waits for it in a collective
+    argv = [*RUN, "--data", learnable, "--save", tmp_path / "two", "--sync-bn"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "-m", "earlybird", *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    for line in launcher.stdout:
+        if line.startswith("retrain epoch "):  # the retrain's first epoch is saved
+            os.kill(workers(launcher)[rank], signal.SIGKILL)
+            break
+    started = time.monotonic()
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and time.monotonic() - started < 20, err[-3000:]
+    assert not [line for line in err.splitlines() if "/earlybird/" in line], err[-3000:]  # no traceback of ours
+    saved = load_checkpoint(tmp_path / "two" / "retrain-50" / "checkpoint.pth")["epoch"]
+    assert saved < 10, "the retrain finished before a worker could be killed"
+    again = earlybird(*argv, nproc=2)  # the same command
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming retrain from" in again.stdout and "search epoch" not in again.stdout
+    assert not list((tmp_path / "two").rglob(".*.tmp"))
+    assert_same_run(one_process_run, retrained(tmp_path / "two"))
+
+
+FAIL = """
+import errno, importlib, os, sys
+from earlybird import cli, files
+from earlybird.errors import DataError
+rank, fault = int(os.environ["RANK"]), sys.argv[1]
+if fault == "disk" and rank == 0:  # rank 0 alone writes: its disk fills up at the 2nd checkpoint.pth
+    checkpoint, writes = importlib.import_module("earlybird.train.checkpoint"), []
+    write = checkpoint.atomic_write
+    def filling(path, *args):
+        writes.append(path.name)
+        if writes.count("checkpoint.pth") == 2:
+            raise files.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 1)
+        return write(path, *args)
+    checkpoint.atomic_write = filling
+if fault == "data" and rank == 1:  # this node's copy of the data is missing; rank 0 waits in a collective
+    def missing(*args, **kwargs):
+        raise DataError("no CIFAR-10 under /node1/data: pass --data, or allow the download")
+    importlib.import_module("earlybird.stages.pipeline").load_data = missing
+if fault == "bug" and rank == 1:  # not an earlybird error: its traceback stays
+    trainer = importlib.import_module("earlybird.train.trainer").Trainer
+    epoch = trainer._epoch
+    def bug(self, *args):
+        if self.epoch == 2:
+            raise ZeroDivisionError("a bug")
+        return epoch(self, *args)
+    trainer._epoch = bug
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fault, says", [
+    ("disk", "earlybird run: error: could not write "),
+    ("data", "earlybird run: error: no CIFAR-10 under /node1/data"),
+    ("bug", "earlybird run: error: another worker failed with ZeroDivisionError: a bug"),
+])
+def test_a_failing_worker_stops_every_worker_at_once_with_its_line(tmp_path, learnable, fault, says):
+    argv = [*RUN, "--data", learnable, "--save", tmp_path / "s"]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", sys.executable, "-c", FAIL, fault, *map(str, argv)], env=ENV,
+                          capture_output=True, text=True, timeout=240)
+    # torchrun kills a worker stuck in a collective 30 s after another failed; the workers stop themselves
+    assert done.returncode != 0 and time.monotonic() - started < 25, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("earlybird run: error: ")]
+    if fault == "bug":  # the failing worker's traceback, then its peer's one line
+        assert "ZeroDivisionError: a bug" in done.stderr and lines == [says + " (its traceback is in its output)"]
+        return
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(says), done.stderr[-3000:]
+    assert not [line for line in done.stderr.splitlines() if "/earlybird/" in line], done.stderr[-3000:]
+    if fault == "disk":  # the disk has room again: the same command resumes after the saved epoch
+        again = earlybird(*argv, nproc=2)
+        assert again.returncode == 0 and "resuming search from" in again.stdout and "after epoch 1" in again.stdout, \
+            again.stderr[-3000:]
+
+
+def test_the_rank_is_not_read_before_the_process_group_is_joined(monkeypatch):
+    # under torchrun every worker would take itself for rank 0: lock --save, write, print
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    with pytest.raises(RuntimeError, match="read before it joined the process group"):
+        distributed.is_main()
+    with pytest.raises(RuntimeError, match="read before it joined the process group"):
+        Reporter().line("rank 0 only")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.is_main()
+
+
+@pytest.mark.parametrize("command", ["export", "import-reference", "report", "models"])
+def test_commands_of_one_process_refuse_torchrun_in_one_line(monkeypatch, capsys, tmp_path, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"export": ["--model", tmp_path / "m.pth"], "import-reference": ["--model", tmp_path / "m.pth"],
+            "report": [tmp_path], "models": []}[command]
+    assert cli.main([command, *map(str, argv)]) == 2
+    assert capsys.readouterr().err == f"earlybird {command}: error: {command} runs in one process: start it without " \
+                                      "torchrun\n"

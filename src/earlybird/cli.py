@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import fields
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from typing import NamedTuple
 from . import __version__
 from .config import (EvalArgs, ExportArgs, ImportArgs, ModelsArgs, PruneArgs, ReportArgs, RetrainArgs, RunArgs,
                      SearchArgs, add_command_args, command_from_args)
-from .errors import EarlyBirdError
+from .errors import ConfigError, EarlyBirdError
 from .progress import Reporter
 
 EPILOG = "Docs and examples: README.md. Flags keep the names of the reference Early-Bird scripts."
@@ -56,19 +57,20 @@ class Command(NamedTuple):
     args: type
     run: Callable
     help: str
+    workers: bool = False  # runs as one of several torchrun workers
 
 
 COMMANDS: dict[str, Command] = {
     "search": Command(SearchArgs, _stage("search"), "train the dense network with BN sparsity until the Early-Bird "
-                                                    "tickets emerge"),
+                                                    "tickets emerge", True),
     "prune": Command(PruneArgs, _stage("prune"), "physically prune an EB ticket: fewer channels, copied weights, "
-                                                 "exact BN-shift folding"),
+                                                 "exact BN-shift folding", True),
     "retrain": Command(RetrainArgs, _stage("retrain"), "retrain a pruned network: fine-tune the ticket from its "
-                                                       "epoch, or re-initialize (--reinit)"),
+                                                       "epoch, or re-initialize (--reinit)", True),
     "run": Command(RunArgs, _stage("run_pipeline"), "search, prune every ticket, retrain each, and write a summary "
-                                                    "with compute accounting"),
+                                                    "with compute accounting", True),
     "eval": Command(EvalArgs, _stage("evaluate_checkpoint"), "top-1 / top-5 accuracy, parameters and MACs of any "
-                                                             "dense, pruned or retrained checkpoint"),
+                                                             "dense, pruned or retrained checkpoint", True),
     "export": Command(ExportArgs, _stage("export_checkpoint"), "write a checkpoint's network as ONNX, TorchScript or "
                                                               "torch.export (.pt2), to deploy without earlybird"),
     "import-reference": Command(ImportArgs, _import, "convert a checkpoint of the reference implementation (full "
@@ -116,6 +118,38 @@ def _terminate(signum, frame):
     raise _Terminated                              # torchrun its workers) would break the clean stop
 
 
+def _workers() -> int:
+    """How many workers torchrun started (1 outside it)."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return int(size) if size.isdigit() else 1
+
+
+def _peers():
+    """The watch over the other workers, where a command joined a process group (imported only then)."""
+    return sys.modules.get("earlybird.train.peers")
+
+
+def _stopped_by_peer(command: str, exc: BaseException) -> str | None:
+    """The line to end with when another worker's failure is why this one stopped: the line that
+    worker posted, or (one killed without a word: out of memory, SIGKILL) what was lost."""
+    peers = _peers()
+    if peers is None or not peers.active():
+        return None
+    line = peers.posted(wait=0.0 if isinstance(exc, KeyboardInterrupt) else 2.0)
+    if line or isinstance(exc, KeyboardInterrupt) or not peers.lost(exc):
+        return line
+    return (f"earlybird {command}: error: another worker stopped without a word (killed, or out of memory?): "
+            f"{str(exc).splitlines()[0][:200]}; the last completed epoch is saved: run the same command again to "
+            "continue")
+
+
+def _ending(handler) -> None:
+    """The command is ending with an error: torchrun's SIGTERM (sent once a worker exits) must not
+    cut the line short or turn it into a traceback."""
+    if handler is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # only the main thread may set handlers (a library user calling main() from another thread keeps theirs)
@@ -129,19 +163,38 @@ def main(argv: list[str] | None = None) -> int:
 
             return launch_on_gpus(ids, list(sys.argv[1:] if argv is None else argv), args.port)
         command = COMMANDS[args.command]
+        if not command.workers and _workers() > 1:
+            raise ConfigError(f"{args.command} runs in one process: start it without torchrun")
         command.run(command_from_args(command.args, args), Reporter())
         completed = True
     except EarlyBirdError as exc:
-        print(f"earlybird {args.command}: error: {exc}", file=sys.stderr)
+        _ending(previous)
+        line = f"earlybird {args.command}: error: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        if _peers() and _peers().active():
+            _peers().post(line)  # the other workers stop with it instead of waiting in a collective
         return 2
     except KeyboardInterrupt as exc:
-        print(f"earlybird {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; the "
-              "last completed epoch is saved: run the same command again (or add --resume) to continue",
+        line = _stopped_by_peer(args.command, exc)  # torchrun stops the others once one failed
+        print(line or f"earlybird {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
+              "the last completed epoch is saved: run the same command again (or add --resume) to continue",
               file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
+        return 2 if line else 143 if isinstance(exc, _Terminated) else 130
+    except Exception as exc:
+        _ending(previous)
+        line = _stopped_by_peer(args.command, exc)
+        if line:
+            print(line, file=sys.stderr)
+            return 2
+        if not (_peers() and _peers().active()):
+            raise
+        traceback.print_exc()  # now: torchrun stops this worker as soon as its peers have exited
+        _peers().post(f"earlybird {args.command}: error: another worker failed with {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''} (its traceback is in its output)")
+        return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if "earlybird.train.distributed" in sys.modules:  # imported only when a command ran
             sys.modules["earlybird.train.distributed"].finish(completed)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -39,10 +39,10 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
+    t0 = time.perf_counter()
+    platform = setup_runtime(rt)  # first: under torchrun, which rank this is (rank 0 alone locks and writes)
     run.lock()
     rt = _continue_or_start(run, rt, reporter)
-    t0 = time.perf_counter()
-    platform = setup_runtime(rt)
     # fail on a bad model before loading data
     info = dataset_info(data.dataset, data.root, data.image_options(platform.device))
     create_model(model_spec(model_cfg, info))
@@ -96,6 +96,7 @@ def _continue_or_start(run: RunDir, rt: RuntimeConfig, reporter: Reporter) -> Ru
             rt = replace(rt, resume="")
     if rt.force and run.finished and distributed.is_main():
         (run / SUMMARY).unlink()
+    distributed.barrier()  # every worker decided on what it found before rank 0 changes anything
     return rt
 
 

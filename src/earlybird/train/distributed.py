@@ -6,6 +6,10 @@ CPUs) and trains on its share of every global batch. Only rank 0 writes files an
 the Early-Bird decision are computed on every rank from the same BN scales, which are checked to be
 identical after every epoch.
 
+The rank is known only once the group is joined (``init_from_env``); reading it before, under
+torchrun, is an error rather than a silent "rank 0" on every worker. A worker that fails stops the
+others through the rendezvous store (``peers``).
+
 Every collective earlybird issues goes through ``_all_reduce``, which puts its tensor on a device
 the process group serves: NCCL has no CPU backend, and a CPU tensor there fails a run mid-way.
 """
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError, TrainingError
 from ..prune.layers import SelectBatchNorm2d
+from . import peers
 
 
 @dataclass(frozen=True)
@@ -39,20 +44,32 @@ class World:
         return self.size > 1
 
 
-_WORLD = World()
+_WORLD: World | None = None  # set by init_from_env
 
 
 def world() -> World:
-    """This process's place among the workers (a single process: rank 0 of 1)."""
-    return _WORLD
+    """This process's place among the workers (a single process: rank 0 of 1). Read from torch
+    where a framework (Lightning) joined the process group itself. Under torchrun (WORLD_SIZE > 1)
+    before the group is joined it is unknown, and asking is a bug: every rank would take itself for
+    rank 0 (lock the --save folder, write the files) and the run would stop or hang."""
+    if _WORLD is not None:
+        return _WORLD
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    size = os.environ.get("WORLD_SIZE", "1")
+    if size.isdigit() and int(size) > 1:
+        raise RuntimeError(f"this process's rank was read before it joined the process group (WORLD_SIZE={size}): join "
+                           "it first (torch.distributed.init_process_group, or earlybird.train.distributed.init_from_env)")
+    return World()
 
 
 def is_main() -> bool:
-    return _WORLD.main
+    return world().main
 
 
 def init_from_env(use_cuda: bool) -> World:
-    """Join the process group torchrun describes in the environment; a no-op for one process."""
+    """Join the process group torchrun describes in the environment; a no-op for one process. A
+    worker that joins also watches its peers: one that fails stops the others with its line."""
     global _WORLD
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
@@ -67,12 +84,13 @@ def init_from_env(use_cuda: bool) -> World:
             # NCCL's communicators and barriers use the current GPU: GPU 0 on every rank unless set first
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        peers.watch(size)
     _WORLD = World(rank, size, local)
     return _WORLD
 
 
 def barrier() -> None:
-    if _WORLD.active:
+    if world().active:
         dist.barrier()
 
 
@@ -107,12 +125,12 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the workers (in place, and returned); the tensor itself for one process."""
-    return _all_reduce(t) if _WORLD.active else t
+    return _all_reduce(t) if world().active else t
 
 
 def check_agree(t: torch.Tensor, what: str) -> None:
     """Fail loudly when the workers hold different values (they must compute the same masks)."""
-    if not _WORLD.active:
+    if not world().active:
         return
     hi = _all_reduce(t.detach().clone(), dist.ReduceOp.MAX)
     lo = _all_reduce(t.detach().clone(), dist.ReduceOp.MIN)
@@ -139,6 +157,7 @@ def finish(completed: bool = True) -> None:
     while its threads still hold work). A command that stopped early (an error, Ctrl-C, SIGTERM)
     leaves at once: the workers may have stopped in different collectives, and a barrier would wait
     for ever."""
+    peers.close()
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # DDP wrappers left in reference cycles must go before their process group
         try:
@@ -156,7 +175,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x):
-        if not self.training or not _WORLD.active:
+        if not self.training or not world().active:
             return super().forward(x)
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
@@ -221,7 +240,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """The module to train with: DDP around ``model`` when there are several workers."""
-    if not _WORLD.active:
+    if not world().active:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

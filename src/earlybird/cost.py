@@ -38,8 +38,8 @@ def count_macs(model: nn.Module, input_shape) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    device = next(model.parameters()).device
-    probe_forward(model, torch.zeros(1, *input_shape, device=device), hooks)
+    like = next(model.parameters())  # an input on the model's device and in its number format (a float64 model too)
+    probe_forward(model, torch.zeros(1, *input_shape, device=like.device, dtype=like.dtype), hooks)
     return total
 
 

@@ -21,11 +21,19 @@ additions, concatenations and depthwise convolutions. Our rules on top of it:
 * **Folding.** A removed channel whose BN scale was masked still emits a constant (its BN shift
   through the activation); it is folded into each consumer: into the bias of a linear layer or of
   a conv that sees no zero padding, or, for a zero-padded conv, as a per-position map
-  (:class:`ConstantFoldConv2d`). The pruned network's outputs equal the masked dense network's.
+  (:class:`ConstantFoldConv2d`). The pruned network's outputs equal the masked dense network's, on
+  every input: whether a consumer reads a constant is decided from the graph, never from values
+  on a batch (a gate that saturates on the example inputs still varies on others). Each read is an
+  expression over the BN channels and the operations on the way (channelwise functions, pooling,
+  adds, products, concatenations); a conv, a per-sample gate or anything unknown varies. The folded
+  values are computed in float64, and the masked network's values on the example only cross-check.
 * **Shift-zeroing.** Where that constant reaches a consumer as a varying value (a
   squeeze-and-excitation gate multiplies it per sample; a zero-padded average pool changes it at
   the borders), the masked network zeroes the channel's shift too, so it emits act(0), a zero that
-  both pass as a zero; ``PrunePlan.zeroed`` lists those channels.
+  both pass as a zero (where act(0) = 0); ``PrunePlan.zeroed`` lists those channels.
+* **Verification.** A float64 build of every plan is checked against the float64 masked network
+  on the example inputs and on inputs of other statistics (scaled, shifted, smooth); a difference
+  is a :class:`PruneError`.
 * **Grouped convolutions** lose a channel position from every group or from none: position p of
   each group is one class (and ``channel_ties`` gives the masks these classes to rank as one).
 * **Refusal.** A BN whose channels reach an operation the engine cannot prune through (a shuffle, a
@@ -260,6 +268,8 @@ class _Coupling:
     # BN -> conv/linear whose output channels go with its channels -> {BN channel: output channel}
     producers: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
     readers: dict[frozenset, set[str]] = field(default_factory=dict)  # _private_readers' answers, by candidates
+    # conv/linear -> input index -> what it reads there, over the BN channels (see _read_expr)
+    reads: dict[str, dict[int, tuple]] = field(default_factory=dict)
 
 
 # A model's coupling, traced once per structure (module types, tensor shapes, input shape): the
@@ -288,6 +298,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Coupling:
     bn_of = {m: n for n, m in bns.items()}
     coupling = _Coupling({n: m.weight.numel() for n, m in bns.items()}, _Classes(), set(), {})
     grouped_sides: dict[tuple[str, bool], dict[int, tuple]] = {}  # (grouped conv, output side?) -> index -> BN channel
+    carriers: dict[str, dict] = {}  # BN -> graph node -> {BN channel: its indices at that node}
     for name, bn in bns.items():
         size = bn.weight.numel()
         fn = dg.get_pruner_of_module(bn).prune_out_channels
@@ -308,8 +319,12 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Coupling:
             coupling.refused[name] = str(exc)
             continue
         stream = False
+        carried = carriers[name] = {}
         for item in group:
             module = item.dep.target.module
+            at = carried.setdefault(item.dep.target, {})
+            for i, r in zip(item.idxs, item.root_idxs):
+                at.setdefault(r, set()).add(i)
             stream |= _is_stream_op(module)
             out = dg.is_out_channel_pruning_fn(item.dep.handler)
             if module in bn_of:
@@ -329,6 +344,11 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Coupling:
         if stream:
             coupling.streams.update(coupling.classes.find((name, c)) for c in range(size))
     _tie_groups(coupling, grouped_sides, model)
+    memos: dict[str, dict] = {}
+    for consumer, reads in coupling.consumers.items():
+        node = dg.module2node[model.get_submodule(consumer)]
+        coupling.reads[consumer] = {i: _read_expr(node, i, carriers[bn], r, bn_of, memos.setdefault(bn, {}))
+                                    for i, (bn, r) in reads.items()}
     coupling.reach = {name: _reach(dg, bn, bn_of) if name not in coupling.refused else (set(), True)
                       for name, bn in bns.items()}
     # unions made after a class was marked may have moved its root
@@ -401,6 +421,176 @@ def _dead(coupling: _Coupling, masked: dict[str, torch.Tensor]) -> dict[str, tor
     for name in masked:
         visit(name)
     return dead
+
+
+# ----------------------------------------------------------------------------- what a removed channel carries
+
+# A removed channel reaches each consumer as one of these, for every input, by the structure alone:
+# VARYING (it depends on the input), CONSTANT (the same value everywhere, which folds), ZERO (a
+# constant zero, which a per-sample gate or a zero-padded op passes unchanged).
+VARYING, CONSTANT, ZERO = 0, 1, 2
+_VARYING = ("varying",)
+# channelwise functions f with f(0) = 0; constants stay constants through them (pooling included: a
+# max pool pads with -inf, an adaptive or padding-free average pool only averages the constant)
+_KEEP_ZERO = ("relu", "silu", "gelu", "tanh", "hardswish", "leakyrelu", "elu", "mish", "neg", "clone", "dropout",
+              "tocopy", "alias", "maxpool", "adaptiveavgpool", "adaptivemaxpool", "mean", "upsample", "reflectionpad",
+              "replicationpad")
+_NONZERO = ("sigmoid", "hardsigmoid", "softplus")  # f(0) != 0: a zero becomes another constant
+
+
+def _read_expr(consumer, i: int, carried: dict, r: int, bn_of: dict, memo: dict) -> tuple:
+    """What ``consumer`` (a graph node) reads at input index ``i``, which carries channel ``r`` of
+    the BN whose channel-to-node map is ``carried``: an expression over ``("source", bn, channel)``
+    leaves, evaluated per plan by ``_Reads``. Built from the graph alone, so it holds for every
+    input, unlike values seen on a batch."""
+    return _all(tuple(_expr(node, j, carried, r, bn_of, memo) for node, j in _feeding(consumer, i, carried, r)))
+
+
+def _all(kids: tuple) -> tuple:
+    """``("all", kids)``, simplified: a single kid is itself, nested alls are one (the same answer)."""
+    if not kids:
+        return _VARYING
+    if len(kids) == 1:
+        return kids[0]
+    return ("all", tuple(k for kid in kids for k in (kid[1] if kid[0] == "all" else (kid,))))
+
+
+def _data_inputs(node) -> list:
+    """The inputs of a graph node on the data's path: an op without inputs is on a parameter's (a
+    linear weight's transpose)."""
+    return [i for i in node.inputs if i.inputs or not isinstance(i.module, ops._ElementWiseOp)]
+
+
+def _feeding(node, j: int, carried: dict, r: int) -> list[tuple]:
+    """(input node, index) pairs that ``node``'s index ``j`` is computed from, among the inputs that
+    carry channel ``r``: the same index where the input has it (channelwise ops, a conv's input),
+    else wherever the input carries it (a flatten, split or slice renumbers channels)."""
+    out = []
+    for source in _data_inputs(node):
+        at = carried.get(source, {}).get(r, ())
+        out.extend([(source, j)] if j in at else [(source, k) for k in sorted(at)])
+    return out
+
+
+def _expr(node, j: int, carried: dict, r: int, bn_of: dict, memo: dict) -> tuple:
+    """The expression of ``node``'s output at index ``j`` (see ``_read_expr``)."""
+    key = (node, j)
+    if key not in memo:
+        module = node.module
+        if module in bn_of:  # a BN of the class: its channel is the source (constant once masked)
+            memo[key] = ("source", bn_of[module], j)
+        elif isinstance(module, ops._ConcatOp):  # index j comes from one input, at j less its offset
+            memo[key] = _concat_expr(node, j, carried, r, bn_of, memo)
+        elif isinstance(module, (ops._SplitOp, ops._SliceOp, ops._ReshapeOp)):  # channels move, values do not
+            memo[key] = _all(tuple(_expr(n, k, carried, r, bn_of, memo) for n, k in _feeding(node, j, carried, r)))
+        elif isinstance(module, ops._ElementWiseOp):
+            # an input that does not carry the channel (a gate of another shape) varies
+            kids = tuple(_all(tuple(_expr(n, k, carried, r, bn_of, memo) for n, k in fed))
+                         for fed in ([f for f in _feeding(node, j, carried, r) if f[0] is n] for n in _data_inputs(node)))
+            memo[key] = _op_expr(node, kids) if kids else _VARYING
+        else:  # a conv, a linear, anything else: computes from its whole input
+            memo[key] = _VARYING
+    return memo[key]
+
+
+def _concat_expr(node, j: int, carried: dict, r: int, bn_of: dict, memo: dict) -> tuple:
+    offsets, inputs = node.module.offsets, node.inputs
+    if offsets is None or len(offsets) != len(inputs) + 1:  # no numbering: every input that carries the channel
+        return _all(tuple(_expr(n, k, carried, r, bn_of, memo) for n, k in _feeding(node, j, carried, r)))
+    for source, low, high in zip(inputs, offsets, offsets[1:]):
+        if low <= j < high:
+            k = j - low
+            return _expr(source, k, carried, r, bn_of, memo) if k in carried.get(source, {}).get(r, ()) else _VARYING
+    return _VARYING
+
+
+def _op_expr(node, kids: tuple) -> tuple:
+    """The expression of an elementwise graph node of ``kids``, by its autograd function (and the
+    arguments it saved: an average pool's padding, a clamp's bounds)."""
+    op = str(node.module._grad_fn).lower()
+    fn = node.grad_fn
+    if op.startswith(("add", "sub")):
+        return _all(kids) if len(kids) > 1 else ("nonzero", kids)  # x + scalar: zero no more
+    if op.startswith("mul"):
+        return ("mul", kids) if len(kids) > 1 else kids[0]  # x * scalar keeps zero
+    if op.startswith("div"):
+        return kids[0] if len(kids) == 1 else ("nonzero", kids)  # x / scalar keeps zero
+    if op.startswith(_KEEP_ZERO):
+        return _all(kids)
+    if op.startswith(("hardtanh", "clamp")):  # relu6 and friends: zero stays zero where the bounds hold it
+        low = getattr(fn, "_saved_min_val", getattr(fn, "_saved_min", None))
+        high = getattr(fn, "_saved_max_val", getattr(fn, "_saved_max", None))
+        holds = (low is None or float(low) <= 0) and (high is None or float(high) >= 0)
+        return _all(kids) if holds else ("nonzero", kids)
+    if op.startswith("avgpool"):  # zero padding counted in the mean: a constant changes at the borders
+        padded = any(getattr(fn, "_saved_padding", (1,))) and getattr(fn, "_saved_count_include_pad", True)
+        return ("pad", kids) if padded else _all(kids)
+    if op.startswith("constantpadnd"):
+        return ("pad", kids)
+    if op.startswith(_NONZERO):
+        return ("nonzero", kids)
+    return _VARYING  # a batch norm outside its module, anything unknown
+
+
+class _Reads:
+    """Evaluates read expressions for one masked network: ``masked`` (BN -> keep mask) with the
+    shifts of ``zeroed`` (BN -> channels) zeroed too. A source is VARYING where its BN keeps the
+    channel; a masked channel emits its module's output at a zero scale (the shift, through an
+    activation the module may hold), which does not depend on the input: ``outputs`` (shared by
+    the evaluations of one plan) holds it per BN, computed once in float64."""
+
+    def __init__(self, model: nn.Module, masked: dict[str, torch.Tensor], zeroed: dict[str, set[int]],
+                 outputs: dict | None = None):
+        self.model, self.zeroed = model, zeroed
+        self.keep = {n: m.tolist() for n, m in masked.items()}
+        self.outputs = {} if outputs is None else outputs
+        self.memo: dict[int, int] = {}
+
+    def source(self, bn: str, c: int) -> int:
+        keep = self.keep.get(bn)
+        if keep is None or keep[c]:  # a plan's masks name only the BNs that lose channels
+            return VARYING
+        if bn not in self.outputs:
+            self.outputs[bn] = _zero_scale_outputs(self.model.get_submodule(bn))
+        shifted, zero = self.outputs[bn]
+        return ZERO if (zero if c in self.zeroed.get(bn, ()) else shifted)[c] == 0 else CONSTANT
+
+    def __call__(self, expr: tuple) -> int:
+        kind = expr[0]
+        if kind == "source":
+            return self.source(expr[1], expr[2])
+        if kind == "varying":
+            return VARYING
+        state = self.memo.get(id(expr))
+        if state is not None:
+            return state
+        states = [self(k) for k in expr[1]]
+        if kind == "mul":  # zero times anything finite is zero
+            state = ZERO if ZERO in states else VARYING if VARYING in states else CONSTANT
+        elif VARYING in states:
+            state = VARYING
+        elif kind == "nonzero":
+            state = CONSTANT
+        elif kind == "pad":
+            state = ZERO if all(t == ZERO for t in states) else VARYING
+        else:  # "all"
+            state = ZERO if all(t == ZERO for t in states) else CONSTANT
+        self.memo[id(expr)] = state
+        return state
+
+
+@torch.no_grad()
+def _zero_scale_outputs(bn: nn.Module) -> tuple[list[float], list[float]]:
+    """What ``bn`` (with whatever its module applies after the normalization) emits per channel at
+    a zero scale, with its shift and with a zero shift, in float64 (a BN works channel by channel,
+    so all channels at once)."""
+    module = copy.deepcopy(bn).double().eval()
+    module.weight.zero_()
+    spatial = 0 if isinstance(module, nn.BatchNorm1d) else 3 if isinstance(module, nn.BatchNorm3d) else 2
+    x = torch.randn(2, bn.num_features, *([3] * spatial), dtype=torch.float64, device=module.weight.device)
+    shifted = module(x)[0].reshape(bn.num_features, -1)[:, 0].tolist()
+    module.bias.zero_()
+    return shifted, module(x)[0].reshape(bn.num_features, -1)[:, 0].tolist()
 
 
 @torch.no_grad()
@@ -531,12 +721,12 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
         gone[root] = False
     # Readers must see a constant in the network prune_model compares with: the effective masks
     # (classes given back change what a gate computes), so decide again until that network agrees.
-    probe_masks, zeroed = masked, None
+    probe_masks, zeroed, outputs = masked, None, {}
     # each round only keeps more classes, so it ends: a RegNetY-16GF took 9 rounds, each block's
     # gates seeing what the rounds before gave back
     for _ in range(50):
         before = dict(gone)
-        found = _constant_reads(model, probe_masks, coupling, gone, example_inputs)
+        found = _constant_reads(model, probe_masks, coupling, gone, outputs)
         if zeroed is not None and gone == before and found == zeroed:
             break
         zeroed = found
@@ -591,18 +781,20 @@ def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Cou
 
 
 def _constant_reads(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Coupling, gone: dict,
-                    example_inputs: torch.Tensor) -> dict[str, set[int]]:
+                    outputs: dict) -> dict[str, set[int]]:
     """Keep (in ``gone``) the classes some conv or linear reads as a varying value, except where
     zeroing their BN shifts too makes every read constant: a masked channel emits its shift through
     the activation, which a per-sample gate (squeeze-and-excitation) or a zero-padded average pool
-    turns into a varying value; a zero passes both as a zero. The shift-zeroed channels, per BN."""
+    turns into a varying value; a zero passes both as a zero. Decided from the graph (``_Reads``),
+    so it holds for every input (``outputs``: the BNs' zero-scale outputs, shared by a plan's
+    rounds). The shift-zeroed channels, per BN."""
     find = coupling.classes.find
-    wanted = {n: sorted(r) for n, r in coupling.consumers.items()}
+    reads = [(consumer, i, find(member)) for consumer, members in coupling.consumers.items()
+             for i, member in members.items() if gone[find(member)]]
 
     def varying(zeroed: dict[str, set[int]]) -> set:
-        probe = _probe(apply_mask(model, masked, {n: sorted(c) for n, c in zeroed.items()}), example_inputs, wanted)
-        return {find(reads[i]) for consumer, reads in coupling.consumers.items()
-                for pos, i in enumerate(wanted[consumer]) if not probe[consumer][1][pos]}
+        state = _Reads(model, masked, zeroed, outputs)
+        return {root for consumer, i, root in reads if state(coupling.reads[consumer][i]) == VARYING}
 
     def shifts_of(roots) -> dict[str, set[int]]:
         out: dict[str, set[int]] = {}
@@ -611,23 +803,11 @@ def _constant_reads(model: nn.Module, masked: dict[str, torch.Tensor], coupling:
                 out.setdefault(bn, set()).add(c)
         return out
 
-    first = varying({})
-    candidates = {root for root in first if gone[root]}
-    if not candidates:
-        for root in first:
-            gone[root] = False
-        return {}
-    for _ in range(3):  # zeroing one class's shifts can change what another's readers see
-        still = varying(shifts_of(candidates)) & candidates
-        candidates -= still
-        if not still:
-            break
-    else:
-        candidates = set()  # did not settle: no zeroing
-    for root in first | varying(shifts_of(candidates)):
-        if root not in candidates:
-            gone[root] = False  # read as a varying value: the class stays
-    return shifts_of(candidates)
+    candidates = varying({})
+    still = varying(shifts_of(candidates)) & candidates  # read as varying even as a zero: the class stays
+    for root in still:
+        gone[root] = False
+    return shifts_of(candidates - still)
 
 
 def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams: bool = False) -> list[str]:
@@ -794,7 +974,7 @@ def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_strea
 
 
 def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> tuple[nn.Module, PrunePlan]:
-    masked = plan.masked(model)
+    exact = plan.masked(model).double()  # the masked network in float64: the values to fold, the reference
     consumers = {}
     dense = dict(model.named_modules())
     for key, idxs in plan.removed.items():
@@ -802,42 +982,81 @@ def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> t
         if side == "in" and isinstance(dense[name], (nn.Conv2d, nn.Linear)):
             consumers[name] = idxs
     example = example_inputs.to(next(model.parameters()).device)
-    probe = _probe(masked, example, consumers)
+    coupling = _couple(model, example_inputs[:1])  # traced when the plan was made
+    state = _Reads(model, plan.masks(model), {n: set(c) for n, c in plan.zeroed.items()})
+    # the probe's spread only cross-checks the structure's answer, it never decides
+    probe = _probe(exact, example.double(), consumers)
     folds = {}
     for name, idxs in consumers.items():
-        value, constant = probe[name]
-        if not bool(constant.all()):
+        reads = coupling.reads.get(name, {})
+        if any(i not in reads or state(reads[i]) == VARYING for i in idxs):
             raise PruneError(f"removed channels do not reach layer '{name}' as constants, so they cannot be "
                              "removed exactly: the model has a structure the engine does not handle")
+        value, constant = probe[name]
+        if not bool(constant.all()):
+            raise PruneError(f"removed channels reach layer '{name}' as values that vary where the model's structure "
+                             "says they are constant: the model has an operation the engine does not handle")
         if bool(value.any()):  # zeros (a ReLU after a non-positive shift) add nothing: the layer stays plain
             folds[name] = _fold_into(name, dense[name], idxs, value)
-
-    pruned = copy.deepcopy(model)
     plan.folds = {name: kind for name, (kind, _) in folds.items()}
+    # the engine's exactness, apart from rounding to the model's number format: a float64 build of
+    # the plan against the float64 masked network, on the example and on inputs of other statistics
+    built = _build(model, plan, folds, torch.float64)
+    _verify(built, exact, example.double(), 1e-6, other_inputs(example.double()))
+    formats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    # in the model's number format: each folded bias rounded once, from its exact sum
+    return (built.to(formats.pop()) if len(formats) == 1 else _build(model, plan, folds)), plan
+
+
+def _build(model: nn.Module, plan: PrunePlan, folds: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """A pruned copy of ``model`` (in ``dtype``): select BNs and fold slots, the folds (computed in
+    float64) added to the dense consumers, then the channels removed, which slices the biases and
+    fold kernels along with the consumers' own output channels."""
+    pruned = copy.deepcopy(model) if dtype is None else copy.deepcopy(model).to(dtype)
     _convert(pruned, plan.selects, plan.folds)
-    # Fold into the dense consumers first: pruning then slices bias and fold kernel along
-    # with the consumers' own output channels.
     with torch.no_grad():
         for name, (kind, value) in folds.items():
             module = pruned.get_submodule(name)
             target = module.bias if kind == "bias" else module.fold_kernel
             target.add_(value.to(target))
     _execute(pruned, plan.removed)
-    _verify(pruned, masked, example)
-    return pruned, plan
+    return pruned
+
+
+def other_inputs(example: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """Inputs of other statistics than ``example``, of its shape (at least two samples): scaled and
+    shifted noise, and smooth images (low-frequency noise); a value folded as a constant that is not
+    one (a gate saturated on the planning batch) shows on them."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (max(2, example.shape[0]), *example.shape[1:])
+    out = [2 * torch.randn(shape, generator=g) + 1]
+    if example.dim() == 4 and min(example.shape[2:]) > 1:
+        coarse = torch.randn(shape[0], shape[1], 4, 4, generator=g) * 2
+        out.append(nn.functional.interpolate(coarse, size=tuple(example.shape[2:]), mode="bilinear",
+                                             align_corners=False))
+    return [x.to(example) for x in out]
 
 
 @torch.no_grad()
-def _verify(pruned: nn.Module, masked: nn.Module, example: torch.Tensor) -> None:
-    """The last line of defence: an op the graph misread shows up as a different output."""
+def _verify(pruned: nn.Module, masked: nn.Module, example: torch.Tensor, tolerance: float,
+            others: list[torch.Tensor] = ()) -> None:
+    """The last line of defence: an op the graph misread shows up as a different output, on the
+    planning batch or on inputs of other statistics (``others``), all in one batch."""
     was = pruned.training, masked.training
     pruned.eval(), masked.eval()
     try:
-        want, got = masked(example), pruned(example)
+        batches = (example, *others)
+        x = torch.cat(batches)
+        want, got = masked(x), pruned(x)
+        want, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (want, got))
+        start = 0
+        for batch in batches:
+            part = slice(start, start + len(batch))
+            start += len(batch)
+            diff = (got[part].double() - want[part].double()).abs().max().item()
+            if not diff <= tolerance * (1 + want[part].abs().max().item()):
+                raise PruneError(f"the pruned network differs from the masked one by {diff:.3g}"
+                                 f"{'' if batch is example else ' on inputs unlike the example batch'}: the model has "
+                                 "an operation the pruning engine does not handle")
     finally:
         pruned.train(was[0]), masked.train(was[1])
-    want, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (want, got))
-    diff = (got.double() - want.double()).abs().max().item()
-    if diff > 1e-3 * (1 + want.abs().max().item()):
-        raise PruneError(f"the pruned network differs from the masked one by {diff:.3g}: the model has an operation "
-                         "the pruning engine does not handle")

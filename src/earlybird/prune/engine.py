@@ -525,8 +525,8 @@ def _op_expr(node, kids: tuple) -> tuple:
     if op.startswith("avgpool"):  # zero padding counted in the mean: a constant changes at the borders
         padded = any(getattr(fn, "_saved_padding", (1,))) and getattr(fn, "_saved_count_include_pad", True)
         return ("pad", kids) if padded else _all(kids)
-    if op.startswith("constantpadnd"):
-        return ("pad", kids)
+    if op.startswith("constantpadnd"):  # autograd keeps no fill value: F.pad's zero, as "same" convs use
+        return ("pad", kids)              # (another fill shows in _prune's cross-check and in _verify)
     if op.startswith(_NONZERO):
         return ("nonzero", kids)
     return _VARYING  # a batch norm outside its module, anything unknown

@@ -1,6 +1,7 @@
 """earlybird.lightning.EarlyBirdCallback in a real lightning.Trainer: a few epochs on the generated data,
 a ticket drawn, the run stopped, the ticket pruned and retrained in Lightning; and under DDP with two
 CPU processes (gloo)."""
+import copy
 import json
 import os
 import subprocess
@@ -36,13 +37,29 @@ def test_a_ticket_in_lightning_stops_the_run_and_prunes_and_retrains(tmp_path, c
     saved = torch.load(tmp_path / "tickets" / f"EB-50-{epoch}.pth", weights_only=True)
     assert saved["epoch"] == epoch and set(saved["masks"]) == set(callback.tickets[0.5])
     small, plan = callback.prune(0.5, task)
+    assert small.training == task.net.training  # in the mode the network was in
     with torch.no_grad():  # the pruned network computes what the masked one does
         want = apply_mask(task.net, plan.masks(task.net), plan.zeroed).eval()(x)
-        assert torch.allclose(small.eval()(x), want, atol=1e-4)
+        assert torch.allclose(copy.deepcopy(small).eval()(x), want, atol=1e-4)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in task.net.parameters())
     task.net = small  # the documented retrain: the small network in the same LightningModule
-    trainer(max_epochs=3).fit(task, DataLoader(data(cifar10_root), batch_size=16, shuffle=True))
+    bns = [m for m in small.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bns]
+    modes = BNModes()
+    trainer(max_epochs=3, callbacks=[modes]).fit(task, DataLoader(data(cifar10_root), batch_size=16, shuffle=True))
+    assert modes.seen == {True}  # every BN normalized with batch statistics in every retrain step
+    assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, bns))  # and kept its running statistics
     assert 0 <= accuracy(task.net, data(cifar10_root, train=False)) <= 100
+
+
+class BNModes(task_module.pl.Callback):
+    """The training flags of the BNs at every training step of a fit."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen |= {m.training for m in pl_module.modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
 
 def test_ddp_on_two_cpu_processes_draws_one_ticket(tmp_path, cifar10_root):

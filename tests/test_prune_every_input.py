@@ -132,3 +132,12 @@ def test_a_constant_the_structure_misreads_fails_loudly_on_other_inputs(monkeypa
     monkeypatch.setattr(engine._Reads, "__call__", lambda self, expr: max(real(self, expr), engine.CONSTANT))
     with pytest.raises(PruneError, match="differs from the masked one by .* on inputs unlike the example batch"):
         prune_model(model, mask, x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_prune_model_returns_the_network_in_the_mode_it_was_given(training):
+    # a framework that keeps modules' modes as it finds them (Lightning) retrains what prune_model returns
+    model, x, _, mask = saturated()
+    pruned, _ = prune_model(model.train(training), mask, x)
+    assert pruned.training == model.training == training
+    assert all(m.training == training for m in pruned.modules())

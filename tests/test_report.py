@@ -63,3 +63,22 @@ def test_tensorboard_scalars_beside_the_jsonl(capsys, tmp_path, cifar10_root):
     jsonl = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [e.step for e in acc] == [1, 2]
     assert [round(e.value, 3) for e in acc] == [round(m["test_acc"], 3) for m in jsonl]
+
+
+def test_report_draws_a_run_with_a_budget_ticket(capsys, tmp_path, cifar10_root):
+    # a budget target (macs50) is a key, not a ratio: its ticket is drawn and tabled beside p = 0.5
+    save = tmp_path / "run"
+    code, _, err = cli(capsys, "run", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch", "vgg11",
+                       "--width", "0.0625", "--batch-size", "16", "--test-batch-size", "64", "--epochs", 4,
+                       "--schedule", 2, "--ratios", 0.5, "--target-macs", 0.5, "--eb-window", 2, "--eb-threshold", 0.5,
+                       "--latency-batches", "--save", save)
+    assert code == 0, err
+    assert json.loads((save / "search" / "summary.json").read_text())["tickets"].keys() == {"0.5", "macs50"}
+    code, out, err = cli(capsys, "report", save)
+    assert code == 0, err
+    page = (save / "report" / "report.md").read_text()
+    assert "| macs50 | " in page and "| 0.5 | " in page
+    assert next(line for line in page.splitlines() if line.startswith("| macs50 | ") and "→" in line)
+    for name in ("distances", "curves", "channels"):
+        with Image.open(save / "report" / f"{name}.png") as img:
+            assert img.size[0] > 300

@@ -92,13 +92,13 @@ class EarlyBirdCallback(pl.Callback):
     def prune(self, ratio: float, pl_module: pl.LightningModule | None = None, example_inputs=None,
               round_to: int = 1) -> tuple[nn.Module, PrunePlan]:
         """The network of the run (``pl_module``, or the one fitted last) physically pruned to the
-        ticket of ``ratio``."""
+        ticket of ``ratio``, in the mode the network is in: Lightning keeps modules' modes as it
+        finds them, so a retrain in a second ``fit`` normalizes with batch statistics."""
         net = self.network(pl_module) if pl_module is not None else self.detector.model
         example = self.example_inputs if example_inputs is None else example_inputs
         if example is None:
             raise ValueError("prune needs example_inputs: a few inputs of the network's shape")
-        return prune_model(net.eval(), self.tickets[ratio], example.to(next(net.parameters()).device),
-                           round_to=round_to)
+        return prune_model(net, self.tickets[ratio], example.to(next(net.parameters()).device), round_to=round_to)
 
     def state_dict(self) -> dict:
         return self.detector.state_dict() if self.detector else {}

@@ -2,10 +2,11 @@
 
 * heatmap.png: the epoch x epoch mask-distance matrix, one panel per ratio, EB epochs marked;
 * distances.png: the distance of each epoch's mask to the previous one, and the largest distance in
-  the detection window, against the threshold;
+  the detection window, against the threshold (for a budget target such as macs30, whose ratio is
+  solved anew every epoch, the window's distances as the search recorded them);
 * curves.png: train/test accuracy and loss of the search and of every retrain;
 * gammas.png: the |gamma| histogram at a few epochs;
-* channels.png: kept channels per layer of each ticket;
+* channels.png: kept channels per layer of each ticket, budget tickets included;
 * report.md: the tickets, accuracies, sizes and the cost table, with the figures.
 
 Works on a `run` directory or on a single `search` directory (headless matplotlib). The heat-map
@@ -42,11 +43,17 @@ class RunData:
     rule: Rule
     importance: str
     ties: list[list[int]]
-    emerged: dict[float, int]
+    emerged: dict[float | str, int]  # ratios and budget keys (macs30) alike
     search_metrics: list[dict]
-    retrain_metrics: dict[float, list[dict]] = field(default_factory=dict)
-    pruned: dict[float, dict] = field(default_factory=dict)
+    budgets: list[str] = field(default_factory=list)
+    tickets: dict[str, torch.Tensor] = field(default_factory=dict)  # budget key -> its ticket's mask
+    retrain_metrics: dict[float | str, list[dict]] = field(default_factory=dict)
+    pruned: dict[float | str, dict] = field(default_factory=dict)
     summary: dict | None = None
+
+    @property
+    def targets(self) -> list[float | str]:
+        return [*self.ratios, *self.budgets]
 
     @property
     def epochs(self) -> int:
@@ -76,6 +83,7 @@ def load_run(root: str | Path) -> RunData:
         raise RunDirError(f"{root} holds no search (no {search.last.name}): pass the --save directory of a run or search")
     ckpt = load_checkpoint(search.last, ("search",))
     det = ckpt["detector"]
+    budgets = list(det.get("budgets", []))  # targets by key (macs30); the others are ratios
     data = RunData(
         root=run.path, search_dir=search.path, scores=(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float(),
         layer_sizes=list(det["layer_sizes"]), rule=make_rule(det.get("rule", "star")),
@@ -83,10 +91,11 @@ def load_run(root: str | Path) -> RunData:
         layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
         ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),
         threshold=float(det["threshold"]), window=int(det["window"]),
-        emerged={float(r): int(e) for r, e in det["emerged"].items()},
-        search_metrics=[m for m in _jsonl(search.metrics) if m.get("stage") == "search"],
+        emerged={(r if r in budgets else float(r)): int(e) for r, e in det["emerged"].items()},
+        search_metrics=[m for m in _jsonl(search.metrics) if m.get("stage") == "search"], budgets=budgets,
+        tickets={k: m for k, m in det.get("tickets", {}).items() if k in budgets},
     )
-    for r in data.ratios:
+    for r in data.targets:
         data.retrain_metrics[r] = _jsonl(run.retrain(r).metrics)
         if run.pruned(r).finished:
             data.pruned[r] = run.pruned(r).summary()
@@ -150,6 +159,12 @@ def distances(data: RunData, path: Path) -> None:
                 label=f"p={r:g}: largest the {data.rule.name} rule bounds in the window")
         if r in data.emerged:
             ax.axvline(data.emerged[r], color=line.get_color(), lw=0.8, ls=":")
+    for key in data.budgets:  # its ratio is solved every epoch: the distances the search recorded
+        window = [max(d) if (d := (m.get("distances") or {}).get(key)) else float("nan") for m in data.search_metrics]
+        line, = ax.plot([m["epoch"] for m in data.search_metrics], window, ls="--",
+                        label=f"{key}: largest the {data.rule.name} rule bounds in the window")
+        if key in data.emerged:
+            ax.axvline(data.emerged[key], color=line.get_color(), lw=0.8, ls=":")
     ax.axhline(data.threshold, color="black", lw=1, label=f"threshold {data.threshold:g}")
     _label(ax, "epoch", "normalized Hamming distance")
     _save(plt, fig, path)
@@ -158,7 +173,8 @@ def distances(data: RunData, path: Path) -> None:
 def curves(data: RunData, path: Path) -> None:
     plt = _plt()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
-    series = [("search", data.search_metrics)] + [(f"retrain p={r:g}", m) for r, m in data.retrain_metrics.items() if m]
+    series = [("search", data.search_metrics)] + [(f"retrain p={target_label(r)}", m)
+                                                  for r, m in data.retrain_metrics.items() if m]
     for name, metrics in series:
         x = [m["epoch"] for m in metrics]
         line, = acc.plot(x, [m["test_acc"] for m in metrics], label=f"{name} test")
@@ -188,13 +204,14 @@ def kept_channels(data: RunData, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(data.layer_names)), 4))
     x = torch.arange(len(data.layer_names)).float()
     ax.bar(x, data.layer_sizes, color="lightgray", label="dense")
-    width = 0.8 / max(1, len(data.ratios))
-    for k, r in enumerate(data.ratios):
+    width = 0.8 / max(1, len(data.targets))
+    for k, r in enumerate(data.targets):
         if r not in data.emerged:
             continue
-        mask = data.masks(r)[data.emerged[r] - 1]
+        mask = data.tickets[r] if isinstance(r, str) else data.masks(r)[data.emerged[r] - 1]
         kept = [int(m.sum()) for m in ChannelIndex(tuple(data.layer_names), tuple(data.layer_sizes)).split(mask).values()]
-        ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width, label=f"ticket p={r:g} (epoch {data.emerged[r]})")
+        ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width,
+               label=f"ticket p={target_label(r)} (epoch {data.emerged[r]})")
     ax.set_xticks(x.tolist(), data.layer_names, rotation=90, fontsize=6)
     ax.set_ylabel("channels")
     ax.legend(fontsize=8)
@@ -205,9 +222,9 @@ def _markdown(data: RunData, figures: list[str]) -> str:
     lines = [f"# Early-Bird report: {data.root}", ""]
     lines += ["| ratio | EB epoch | of the schedule |", "|---|---|---|"]
     total = (data.summary or {}).get("schedule_epochs") or data.epochs
-    for r in data.ratios:
+    for r in data.targets:
         e = data.emerged.get(r)
-        lines.append(f"| {r:g} | {e if e else 'none'} | {f'{e / total:.0%}' if e else '-'} |")
+        lines.append(f"| {target_label(r)} | {e if e else 'none'} | {f'{e / total:.0%}' if e else '-'} |")
     s = data.summary
     if s:
         lines += ["", "| ratio | dense at ticket | masked | pruned | retrained (final / best) | params | MACs | "

@@ -113,3 +113,26 @@ def test_run_searches_prunes_and_retrains_a_budget_ticket(capsys, tmp_path, cifa
     row = json.loads((save / "summary.json").read_text())["ratios"][0]
     assert row["ratio"] == "macs50" and row["acc_retrained"] is not None
     assert "p=macs50" in out and "    macs50" in out  # the progress line and the table name it
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_the_architecture_counts_what_prune_model_builds(name):
+    # budget solving measures candidates without prune_model's float64 build and checks: its MACs and
+    # parameters must still be the pruned network's own, fold biases included
+    from earlybird.prune import pruned_architecture
+
+    model, x = _dense(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.abs_()  # positive shifts: every removed channel emits a constant to fold
+    layers = prunable_layers(model, x)
+    mask = {n: torch.rand(model.get_submodule(n).num_features, generator=torch.Generator().manual_seed(1)) > 0.5
+            for n in layers}
+    small, plan = prune_model(model, mask, x, round_to=8)
+    shape = pruned_architecture(model, mask, x, round_to=8)
+    assert count_params(shape) == count_params(small) and count_macs(shape, (3, 32, 32)) == count_macs(small, (3, 32, 32))
+    bias_folds = [n for n, kind in plan.folds.items() if kind == "bias" and model.get_submodule(n).bias is None]
+    without = pruned_architecture(model, mask, x, round_to=8, folds=False)
+    assert count_macs(without, (3, 32, 32)) == count_macs(small, (3, 32, 32))  # folds add no MACs
+    assert count_params(small) - count_params(without) == sum(small.get_submodule(n).bias.numel() for n in bias_folds)

@@ -16,7 +16,7 @@ from torch import nn
 from .cost import count_macs, count_params
 from .errors import ConfigError, PruneError
 from .masks import ChannelIndex, channel_mask
-from .prune import prune_model
+from .prune import pruned_architecture, shapes_only
 
 METRICS = ("macs", "params")
 
@@ -71,11 +71,13 @@ def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_i
     def measure(net: nn.Module) -> int:
         return count_macs(net, shape) if metric == "macs" else count_params(net)
 
-    dense = measure(model)
+    dense = measure(shapes_only(model))  # a forward on the meta device: shapes, no arithmetic
 
     def pruned_at(ratio: float) -> tuple[float, dict[str, torch.Tensor]]:
         masks = index.split(channel_mask(flat, ratio, index.sizes, min_channels, flat_ties))
-        small, _ = prune_model(model, masks, example_inputs, keep_streams, round_to, dict(scores))
+        # the architecture alone: sizes are the pruned network's own (folds add parameters, never MACs)
+        small = pruned_architecture(model, masks, example_inputs, keep_streams, round_to, dict(scores),
+                                    folds=metric == "params")
         return measure(small) / dense, masks
 
     lo, hi = 0.0, 0.99  # the metric falls as the ratio grows: keep the smallest ratio that meets it

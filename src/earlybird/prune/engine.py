@@ -46,6 +46,7 @@ architecture from the dense one, so checkpoints hold only tensors and plain valu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
@@ -268,6 +269,9 @@ class _Coupling:
     # BN -> conv/linear whose output channels go with its channels -> {BN channel: output channel}
     producers: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
     readers: dict[frozenset, set[str]] = field(default_factory=dict)  # _private_readers' answers, by candidates
+    roots: dict[tuple, tuple] = field(default_factory=dict)  # (bn, channel) -> its class root, once traced
+    # selects -> (the model with them, its dependency graph, module names): _removal_plan's, the last few
+    removal_graphs: dict[tuple, tuple] = field(default_factory=dict)
     # conv/linear -> input index -> what it reads there, over the BN channels (see _read_expr)
     reads: dict[str, dict[int, tuple]] = field(default_factory=dict)
 
@@ -356,7 +360,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Coupling:
         setattr(coupling, attr, {coupling.classes.find(c) for c in getattr(coupling, attr)})
     for name, size in coupling.sizes.items():
         for c in range(size):
-            coupling.members.setdefault(coupling.classes.find((name, c)), []).append((name, c))
+            root = coupling.roots[(name, c)] = coupling.classes.find((name, c))
+            coupling.members.setdefault(root, []).append((name, c))
     return coupling
 
 
@@ -700,7 +705,7 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
     for name, why in coupling.refused.items():
         if strict and name in requested and not bool(requested[name].all()):
             raise PruneError(why)
-    find = coupling.classes.find
+    find = coupling.roots.__getitem__  # the classes are final once traced
     masked = {n: requested.get(n, torch.ones(s, dtype=torch.bool)) if n not in coupling.refused else
               torch.ones(s, dtype=torch.bool) for n, s in coupling.sizes.items()}
 
@@ -745,7 +750,7 @@ def _effective(model: nn.Module, masked: dict[str, torch.Tensor], coupling: _Cou
                ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Per BN the channels it keeps once classes are decided (``gone``, which --round-to may give
     back to), and the BNs that become selects."""
-    find = coupling.classes.find
+    find = coupling.roots.__getitem__  # the classes are final once traced
 
     # Masked channels of kept classes: readers select them away, other members keep them.
     def staying(name: str) -> torch.Tensor:  # per channel of a BN: does its class stay?
@@ -788,7 +793,7 @@ def _constant_reads(model: nn.Module, masked: dict[str, torch.Tensor], coupling:
     turns into a varying value; a zero passes both as a zero. Decided from the graph (``_Reads``),
     so it holds for every input (``outputs``: the BNs' zero-scale outputs, shared by a plan's
     rounds). The shift-zeroed channels, per BN."""
-    find = coupling.classes.find
+    find = coupling.roots.__getitem__  # the classes are final once traced
     reads = [(consumer, i, find(member)) for consumer, members in coupling.consumers.items()
              for i, member in members.items() if gone[find(member)]]
 
@@ -860,11 +865,15 @@ def channel_producers(model: nn.Module, example_inputs: torch.Tensor
 
 def _removal_plan(model, effective, gone, coupling: _Coupling, selects: list[str], example_inputs) -> PrunePlan:
     """Trace what leaves each module for the decided classes and selects (dense numbering)."""
-    find = coupling.classes.find
-    trial = copy.deepcopy(model)
-    _convert(trial, selects, {})
-    dg = _graph(trial, example_inputs[:1])
-    names = {m: n for n, m in trial.named_modules()}
+    find = coupling.roots.__getitem__  # the classes are final once traced
+    key = tuple(selects)
+    if key not in coupling.removal_graphs:  # plans of one model mostly share their selects (often none)
+        if len(coupling.removal_graphs) >= 4:
+            coupling.removal_graphs.pop(next(iter(coupling.removal_graphs)))
+        trial = copy.deepcopy(model)
+        _convert(trial, selects, {})
+        coupling.removal_graphs[key] = trial, _graph(trial, example_inputs[:1]), {m: n for n, m in trial.named_modules()}
+    trial, dg, names = coupling.removal_graphs[key]
     removed: dict[str, set[int]] = {}
 
     def add(group):
@@ -964,16 +973,37 @@ def prune_model(model: nn.Module, mask, example_inputs: torch.Tensor, keep_strea
     channel importance; default |gamma|).
     """
     plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to, scores=scores)
-    try:
+    with _one_line():
         return _prune(model, plan, example_inputs)
+
+
+@contextlib.contextmanager
+def _one_line():
+    """As in plan_pruning: an engine failure on a foreign model is one PruneError, never a traceback."""
+    try:
+        yield
     except EarlyBirdError:
         raise
-    except Exception as exc:  # noqa: BLE001 - as in plan_pruning: one line, never a traceback
+    except Exception as exc:  # noqa: BLE001
         raise PruneError(f"the pruning engine failed on this model ({_first_line(exc)}): it has a structure the "
                          "engine does not handle") from exc
 
 
 def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> tuple[nn.Module, PrunePlan]:
+    folds, exact, example = _folds(model, plan, example_inputs)
+    plan.folds = {name: kind for name, (kind, _) in folds.items()}
+    # the engine's exactness, apart from rounding to the model's number format: a float64 build of
+    # the plan against the float64 masked network, on the example and on inputs of other statistics
+    built = _build(model, plan, folds, torch.float64)
+    _verify(built, exact, example.double(), 1e-6, other_inputs(example.double()))
+    formats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    # in the model's number format: each folded bias rounded once, from its exact sum
+    return (built.to(formats.pop()) if len(formats) == 1 else _build(model, plan, folds)), plan
+
+
+def _folds(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor):
+    """(consumer -> (fold kind, float64 value), the float64 masked network, the example on the
+    model's device): what each conv or linear gets for the removed channels it reads."""
     exact = plan.masked(model).double()  # the masked network in float64: the values to fold, the reference
     consumers = {}
     dense = dict(model.named_modules())
@@ -998,14 +1028,29 @@ def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> t
                              "says they are constant: the model has an operation the engine does not handle")
         if bool(value.any()):  # zeros (a ReLU after a non-positive shift) add nothing: the layer stays plain
             folds[name] = _fold_into(name, dense[name], idxs, value)
-    plan.folds = {name: kind for name, (kind, _) in folds.items()}
-    # the engine's exactness, apart from rounding to the model's number format: a float64 build of
-    # the plan against the float64 masked network, on the example and on inputs of other statistics
-    built = _build(model, plan, folds, torch.float64)
-    _verify(built, exact, example.double(), 1e-6, other_inputs(example.double()))
-    formats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
-    # in the model's number format: each folded bias rounded once, from its exact sum
-    return (built.to(formats.pop()) if len(formats) == 1 else _build(model, plan, folds)), plan
+    return folds, exact, example
+
+
+def pruned_architecture(model: nn.Module, mask, example_inputs: torch.Tensor, keep_streams: bool = False,
+                        round_to: int = 1, scores: Mapping[str, torch.Tensor] | None = None,
+                        folds: bool = True) -> nn.Module:
+    """The network ``prune_model`` would return, for counting its MACs and parameters: the same
+    layers and shapes, the fold biases included (``folds=False`` leaves them out: they add
+    parameters, never MACs), without copying the weights' folds in or checking the result. A
+    fraction of ``prune_model``'s time, for searches over many candidate masks (budget targets)."""
+    plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to, scores=scores)
+    with _one_line():
+        if folds and plan.removed:
+            plan.folds = {name: kind for name, (kind, _) in _folds(model, plan, example_inputs[:1])[0].items()}
+        return apply_plan(shapes_only(model), plan)
+
+
+def shapes_only(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device: its layers and
+    shapes without its data (a forward computes shapes only, which counting MACs needs)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 def _build(model: nn.Module, plan: PrunePlan, folds: dict, dtype: torch.dtype | None = None) -> nn.Module:

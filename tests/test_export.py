@@ -100,3 +100,23 @@ def test_a_full_disk_during_an_export_is_one_line_about_the_disk(capsys, tmp_pat
     code, _, err = cli(capsys, "export", "--model", ckpt, "--format", "torchscript")
     assert_one_line_error(code, err, f"could not write {ckpt.with_suffix('.torchscript.pt')}: No space left on device")
     assert not ckpt.with_suffix(".torchscript.pt").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_out_in_a_folder_that_does_not_exist_is_made_and_one_that_cannot_be_is_one_line(capsys, tmp_path):
+    ckpt = _ticket(tmp_path, "vgg", pruned=False)
+    out = tmp_path / "deploy" / "models" / "vgg.pt2"
+    code, text, err = cli(capsys, "export", "--model", ckpt, "--format", "pt2", "--out", out)
+    assert code == 0 and out.is_file() and f"-> {out}" in text, err
+    (tmp_path / "plain-file").write_text("not a folder")
+    code, _, err = cli(capsys, "export", "--model", ckpt, "--format", "pt2", "--out", tmp_path / "plain-file" / "x.pt2")
+    assert_one_line_error(code, err, f"cannot write {tmp_path / 'plain-file' / 'x.pt2'}", "choose another --out")
+
+
+def test_onnx_without_its_exporter_names_the_extra(capsys, tmp_path, monkeypatch):
+    import sys
+
+    ckpt = _ticket(tmp_path, "vgg", pruned=False)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as after `pip install -e .` without [export]
+    code, _, err = cli(capsys, "export", "--model", ckpt, "--format", "onnx")
+    assert_one_line_error(code, err, "exporting to onnx needs onnx", 'pip install "earlybird[export]"')
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -322,3 +322,11 @@ def test_the_image_column_and_the_normalization_can_be_named(capsys, tmp_path):
                        "--save", tmp_path / "other", *RUN)
     assert_one_line_error(code, err, "has no column 'picture' (columns: thumb (Image), photo (Image), y (ClassLabel))",
                           "fix --image-column")
+
+
+def test_the_readme_s_home_folder_path_is_expanded(tmp_path, monkeypatch):
+    # README.md: earlybird.data.folder("~/photos", ...)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_folder(tmp_path / "photos", per_class=(4, 2))
+    train, test, info = data_module.folder("~/photos", batch_size=6, workers=0)
+    assert info.classes == ("cat", "dog", "emu") and next(iter(train))[0].shape[0] == 6

@@ -33,9 +33,12 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Pat
         raise ConfigError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     model = model.cpu().eval()
     example = example_inputs.cpu()
-    path = Path(path)
-    # the exporters want a file of their own extension
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=FORMATS[fmt])
+    path = Path(path).expanduser()
+    try:  # a missing folder is made, as --save makes one; the exporters want a file of their own extension
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=FORMATS[fmt])
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}): choose another --out") from None
     os.close(fd)
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -44,6 +47,9 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, path: str | Pat
         os.replace(tmp, path)
     except EarlyBirdError:
         raise
+    except ImportError as exc:  # the exporter itself is missing, not the model's fault
+        raise ConfigError(f"exporting to {fmt} needs {exc.name or 'a package'}: pip install \"earlybird[export]\"") \
+            from None
     except Exception as exc:  # noqa: BLE001 - an exporter's failure on a model is one line
         if os_error(exc) is not None:  # the disk, not the format
             raise write_error(path, os_error(exc), tensor_bytes(model.state_dict())) from None

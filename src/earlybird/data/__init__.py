@@ -216,13 +216,14 @@ def folder(root: str | Path, batch_size: int = 256, test_batch_size: int = 256, 
     size, held in memory where they fit, normalized, the training batches augmented on ``device``.
     ``options``: ImageOptions' fields (image_size, val_fraction, mean, std, cache, workers). Each
     loader yields (float images, labels) on ``device``; call ``set_epoch(e)`` before each pass."""
-    return _own_loaders("folder", root, batch_size, test_batch_size, device, seed, reporter, options)
+    return _own_loaders("folder", Path(root).expanduser(), batch_size, test_batch_size, device, seed, reporter, options)
 
 
 def hf(path: str, batch_size: int = 256, test_batch_size: int = 256, device="cpu", seed: int = 0, reporter=None,
        **options):
     """The same for a Hugging Face dataset (a ``save_to_disk`` folder, or a name in the local cache),
     as ``--dataset hf:PATH`` reads it; ``options`` may also name image_column and label_column."""
+    path = str(Path(path).expanduser()) if str(path).startswith("~") else path  # a folder, or a hub name
     return _own_loaders(f"hf:{path}", ".", batch_size, test_batch_size, device, seed, reporter, options)
 
 

@@ -497,3 +497,23 @@ def test_a_full_disk_is_one_line_and_the_same_command_resumes(capsys, tmp_path, 
     assert f"after epoch {saved}" in out and load_checkpoint(save / "checkpoint.pth")["epoch"] == 4
     epochs = [json.loads(line)["epoch"] for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [e for e in range(1, 5) if not (name == "metrics.jsonl" and e == 3)]  # no half row
+
+
+def test_prune_retrain_and_eval_read_the_data_where_the_search_read_it(capsys, tmp_path, cifar10_root, monkeypatch):
+    # the documented `earlybird prune --model .../EB-50-2.pth` after `search --data DIR`: no --data, no
+    # download into ./data; a later --data still wins
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch", "vgg",
+                       "--depth", 11, "--width", 0.0625, "--batch-size", 16, "--epochs", 2, "--ratios", 0.5, "--full",
+                       "--save", "s")
+    assert code == 0, err
+    code, _, err = cli(capsys, "prune", "--model", "s/checkpoint.pth", "--percent", 0.5, "--no-download",
+                       "--latency-batches", "--save", "p")
+    assert code == 0, err
+    code, _, err = cli(capsys, "retrain", "--model", "p/pruned.pth", "--epochs", 3, "--no-download", "--save", "r")
+    assert code == 0, err
+    code, out, err = cli(capsys, "eval", "--model", "r/model_best.pth", "--no-download")
+    assert code == 0 and "on cifar10 test (16 images)" in out, err
+    assert not (tmp_path / "data").exists()
+    code, _, err = cli(capsys, "eval", "--model", "r/model_best.pth", "--no-download", "--data", tmp_path / "elsewhere")
+    assert code == 2 and "elsewhere" in err

@@ -37,7 +37,7 @@ class DataConfig:
                                     "dataset saved with save_to_disk, or hf:NAME from its cache); default: "
                                     "fashion-mnist for search and run, the checkpoint's own for prune, retrain and eval")
     data: str | None = opt(None, "directory holding (or receiving) the dataset files (default: data; for prune, "
-                                 "retrain and eval of your own images: the folder the checkpoint was trained on)")
+                                 "retrain and eval: the folder the checkpoint's data was read from)")
     download: bool = opt(True, "download missing dataset files (checksummed)", action=argparse.BooleanOptionalAction)
     train_subset: int | None = opt(None, "train on a seeded random subset of this many images", type=int)
     batch_size: int = opt(256, "training batch size", type=int)

@@ -34,7 +34,7 @@ class DatasetInfo:
     resized_crop: bool = False  # random-resized crops of the held images (one's own large images)
     held_out: float = 0.0  # one's own images without a test split: the fraction of each class held out
     columns: tuple[str, ...] = ()  # a Hugging Face dataset's image and label columns
-    root: str = ""  # a class folder's directory, where prune, retrain and eval look when --data is not given
+    root: str = ""  # the folder the data was read from, where prune, retrain and eval look when --data is not given
 
     def to_dict(self) -> dict:
         """Plain values, for a checkpoint (eval, prune and retrain read one's own images with them)."""
@@ -145,8 +145,8 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
     ``like`` describes them where a checkpoint does; ``reporter`` receives what was found and done."""
     if is_own(name):
         return _load_own(name, root, images or ImageOptions(), train_subset, seed, like, reporter)
-    info = dataset_info(name, root)
-    root = Path(root)
+    root = Path(root).expanduser()
+    info = replace(dataset_info(name, root), root=str(root.resolve()))  # checkpoints remember where it was
     if name == "imagenet":
         train, test, classes = load_imagenet(root)
         keep = _subset(len(train.paths), train_subset, seed)

@@ -81,11 +81,13 @@ def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None 
 
 def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", reporter: Reporter | None = None,
                     train_subset: int | None = None) -> Dataset | FolderDataset:
-    """The dataset a checkpoint was trained on; one's own images read as the checkpoint describes
-    them (classes, size, normalization, held-out split)."""
+    """The dataset a checkpoint was trained on, from the folder it was read from unless --data says
+    otherwise; one's own images read as the checkpoint describes them (classes, size, normalization,
+    held-out split)."""
     name = checkpoint_dataset(ckpt, data, path)
-    like = DatasetInfo.from_dict(ckpt["data_info"]) if is_own(name) and ckpt.get("data_info") else None
-    root = data.data or (like.root if like is not None and like.root else data.root)
+    saved = DatasetInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else None
+    like = saved if is_own(name) else None
+    root = data.data or (saved.root if saved is not None and saved.root else data.root)  # a later --data wins
     return load_dataset(name, root, data.download, train_subset, platform.seed, data.image_options(platform.device),
                         like, reporter)
 

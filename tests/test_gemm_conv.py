@@ -347,8 +347,12 @@ def test_a_network_timed_on_this_machine_before_starts_with_that_choice_untimed(
             f"network on this machine before (remembered in {cache.cache_file()}") in out
     search("c", "--batch-size", 8)  # another batch: timed again
     assert timed == [16, 8]
-    cache.cache_file().write_text("{not json")  # a damaged cache is timed over and rewritten
-    search("d")
+    cache.cache_file().write_text("{not json")  # a damaged cache is timed over and rewritten, in one line
+    out, _ = search("d")
     assert timed == [16, 8, 16] and json.loads(cache.cache_file().read_text())
+    assert f"the speed-choice cache {cache.cache_file()} could not be read (JSONDecodeError): timing" in out
+    cache.cache_file().write_bytes(b"\x80\xff garbage")  # not even text
+    out, _ = search("d2")
+    assert timed == [16, 8, 16, 16] and "could not be read (UnicodeDecodeError)" in out
     out, _ = search("e", "--cpu-kernels", "off")  # plain PyTorch: its own timing, nothing remembered
-    assert timed == [16, 8, 16, 16] and "as timed for this network" not in out
+    assert timed == [16, 8, 16, 16, 16] and "as timed for this network" not in out

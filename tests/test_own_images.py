@@ -1,6 +1,8 @@
 """One's own images: class folders and Hugging Face datasets, at their own size, end to end."""
 import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 
 from earlybird import data as data_module
 from earlybird.data.decode import to_mode
-from earlybird.errors import DataError
+from earlybird.errors import ConfigError, DataError
 from earlybird.export import read_metadata
 from earlybird.progress import Reporter
 from earlybird.train import load_checkpoint
@@ -330,3 +332,47 @@ def test_the_readme_s_home_folder_path_is_expanded(tmp_path, monkeypatch):
     write_folder(tmp_path / "photos", per_class=(4, 2))
     train, test, info = data_module.folder("~/photos", batch_size=6, workers=0)
     assert info.classes == ("cat", "dog", "emu") and next(iter(train))[0].shape[0] == 6
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_decoded_image_cache_that_cannot_be_read_is_decoded_again_in_one_line(tmp_path, damage):
+    from earlybird.data import images as images_module
+
+    root = write_folder(tmp_path / "f", per_class=(4, 2))
+    lines = io.StringIO()
+    reporter = Reporter(bars=False, out=lines)
+    first = data_module.folder(root, batch_size=6, reporter=reporter, workers=0)[1]
+    path = Path(re.search(r"kept in (\S+\.pt) for the next run", lines.getvalue()).group(1))
+    data = path.read_bytes()
+    path.write_bytes(b"a line of text\n" if damage == "garbage" else data[:len(data) // 2])
+    lines.truncate(0)
+    lines.seek(0)
+    again = data_module.folder(root, batch_size=6, reporter=reporter, workers=0)[1]
+    said = [line for line in lines.getvalue().splitlines() if "could not be read" in line]
+    assert len(said) == 1 and f"the decoded images in {path} could not be read (" in said[0], lines.getvalue()
+    assert "decoding them again" in said[0] and "kept in" in said[0]
+    assert torch.equal(next(iter(again))[0], next(iter(first))[0])
+    assert torch.load(path, weights_only=True)["train"].shape[0] == 12  # the bad file replaced
+    assert images_module.cache_cap() == 20 * 2**30  # the default cap
+
+
+def test_the_decoded_image_caches_stay_under_their_cap(tmp_path, monkeypatch):
+    from earlybird.data import images as images_module
+
+    lines = io.StringIO()
+    reporter = Reporter(bars=False, out=lines)
+    first = write_folder(tmp_path / "a", per_class=(4, 2))
+    data_module.folder(first, batch_size=6, reporter=reporter, workers=0)
+    old = Path(re.search(r"kept in (\S+\.pt)", lines.getvalue()).group(1))
+    monkeypatch.setenv(images_module.CACHE_MAX, str(old.stat().st_size + 100))  # room for about one
+    lines.truncate(0)
+    lines.seek(0)
+    second = write_folder(tmp_path / "b", per_class=(5, 2))
+    data_module.folder(second, batch_size=6, reporter=reporter, workers=0)
+    new = Path(re.search(r"kept in (\S+\.pt)", lines.getvalue()).group(1))
+    assert new.is_file() and not old.exists()
+    assert "dropped 1 less recently used decoded-image cache file (" in lines.getvalue()
+    assert f"to stay under {images_module.CACHE_MAX}=" in lines.getvalue()
+    monkeypatch.setenv(images_module.CACHE_MAX, "lots")
+    with pytest.raises(ConfigError, match="EARLYBIRD_IMAGE_CACHE_MAX=lots: give a size such as 20G or 500M"):
+        images_module.cache_cap()

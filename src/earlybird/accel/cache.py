@@ -57,23 +57,31 @@ def choice_key(model: nn.Module, input_shape, num_classes: int, batch_size: int,
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
-def _entries(path: Path) -> dict:
+def _entries(path: Path) -> tuple[dict, str]:
+    """The stored entries, and why a file there could not be read ('' where it could, or is absent)."""
     try:
         entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
+    except FileNotFoundError:
+        return {}, ""
+    except (OSError, ValueError) as exc:  # garbage bytes: a UnicodeDecodeError, a ValueError too
+        return {}, type(exc).__name__
+    return (entries, "") if isinstance(entries, dict) else ({}, "not a JSON object")
 
 
-def recall(key: str) -> dict | None:
-    """The speed entry (``setting_to_dict``'s) stored for ``key``, if any."""
-    entry = _entries(cache_file()).get(key)
+def recall(key: str, say=None) -> dict | None:
+    """The speed entry (``setting_to_dict``'s) stored for ``key``, if any; ``say`` gets one line when
+    the file cannot be read (the settings are timed again, and ``remember`` rewrites it)."""
+    entries, damaged = _entries(cache_file())
+    if damaged and say is not None:
+        say(f"the speed-choice cache {cache_file()} could not be read ({damaged}): timing the settings again, and "
+            "the file is rewritten")
+    entry = entries.get(key)
     return entry if isinstance(entry, dict) and "channels_last" in entry and "autocast" in entry else None
 
 
 def remember(key: str, entry: dict) -> None:
     path = cache_file()
-    entries = _entries(path)
+    entries = _entries(path)[0]
     entries.pop(key, None)
     entries[key] = entry
     text = json.dumps(dict(list(entries.items())[-MAX_ENTRIES:])).encode()

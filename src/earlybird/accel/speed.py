@@ -54,7 +54,7 @@ def prepare(model: nn.Module, input_shape, num_classes: int, batch_size: int, de
     key = cache.choice_key(model, input_shape, num_classes, batch_size, rt, low_precision_active) if (
         resumed is None and device.type == "cpu" and rt.cpu_kernels == "on" and not rt.deterministic
         and not distributed.world().active) else None
-    recalled = cache.recall(key) if key else None
+    recalled = cache.recall(key, reporter.line) if key else None
     if recalled is not None:
         channels_last, dtype = recall_speed(model, recalled, rt, device, reporter)
     else:

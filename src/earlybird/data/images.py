@@ -207,18 +207,55 @@ def _cache_path(images: Images, info) -> Path:
     return user_cache_dir() / "images" / f"{digest}.pt"
 
 
+CACHE_MAX = "EARLYBIRD_IMAGE_CACHE_MAX"  # the decoded-image caches' size cap, e.g. 20G (the default) or 500M
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def cache_cap() -> int:
+    """The size the decoded-image cache files may take together, in bytes (``$EARLYBIRD_IMAGE_CACHE_MAX``)."""
+    text = os.environ.get(CACHE_MAX, "20G").strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"{CACHE_MAX}={os.environ[CACHE_MAX]}: give a size such as 20G or 500M") from None
+
+
+def _keep_under_cap(kept: Path) -> str:
+    """Drop the least recently used decoded-image cache files beyond ``cache_cap()`` (never ``kept``,
+    just written); what was dropped, or ''."""
+    cap, files = cache_cap(), []
+    for p in kept.parent.glob("*.pt"):
+        try:
+            files.append((p.stat().st_mtime, p.stat().st_size, p))
+        except OSError:  # another process dropped it meanwhile
+            pass
+    total, freed, count = sum(size for _, size, _ in files), 0, 0
+    for _, size, p in sorted(files):
+        if total - freed <= cap:
+            break
+        if p != kept:
+            p.unlink(missing_ok=True)
+            freed, count = freed + size, count + 1
+    return (f"; dropped {count} less recently used decoded-image cache file{'s' if count > 1 else ''} "
+            f"({format_bytes(freed)}) to stay under {CACHE_MAX}={format_bytes(cap)}") if count else ""
+
+
 def decode_all(images: Images, info, opts: ImageOptions, reporter) -> tuple[tuple, str]:
     """((train images, labels, test images, labels), note): from the cache file where the same
-    images were decoded at this size before, else decoded now and kept there."""
+    images were decoded at this size before, else decoded now and kept there (a cache file that
+    cannot be read is decoded again and replaced)."""
     path = _cache_path(images, info)
+    damaged = ""
     if path.is_file():
         try:
             t0 = time.perf_counter()
             saved = torch.load(path, map_location="cpu", weights_only=True)
             parts = (saved["train"], saved["train_labels"], saved["test"], saved["test_labels"])
+            os.utime(path)  # recently used: the size cap drops others first
             return parts, f"decoded images read from {path} in {time.perf_counter() - t0:.1f} s"
-        except (OSError, RuntimeError, KeyError, EOFError, ValueError):
-            pass  # damaged: decode again
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (text: an UnpicklingError)
+            damaged = f"the decoded images in {path} could not be read ({type(exc).__name__}): decoding them again; "
     t0 = time.perf_counter()
     size, large = info.image_size, info.resized_crop
     train = decode_split(images.train, size, size, info.in_channels, opts.workers, reporter, "training images")
@@ -226,11 +263,12 @@ def decode_all(images: Images, info, opts: ImageOptions, reporter) -> tuple[tupl
                         "test images")
     seconds = time.perf_counter() - t0
     n = len(images.train) + len(images.test)
-    note = f"decoded {n:,} images in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} images/s, {opts.workers} workers)"
+    note = (f"{damaged}decoded {n:,} images in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} images/s, "
+            f"{opts.workers} workers)")
     saved = {"train": train[0], "train_labels": train[1], "test": test[0], "test_labels": test[1]}
     try:
         atomic_write(path, partial(torch.save, saved), tensor_bytes(saved))
-        note += f"; kept in {path} for the next run"
+        note += f"; kept in {path} for the next run" + _keep_under_cap(path)
     except WriteError as exc:
         note += f"; not kept ({exc.reason})"
     return (*train, *test), note

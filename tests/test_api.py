@@ -3,6 +3,7 @@ the layout names every module, and README.md stays short."""
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import earlybird
@@ -88,3 +89,18 @@ def test_the_other_library_examples_run():
 
 def test_the_readme_stays_short():
     assert len(README.read_text().splitlines()) <= 200
+
+
+@pytest.mark.parametrize("cores", [1, 64])
+def test_the_cli_reference_is_docs_cli_md_on_any_machine(cores):
+    # generated on a machine of another core count, the tables are the same: no default there is the
+    # writing machine's (--workers said "(default: 2)" on a 2-core machine)
+    import subprocess
+    import sys
+
+    code = (f"import os; os.cpu_count = lambda: {cores}; import runpy; "
+            "runpy.run_path('scripts/cli_reference.py', run_name='__main__')")
+    generated = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    text = CLI.read_text()
+    assert text[text.index("## Every flag, by command"):].strip() == generated.strip(), \
+        "docs/cli.md differs from the parser: run python scripts/cli_reference.py and update it"

@@ -23,10 +23,21 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
 
 
-def opt(default, help: str, *flags: str, **argparse_kwargs):
-    """A dataclass field with its CLI flags (default: --field-name) and argparse options."""
+def opt(default, help: str, *flags: str, shown: str | None = None, **argparse_kwargs):
+    """A dataclass field with its CLI flags (default: --field-name) and argparse options; ``shown``:
+    how --help states a default that depends on the machine (the value itself otherwise)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "flags": flags, "argparse": argparse_kwargs}, **kw)
+    return field(metadata={"help": help, "flags": flags, "argparse": argparse_kwargs, "shown": shown}, **kw)
+
+
+def _default_text(meta, flags: tuple, default, kwargs: dict) -> str:
+    """' (default: ...)' for --help: the field's own words, the flag in effect of an on/off pair, or
+    the value; nothing for a flag that is off unless given, or a default its help states."""
+    if meta.get("shown") is not None:
+        return f" (default: {meta['shown']})"
+    if kwargs.get("action") is argparse.BooleanOptionalAction:
+        return f" (default: {flags[0] if default else '--no-' + flags[0][2:]})"
+    return "" if default in (None, "", False) or kwargs.get("action") else f" (default: {default})"
 
 
 @dataclass
@@ -48,7 +59,7 @@ class DataConfig:
     sparsify_gt: float | None = opt(None, "zero every pixel at or below this value (0-1 scale) before normalization",
                                     "--sparsify-gt", "--sparsity_gt", "--sparsity-gt", type=float)
     workers: int = opt(min(8, os.cpu_count() or 1), "image-decoding worker processes (ImageNet, your own images)",
-                       type=int)
+                       type=int, shown="the CPU count, at most 8")
     image_size: int | None = opt(None, "your own images (folder, hf:): the side they train at (default: their own "
                                        "where they are small, median shorter side under 160 px; else 224)", type=int)
     val_fraction: float = opt(0.1, "your own images with no val/ folder or test split: the seeded fraction of each "
@@ -107,8 +118,9 @@ class OptimConfig:
     lr: float = opt(0.1, "initial learning rate", type=float)
     momentum: float = opt(0.9, "SGD momentum", type=float)
     weight_decay: float = opt(1e-4, "SGD weight decay (all parameters)", "--weight-decay", "--wd", type=float)
-    sparsity_regularization: bool = opt(True, "L1 on batch-norm scales (network slimming)", "--sparsity-regularization", "-sr",
-                                        action=argparse.BooleanOptionalAction)
+    sparsity_regularization: bool = opt(True, "L1 on batch-norm scales (network slimming); in retrain too, as the "
+                                              "reference's commands keep it (--no-sparsity-regularization: off)",
+                                        "--sparsity-regularization", "-sr", action=argparse.BooleanOptionalAction)
     s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
 
     def __post_init__(self):
@@ -433,7 +445,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = No
         flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
         default = f.default if f.default is not MISSING else f.default_factory()
         kwargs = dict(meta["argparse"])
-        help_text = meta["help"] + ("" if default in (None, "", False) or kwargs.get("action") else f" (default: {default})")
+        help_text = meta["help"] + _default_text(meta, flags, default, kwargs)
         if flags[0].startswith("-"):
             kwargs["dest"] = f.name
         group.add_argument(*flags, default=default, help=help_text, **kwargs)

@@ -12,13 +12,14 @@ def main() -> None:
     print("Generated from the parser by `python scripts/cli_reference.py`; `earlybird COMMAND --help` says the same.\n")
     for name, sub in commands.items():
         print(f"### `earlybird {name}`: {COMMANDS[name].help}\n")
-        rows = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+        rows = [a for a in sub._actions if a.dest != "help"]  # positional arguments first, as --help lists them
+        rows.sort(key=lambda a: bool(a.option_strings))
         if not rows:
             print("No flags.\n")
             continue
         print("| flag | meaning |\n|---|---|")
         for action in rows:
-            flags = ", ".join(f"`{f}`" for f in action.option_strings)
+            flags = ", ".join(f"`{f}`" for f in action.option_strings) or f"`{action.metavar or action.dest}`"
             text = (action.help or "").replace("%%", "%").replace("|", "\\|")
             print(f"| {flags} | {text} |")
         print()

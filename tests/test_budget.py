@@ -136,3 +136,21 @@ def test_the_architecture_counts_what_prune_model_builds(name):
     without = pruned_architecture(model, mask, x, round_to=8, folds=False)
     assert count_macs(without, (3, 32, 32)) == count_macs(small, (3, 32, 32))  # folds add no MACs
     assert count_params(small) - count_params(without) == sum(small.get_submodule(n).bias.numel() for n in bias_folds)
+
+
+def test_search_solves_budgets_for_its_round_to(capsys, tmp_path, cifar10_root, monkeypatch):
+    # --target-macs is met "after coupling and --round-to": search takes the flag that prune and run take
+    import importlib
+
+    search_stage = importlib.import_module("earlybird.stages.search")  # the module, not the function
+    made = []
+    real = search_stage.BudgetTarget
+    monkeypatch.setattr(search_stage, "BudgetTarget", lambda *args: made.append(args[-1]) or real(*args))
+    for flags, want in (([], 8), (["--round-to", 4], 4)):
+        code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch",
+                           "vgg", "--depth", 11, "--width", 0.0625, "--batch-size", 16, "--epochs", 1, "--ratios",
+                           "--target-macs", 0.6, *flags, "--save", tmp_path / str(want))
+        assert code == 0, err
+        assert made[-1] == want
+    code, _, err = cli(capsys, "search", "--round-to", 0, "--save", tmp_path / "x")
+    assert_one_line_error(code, err, "--round-to 0 must be at least 1")

@@ -367,12 +367,12 @@ def test_the_schedule_defaults_to_half_and_three_quarters_of_the_epochs(capsys, 
 def test_configs_validate_themselves_and_one_table_builds_the_cli():
     from earlybird import ConfigError
     from earlybird.cli import COMMANDS, build_parser
-    from earlybird.config import LowPrecisionConfig, OptimConfig, PruneOptions, RunArgs, command_from_args
+    from earlybird.config import LowPrecisionConfig, OptimConfig, RunArgs, WidthConfig, command_from_args
 
     with pytest.raises(ConfigError, match="--epochs 0 must be at least 1"):
         OptimConfig(epochs=0)
     with pytest.raises(ConfigError, match="--round-to 0"):
-        PruneOptions(round_to=0)
+        WidthConfig(round_to=0)
     with pytest.raises(ConfigError, match="--swa-start 9 must be in 0..4"):
         LowPrecisionConfig(swa=True, swa_start=9).check_schedule(OptimConfig(epochs=5, schedule=[]))
     parser = build_parser()

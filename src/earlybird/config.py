@@ -326,10 +326,21 @@ class PruneConfig:
 
 
 @dataclass
-class PruneOptions:
+class WidthConfig:
+    """The pruned widths: what prune makes, and what search and run solve budget targets for."""
+
     round_to: int = opt(8, "keep a multiple of this many channels per layer where it can, giving back its largest-|γ| "
                            "pruned channels: odd widths are slow on GPUs and in CPU batch norm (a pruned VGG trained "
-                           "1.6x faster on a CPU with 8 than with 1); 1 prunes exactly the ratio's channels", type=int)
+                           "1.6x faster on a CPU with 8 than with 1); 1 prunes exactly the ratio's channels; search "
+                           "solves --target-macs/--target-params for these widths", type=int)
+
+    def __post_init__(self):
+        if self.round_to < 1:
+            raise ConfigError(f"--round-to {self.round_to} must be at least 1")
+
+
+@dataclass
+class PruneOptions:
     measure_speed: bool = opt(False, "also time the dense and the pruned network side by side: inference at "
                                      "--latency-batches, training at --batch-size (benchmarks/prune_speedup.py "
                                      "measures more thoroughly)", action="store_true")
@@ -337,8 +348,6 @@ class PruneOptions:
                                 nargs="*")
 
     def __post_init__(self):
-        if self.round_to < 1:
-            raise ConfigError(f"--round-to {self.round_to} must be at least 1")
         if any(b < 1 for b in self.latency_batches):
             raise ConfigError(f"--latency-batches {self.latency_batches} must be positive")
 
@@ -366,6 +375,7 @@ class SearchArgs:
     model_cfg: ModelConfig = part(ModelConfig, "model")
     optim: OptimConfig = part(OptimConfig, "optimization")
     detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
+    widths: WidthConfig = part(WidthConfig, "pruned widths")
     lowp: LowPrecisionConfig = part(LowPrecisionConfig, LOWP)
     rt: RuntimeConfig = part(RuntimeConfig, "run")
 
@@ -374,7 +384,8 @@ class SearchArgs:
 class PruneArgs:
     cfg: PruneConfig = part(PruneConfig, "prune")
     check: ModelCheck = part(ModelCheck, "model check")
-    options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
+    widths: WidthConfig = part(WidthConfig, "pruned widths")
+    options: PruneOptions = part(PruneOptions, "speed of the pruned architecture")
     data: DataConfig = part(DataConfig, "data (for test accuracy)")
     rt: RuntimeConfig = part(RuntimeConfig, "run")
 
@@ -391,7 +402,7 @@ class RetrainArgs:
 
 @dataclass
 class RunArgs(SearchArgs):
-    options: PruneOptions = part(PruneOptions, "pruned architecture and speed")
+    options: PruneOptions = part(PruneOptions, "speed of the pruned architecture")
     pipeline: PipelineOptions = part(PipelineOptions, "pipeline")
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
+                      WidthConfig,
                       PipelineOptions, RetrainConfig, RuntimeConfig)
 from ..budget import parse_budget_key, prune_flags
 from ..cost import training_macs
@@ -33,9 +34,10 @@ def _stage_runtime(rt: RuntimeConfig, stage: RunDir) -> RuntimeConfig | None:
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
                  options: PruneOptions, rt: RuntimeConfig, reporter: Reporter, lowp: LowPrecisionConfig | None = None,
-                 pipeline: PipelineOptions | None = None) -> dict:
+                 pipeline: PipelineOptions | None = None, widths: WidthConfig | None = None) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     lowp, pipeline = lowp or LowPrecisionConfig(), pipeline or PipelineOptions()
+    pruning = options, widths  # what each prune stage takes
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
@@ -49,7 +51,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     dataset = load_data(data, platform, reporter)
     stage_rt = _stage_runtime(rt, run.search())
     found = run.search().summary() if stage_rt is None else search(
-        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, options.round_to)
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, widths)
     rows = []
     for r in _targets(found):
         ticket = found["tickets"].get(str(r))
@@ -58,12 +60,12 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                          "threshold": found["threshold"], "last": str(run.search().last)})
             continue
         reporter.line(f"--- p={label(r)}: prune the ticket of epoch {ticket['epoch']}, then retrain")
-        pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, data, optim, rt,
+        pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, pruning, data, optim, rt,
                                     reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
         rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
     summary = _summary(data, found, rows, optim.epochs, lowp, time.perf_counter() - t0)
     if pipeline.baseline:
-        summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp,
+        summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, pruning, rt, reporter, dataset, lowp,
                                         found)
     run.write_summary(summary)
     table = summary_table(summary)
@@ -101,7 +103,7 @@ def _continue_or_start(run: RunDir, rt: RuntimeConfig, reporter: Reporter) -> Ru
 
 
 def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: float, detect: DetectConfig,
-                       options: PruneOptions, data, optim, rt, reporter, dataset, lowp,
+                       pruning: tuple[PruneOptions, WidthConfig | None], data, optim, rt, reporter, dataset, lowp,
                        retrain_cfg: RetrainConfig) -> tuple[dict, dict]:
     """One ratio's prune stage (of ``source``, at ``percent`` or the ticket's own ratio) and retrain
     stage under ``run``, each read from its summary where a resumed run finished it."""
@@ -109,8 +111,8 @@ def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: 
     if _stage_runtime(rt, prune_dir) is None:
         pr = prune_dir.summary()
     else:
-        pr = prune(_prune_config(source, percent, detect.min_channels), options, data,
-                   replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path)
+        pr = prune(_prune_config(source, percent, detect.min_channels), pruning[0], data,
+                   replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path, widths=pruning[1])
     stage_rt = _stage_runtime(rt, retrain_dir)
     rr = retrain_dir.summary() if stage_rt is None else retrain(
         replace(retrain_cfg, model=str(prune_dir / PRUNED)), data, optim, stage_rt, reporter, dataset,
@@ -158,7 +160,7 @@ def _summary(data: DataConfig, found: dict, rows: list[dict], epochs: int, lowp:
     }
 
 
-def _baseline(run: RunDir, data, model_cfg, optim, detect, options, rt, reporter, dataset, lowp, found) -> dict:
+def _baseline(run: RunDir, data, model_cfg, optim, detect, pruning, rt, reporter, dataset, lowp, found) -> dict:
     """Train-prune-retrain, measured: dense training over the whole schedule, each ratio pruned at
     the end and fine-tuned over the whole schedule again (network slimming), same seed. The dense
     training continues the EB search's checkpoint: with the same seed its first epochs are the same
@@ -175,12 +177,12 @@ def _baseline(run: RunDir, data, model_cfg, optim, detect, options, rt, reporter
         distributed.barrier()
         reporter.line(f"--- baseline: dense training continues to epoch {optim.epochs}, then prune and fine-tune")
         dense = search(data, model_cfg, optim, replace(detect, full=True), replace(rt, resume="", force=False),
-                       reporter, dataset, search_dir.path, lowp)
+                       reporter, dataset, search_dir.path, lowp, pruning[1])
     dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
     out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
            "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
     for r in _targets(found):
-        pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, options, data, optim,
+        pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, pruning, data, optim,
                                     replace(rt, resume=""), reporter, dataset, lowp, RetrainConfig(start_epoch=0))
         out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
                                  "params": pr["params"]["after"], "macs": pr["macs"]["after"]}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig
+from ..config import DataConfig, ModelCheck, PruneConfig, PruneOptions, RuntimeConfig, WidthConfig
 from ..cost import count_macs, count_params
 from ..data import Dataset
 from ..errors import CheckpointError, ConfigError
@@ -70,8 +70,10 @@ def grouped_report(dense, pruned) -> dict:
 
 
 def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: RuntimeConfig, reporter: Reporter,
-          dataset: Dataset | None = None, check: ModelCheck | None = None, save: Path | None = None) -> dict:
+          dataset: Dataset | None = None, check: ModelCheck | None = None, save: Path | None = None,
+          widths: WidthConfig | None = None) -> dict:
     """Physically prune an EB ticket (or a search checkpoint) and report what changed."""
+    round_to = (widths or WidthConfig()).round_to
     if not cfg.model:
         raise ConfigError("--model is required: pass an EB ticket such as runs/x/EB-30-12.pth")
     platform = setup_runtime(rt)
@@ -90,10 +92,10 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
     test = make_loader(dataset, data, platform, False, train=False)
     example = next(iter(test))[0][:8]
     keep_streams = _keep_streams(cfg, ckpt, reporter)
-    requested, scores, budget = _ticket_mask(ckpt, dense, cfg, keep_streams, options.round_to, example)
+    requested, scores, budget = _ticket_mask(ckpt, dense, cfg, keep_streams, round_to, example)
     ratio = budget.ratio if budget else ratio
-    pruned, plan = prune_model(dense, requested, example, keep_streams, options.round_to, scores)
-    report = _report(cfg, ckpt, ratio, keep_streams, options, requested, dense, pruned, plan, example, test, budget)
+    pruned, plan = prune_model(dense, requested, example, keep_streams, round_to, scores)
+    report = _report(cfg, ckpt, ratio, keep_streams, round_to, requested, dense, pruned, plan, example, test, budget)
     if options.measure_speed and platform.is_main:
         # timed by rank 0 alone (the others wait at write_summary's barrier), at one worker's batch:
         # the global batch on one GPU is not what training runs, and may not fit
@@ -104,11 +106,11 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
                     **{**data_meta(dataset.info), "input_shape": report["input_shape"]},
                     test_acc=report["test_acc"]["pruned"])
     run.write_summary(report)
-    _say(report, cfg, options, plan, run / PRUNED, reporter)
+    _say(report, cfg, plan, run / PRUNED, reporter)
     return report
 
 
-def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, options: PruneOptions, requested: dict,
+def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, round_to: int, requested: dict,
             dense, pruned, plan, example, test, budget: BudgetTicket | None) -> dict:
     """What pruning changed (channels, layers, parameters, MACs) and what it costs in accuracy: the
     dense, the masked and the pruned network on the test split."""
@@ -121,7 +123,7 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, opti
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
-        "keep_streams": keep_streams, "round_to": options.round_to, "input_shape": shape,
+        "keep_streams": keep_streams, "round_to": round_to, "input_shape": shape,
         "channels": {"before": sum(before.values()), "after": sum(after.values()),
                      "prunable": sum(int(m.numel()) for m in requested.values()),
                      "requested": sum(int((~m).sum()) for m in requested.values()),
@@ -152,13 +154,13 @@ def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, re
                        "ratio": round(report["ratio"], 4)}}
 
 
-def _say(report: dict, cfg: PruneConfig, options: PruneOptions, plan, out: Path, reporter: Reporter) -> None:
+def _say(report: dict, cfg: PruneConfig, plan, out: Path, reporter: Reporter) -> None:
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
     device = report["device"]
     reporter.line(f"pruned {cfg.model} at p={report['ratio']:g} of {c['prunable']} prunable BN channels: asked "
                   f"{c['requested']}, removed {c['removed']} (coupled channels stay while any member needs them"
                   + (f"; {c['dead']} unasked went as they fed only masked BNs" if c["dead"] else "")
-                  + (f"; --round-to {options.round_to} keeps multiples of {options.round_to}" if options.round_to > 1 else "")
+                  + (f"; --round-to {report['round_to']} keeps multiples of {report['round_to']}" if report["round_to"] > 1 else "")
                   + f"), channels {c['before']} -> {c['after']}")
     if "budget" in report:
         b = report["budget"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..accel import format_name, precision_name
-from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig
+from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig, WidthConfig
 from ..cost import count_macs, count_params
 from ..data import Dataset, dataset_info
 from ..detector import EarlyBird
@@ -68,15 +68,15 @@ class EarlyBirdCallback(Callback):
 
 def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None,
-           lowp: LowPrecisionConfig | None = None, round_to: int = 8) -> dict:
+           lowp: LowPrecisionConfig | None = None, widths: WidthConfig | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges
-    (``round_to``: the pruned widths budget targets are solved with, as --round-to prunes them)."""
+    (``widths``: the pruned widths budget targets are solved for, as --round-to prunes them)."""
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     platform = setup_runtime(rt)
     spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.root,
                                                                            data.image_options(platform.device)))
-    model, layers, ties, importance, budgets = _dense(spec, detect, round_to)  # a bad model fails before the data
+    model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     dataset = dataset or load_data(data, platform, reporter)
     ckpt = _resumed(resume_path, spec)

@@ -125,15 +125,17 @@ def _workers() -> int:
 
 
 def _peers():
-    """The watch over the other workers, where a command joined a process group (imported only then)."""
-    return sys.modules.get("earlybird.train.peers")
+    """The watch over the other workers (the module), where a command joined a group of several;
+    None otherwise (imported only then)."""
+    peers = sys.modules.get("earlybird.train.peers")
+    return peers if peers is not None and peers.active() else None
 
 
 def _stopped_by_peer(command: str, exc: BaseException) -> str | None:
     """The line to end with when another worker's failure is why this one stopped: the line that
     worker posted, or (one killed without a word: out of memory, SIGKILL) what was lost."""
     peers = _peers()
-    if peers is None or not peers.active():
+    if peers is None:
         return None
     line = peers.posted(wait=0.0 if isinstance(exc, KeyboardInterrupt) else 2.0)
     if line or isinstance(exc, KeyboardInterrupt) or not peers.lost(exc):
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         _ending(previous)
         line = f"earlybird {args.command}: error: {exc}"
         print(line, file=sys.stderr, flush=True)
-        if _peers() and _peers().active():
-            _peers().post(line)  # the other workers stop with it instead of waiting in a collective
+        if peers := _peers():
+            peers.post(line)  # the other workers stop with it instead of waiting in a collective
         return 2
     except KeyboardInterrupt as exc:
         line = _stopped_by_peer(args.command, exc)  # torchrun stops the others once one failed
@@ -186,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         if line:
             print(line, file=sys.stderr)
             return 2
-        if not (_peers() and _peers().active()):
+        peers = _peers()
+        if peers is None:
             raise
         traceback.print_exc()  # now: torchrun stops this worker as soon as its peers have exited
-        _peers().post(f"earlybird {args.command}: error: another worker failed with {type(exc).__name__}: "
+        peers.post(f"earlybird {args.command}: error: another worker failed with {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''} (its traceback is in its output)")
         return 1
     finally:

@@ -726,17 +726,17 @@ def _plan(model: nn.Module, requested: dict[str, torch.Tensor], coupling: _Coupl
         gone[root] = False
     # Readers must see a constant in the network prune_model compares with: the effective masks
     # (classes given back change what a gate computes), so decide again until that network agrees.
-    probe_masks, zeroed, outputs = masked, None, {}
+    read_masks, zeroed, outputs = masked, None, {}
     # each round only keeps more classes, so it ends: a RegNetY-16GF took 9 rounds, each block's
     # gates seeing what the rounds before gave back
     for _ in range(50):
         before = dict(gone)
-        found = _constant_reads(model, probe_masks, coupling, gone, outputs)
+        found = _constant_reads(model, read_masks, coupling, gone, outputs)
         if zeroed is not None and gone == before and found == zeroed:
             break
         zeroed = found
         effective, selects = _effective(model, masked, coupling, gone, deciders, example, round_to, scores)
-        probe_masks = effective
+        read_masks = effective
     else:
         raise PruneError("the pruning decisions do not settle: the model has a structure the engine does not handle")
     plan = _removal_plan(model, effective, gone, coupling, sorted(selects), example_inputs)

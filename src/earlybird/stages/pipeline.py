@@ -37,7 +37,6 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                  pipeline: PipelineOptions | None = None, widths: WidthConfig | None = None) -> dict:
     """Search until the tickets, prune each, retrain each, and account for the compute spent."""
     lowp, pipeline = lowp or LowPrecisionConfig(), pipeline or PipelineOptions()
-    pruning = options, widths  # what each prune stage takes
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(rt.save or default_save(data, model_cfg)))
@@ -60,13 +59,13 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                          "threshold": found["threshold"], "last": str(run.search().last)})
             continue
         reporter.line(f"--- p={label(r)}: prune the ticket of epoch {ticket['epoch']}, then retrain")
-        pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, pruning, data, optim, rt,
-                                    reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
+        pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, widths, data, optim,
+                                    rt, reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
         rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
     summary = _summary(data, found, rows, optim.epochs, lowp, time.perf_counter() - t0)
     if pipeline.baseline:
-        summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, pruning, rt, reporter, dataset, lowp,
-                                        found)
+        summary["baseline"] = _baseline(run, data, model_cfg, optim, detect, options, widths, rt, reporter, dataset,
+                                        lowp, found)
     run.write_summary(summary)
     table = summary_table(summary)
     if distributed.is_main():
@@ -103,7 +102,7 @@ def _continue_or_start(run: RunDir, rt: RuntimeConfig, reporter: Reporter) -> Ru
 
 
 def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: float, detect: DetectConfig,
-                       pruning: tuple[PruneOptions, WidthConfig | None], data, optim, rt, reporter, dataset, lowp,
+                       options: PruneOptions, widths: WidthConfig | None, data, optim, rt, reporter, dataset, lowp,
                        retrain_cfg: RetrainConfig) -> tuple[dict, dict]:
     """One ratio's prune stage (of ``source``, at ``percent`` or the ticket's own ratio) and retrain
     stage under ``run``, each read from its summary where a resumed run finished it."""
@@ -111,8 +110,8 @@ def _prune_and_retrain(run: RunDir, source: Path, percent: float | None, ratio: 
     if _stage_runtime(rt, prune_dir) is None:
         pr = prune_dir.summary()
     else:
-        pr = prune(_prune_config(source, percent, detect.min_channels), pruning[0], data,
-                   replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path, widths=pruning[1])
+        pr = prune(_prune_config(source, percent, detect.min_channels), options, data,
+                   replace(rt, resume=None, force=True), reporter, dataset, save=prune_dir.path, widths=widths)
     stage_rt = _stage_runtime(rt, retrain_dir)
     rr = retrain_dir.summary() if stage_rt is None else retrain(
         replace(retrain_cfg, model=str(prune_dir / PRUNED)), data, optim, stage_rt, reporter, dataset,
@@ -160,7 +159,8 @@ def _summary(data: DataConfig, found: dict, rows: list[dict], epochs: int, lowp:
     }
 
 
-def _baseline(run: RunDir, data, model_cfg, optim, detect, pruning, rt, reporter, dataset, lowp, found) -> dict:
+def _baseline(run: RunDir, data, model_cfg, optim, detect, options, widths, rt, reporter, dataset, lowp,
+              found) -> dict:
     """Train-prune-retrain, measured: dense training over the whole schedule, each ratio pruned at
     the end and fine-tuned over the whole schedule again (network slimming), same seed. The dense
     training continues the EB search's checkpoint: with the same seed its first epochs are the same
@@ -177,12 +177,12 @@ def _baseline(run: RunDir, data, model_cfg, optim, detect, pruning, rt, reporter
         distributed.barrier()
         reporter.line(f"--- baseline: dense training continues to epoch {optim.epochs}, then prune and fine-tune")
         dense = search(data, model_cfg, optim, replace(detect, full=True), replace(rt, resume="", force=False),
-                       reporter, dataset, search_dir.path, lowp, pruning[1])
+                       reporter, dataset, search_dir.path, lowp, widths)
     dense_epoch = training_macs(dense["macs"], dense["train_images"], 1)
     out = {"dense_final_test_acc": dense["final_test_acc"], "ratios": {},
            "train_s": found["train_s"] + dense["train_s"], "train_macs": optim.epochs * dense_epoch}
     for r in _targets(found):
-        pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, pruning, data, optim,
+        pr, rr = _prune_and_retrain(base, search_dir.last, r, r, detect, options, widths, data, optim,
                                     replace(rt, resume=""), reporter, dataset, lowp, RetrainConfig(start_epoch=0))
         out["ratios"][str(r)] = {"final": rr["final_test_acc"], "best": rr["best_test_acc"],
                                  "params": pr["params"]["after"], "macs": pr["macs"]["after"]}

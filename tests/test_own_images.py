@@ -17,7 +17,7 @@ from earlybird.progress import Reporter
 from earlybird.train import load_checkpoint
 from test_cli import TINY, assert_one_line_error, cli
 
-RUN = ["--device", "cpu", "--cpu-kernels", "off", "--workers", "1"]
+RUN = ["--device", "cpu", "--workers", "1"]  # cli() adds --cpu-kernels off where a command has it
 
 
 def picture(label: int, size, mode: str, rng) -> Image.Image:
@@ -54,13 +54,13 @@ def _flow(capsys, tmp_path, source):
     run = tmp_path / "run"
     code, out, err = cli(capsys, "search", *source, *TINY, "--epochs", 2, "--ratios", 0.5, "--save", run, *RUN)
     assert code == 0, err
-    code, pout, err = cli(capsys, "prune", "--model", run / "checkpoint.pth", "--percent", 0.5, *RUN[:-2])
+    code, pout, err = cli(capsys, "prune", "--model", run / "checkpoint.pth", "--percent", 0.5, "--device", "cpu")
     assert code == 0, err
     pruned = run / "pruned-50" / "pruned.pth"
-    code, _, err = cli(capsys, "retrain", "--model", pruned, "--epochs", 3, "--batch-size", 16, *RUN[:-2])
+    code, _, err = cli(capsys, "retrain", "--model", pruned, "--epochs", 3, "--batch-size", 16, "--device", "cpu")
     assert code == 0, err
     best = run / "pruned-50" / "retrain" / "model_best.pth"
-    code, eout, err = cli(capsys, "eval", "--model", best, *RUN[:-2])
+    code, eout, err = cli(capsys, "eval", "--model", best, "--device", "cpu")
     assert code == 0, err
     code, _, err = cli(capsys, "export", "--model", best, "--format", "onnx")
     assert code == 0, err
@@ -271,7 +271,7 @@ def test_a_checkpoint_of_one_folder_refuses_a_folder_of_other_classes(capsys, tm
                        "--save", tmp_path / "run", *RUN)
     assert code == 0, err
     other = write_folder(tmp_path / "g", per_class=(3, 1), classes=("ant", "bee", "cow"))
-    code, _, err = cli(capsys, "eval", "--model", tmp_path / "run" / "checkpoint.pth", "--data", other, *RUN[:-2])
+    code, _, err = cli(capsys, "eval", "--model", tmp_path / "run" / "checkpoint.pth", "--data", other, "--device", "cpu")
     assert_one_line_error(code, err, "has the classes ant, bee, cow; the checkpoint was trained on cat, dog, emu")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset"] == "folder"

@@ -49,7 +49,7 @@ def test_import_reference_vgg_dense_and_pruned(tmp_path, capsys, small_vgg):
     ref = tmp_path / "pruned.pth.tar"
     torch.save({"state_dict": reference_layout(small.state_dict(), "vgg"), "cfg": cfg, "epoch": 160}, ref)
     assert main(["import-reference", "--model", str(ref), "--arch", "vgg", "--depth", "11", "--width", "0.125",
-                 "--dataset", "cifar10", "--save", str(tmp_path / "p.pth")]) == 0
+                 "--dataset", "cifar10", "--out", str(tmp_path / "p.pth")]) == 0
     model, _, plan = model_from_checkpoint(load_checkpoint(tmp_path / "p.pth"))
     assert [len(v) for v in plan.keep.values()] == [c for c in cfg if c != "M" and c != 64]
     with torch.no_grad():
@@ -63,13 +63,13 @@ def test_import_reference_preresnet_and_mismatches(tmp_path, capsys):
     ref = tmp_path / "ckpt.pth.tar"
     torch.save({"state_dict": reference_layout(net.state_dict(), "preresnet")}, ref)
     assert main(["import-reference", "--model", str(ref), "--arch", "preresnet", "--depth", "20", "--width", "0.25",
-                 "--save", str(tmp_path / "a.pth")]) == 0
+                 "--out", str(tmp_path / "a.pth")]) == 0
     model, _, _ = model_from_checkpoint(load_checkpoint(tmp_path / "a.pth"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), net(x))
     capsys.readouterr()
-    code = main(["import-reference", "--model", str(ref), "--arch", "vgg", "--save", str(tmp_path / "b.pth")])
+    code = main(["import-reference", "--model", str(ref), "--arch", "vgg", "--out", str(tmp_path / "b.pth")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "--arch, --depth and --dataset" in err[-1] and len(err) == 2  # the warning, the error
     assert not (tmp_path / "b.pth").exists()
@@ -88,7 +88,7 @@ def test_a_reference_checkpoint_with_a_numpy_best_prec1_imports_and_then_loads(t
     assert type(converted["test_acc"]) is float and converted["test_acc"] == 41.53
     capsys.readouterr()
     data = ["--data", str(cifar10_root), "--device", "cpu", "--cpu-kernels", "off"]
-    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), *data]) == 0
+    assert main(["eval", "--model", str(tmp_path / "model_best.earlybird.pth"), *data[:-2]]) == 0
     assert main(["prune", "--model", str(tmp_path / "model_best.earlybird.pth"), *data]) == 0
     pruned = tmp_path / "pruned-50" / "pruned.pth"
     assert model_from_checkpoint(load_checkpoint(pruned))[2] is not None
@@ -108,7 +108,7 @@ def test_prune_keep_streams_gives_the_reference_widths_on_an_imported_preresnet5
     torch.save({"state_dict": reference_layout(net.state_dict(), "preresnet"), "epoch": 10, "best_prec1": 30.0}, ref)
     imported = tmp_path / "eb.pth"
     assert main(["import-reference", "--model", str(ref), "--arch", "preresnet", "--depth", "56",
-                 "--save", str(imported)]) == 0
+                 "--out", str(imported)]) == 0
     common = ["prune", "--model", str(imported), "--percent", "0.4", "--round-to", "1", "--data", str(cifar10_root),
               "--device", "cpu", "--cpu-kernels", "off"]
     capsys.readouterr()
@@ -217,7 +217,7 @@ def test_a_pruned_reference_preresnet_imports_and_evaluates_as_the_reference_com
     path = tmp_path / "pruned.pth.tar"
     torch.save({"cfg": cfg, "state_dict": reference_layout(ref.state_dict(), "preresnet")}, path)
     assert main(["import-reference", "--model", str(path), "--arch", "preresnet", "--depth", "20", "--width", "0.25",
-                 "--dataset", "cifar10", "--save", str(tmp_path / "p.pth")]) == 0
+                 "--dataset", "cifar10", "--out", str(tmp_path / "p.pth")]) == 0
     assert "as a pruned preresnet20" in capsys.readouterr().out
     model, _, plan = model_from_checkpoint(load_checkpoint(tmp_path / "p.pth"))
     dense = create_model(ModelSpec("preresnet", 20, 0.25, 3, 10, 32))
@@ -227,7 +227,7 @@ def test_a_pruned_reference_preresnet_imports_and_evaluates_as_the_reference_com
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref(x), rtol=1e-5, atol=1e-5)
     args = ["--data", str(cifar10_root), "--device", "cpu", "--cpu-kernels", "off"]
-    assert main(["eval", "--model", str(tmp_path / "p.pth")] + args) == 0
+    assert main(["eval", "--model", str(tmp_path / "p.pth")] + args[:-2]) == 0
     assert main(["retrain", "--scratch", str(tmp_path / "p.pth"), "--epochs", "1", "--batch-size", "16",
                  "--save", str(tmp_path / "re")] + args) == 0
     assert main(["export", "--model", str(tmp_path / "re" / "model_best.pth"), "--format", "torchscript"]) == 0

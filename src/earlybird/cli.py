@@ -99,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gpu_ids(args) -> list[int] | None:
+def _gpu_ids(config) -> list[int] | None:
     """Several --gpu-ids outside torchrun: this process becomes the launcher."""
-    if not getattr(args, "gpu_ids", None) or "WORLD_SIZE" in os.environ:
+    rt = getattr(config, "rt", None)
+    if rt is None or not rt.gpu_ids or "WORLD_SIZE" in os.environ:
         return None
     from .train.distributed import parse_gpu_ids
 
-    ids = parse_gpu_ids(args.gpu_ids)
+    ids = parse_gpu_ids(rt.gpu_ids)
     return ids if len(ids) > 1 else None
 
 
@@ -159,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         else None
     completed = False
     try:
-        ids = _gpu_ids(args)
+        command = COMMANDS[args.command]
+        config = command_from_args(command.args, args)
+        ids = _gpu_ids(config)
         if ids:
             from .train.distributed import launch_on_gpus
 
-            return launch_on_gpus(ids, list(sys.argv[1:] if argv is None else argv), args.port)
-        command = COMMANDS[args.command]
+            return launch_on_gpus(ids, list(sys.argv[1:] if argv is None else argv), config.rt.port)
         if not command.workers and _workers() > 1:
             raise ConfigError(f"{args.command} runs in one process: start it without torchrun")
-        command.run(command_from_args(command.args, args), Reporter())
+        command.run(config, Reporter())
         completed = True
     except EarlyBirdError as exc:
         _ending(previous)

@@ -87,11 +87,26 @@ class DataConfig:
                             tuple(self.std) if self.std else None, self.cache, self.image_column, self.label_column,
                             self.workers, str(device))
 
+    def check_kind(self, name: str) -> None:
+        """Options of one kind of dataset given for another (``name``) are an error, not ignored."""
+        from .data import is_own
+
+        own = [f for f in ("image_size", "mean", "std") if getattr(self, f) is not None]
+        own += [f for f, default in (("val_fraction", 0.1), ("cache", "auto")) if getattr(self, f) != default]
+        for given, kind, applies in (([f for f in ("image_column", "label_column") if getattr(self, f)],
+                                      name.startswith("hf:"), "hf: datasets"),
+                                     (own, is_own(name), "your own images (--dataset folder or hf:)")):
+            if given and not kind:
+                flag = "--" + given[0].replace("_", "-")
+                raise ConfigError(f"{flag} applies to {applies}, not to {name}: drop it")
+
     def __post_init__(self):
         from .data.transforms import InputTransform
 
         InputTransform(self.filter, self.sigma, self.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
         self.image_options()  # checks --image-size, --val-fraction, --mean/--std
+        if self.dataset:  # else the checkpoint's dataset, checked once it is read
+            self.check_kind(self.dataset)
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must not be negative (0: decode in the main process)")
         for flag, value in (("--batch-size", self.batch_size), ("--test-batch-size", self.test_batch_size)):
@@ -237,7 +252,8 @@ class RuntimeConfig:
                            type=int)
     sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the whole global batch (as one process "
                                "computes them) instead of each worker's part", action="store_true")
-    force: bool = opt(False, "overwrite a finished run in --save", action="store_true")
+    force: bool = opt(False, "overwrite what the command writes where it exists: a finished run in --save, an "
+                             "--out file", action="store_true")
     tensorboard: bool = opt(False, "also write the metrics as TensorBoard scalars (--save/tensorboard/)",
                             action="store_true")
     resume: str | None = opt(None, "continue an interrupted run from this checkpoint (default: --save/checkpoint.pth; running the same command again does it too)",
@@ -263,6 +279,7 @@ class ImportConfig:
     model: str = opt("", "reference checkpoint to convert (e.g. EB-30-35.pth.tar, pruned.pth.tar, model_best.pth.tar)",
                      "--model")
     dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes)")
+    out: str | None = opt(None, "file to write (default: next to --model, e.g. EB-30-35.earlybird.pth)")
 
 
 @dataclass
@@ -363,10 +380,24 @@ class PipelineOptions:
 LOWP = "low precision (SWALP: block floating point, stochastic rounding, weight averaging)"
 
 
-def part(cls, title: str | None = None):
-    """A command's field holding one config dataclass; its flags form an argparse group ``title``."""
-    return field(default_factory=cls, metadata={"title": title})
+def part(cls, title: str | None = None, only: tuple[str, ...] | None = None):
+    """A command's field holding one config dataclass; its flags form an argparse group ``title``.
+    ``only``: the fields the command uses, the only ones it shows and accepts (the others keep
+    their defaults)."""
+    return field(default_factory=cls, metadata={"title": title, "only": only})
 
+
+def shown_fields(command_field) -> list:
+    """The fields of a command's config that are its flags."""
+    only = command_field.metadata["only"]
+    return [f for f in fields(command_field.default_factory) if only is None or f.name in only]
+
+
+# What the commands that read a checkpoint without training it use of the data and run options
+# (the training commands use them all; tests/test_cli_flags.py checks each command reads every flag it shows).
+PLACEMENT = ("device", "threads", "deterministic", "gpu_ids", "port")
+EVAL_SPEED = ("amp", "amp_dtype", "channels_last")
+TEST_DATA = tuple(f.name for f in fields(DataConfig) if f.name not in ("train_subset", "batch_size"))
 
 # One dataclass per command; a field's name is the keyword its function takes (cli.COMMANDS).
 @dataclass
@@ -386,8 +417,8 @@ class PruneArgs:
     check: ModelCheck = part(ModelCheck, "model check")
     widths: WidthConfig = part(WidthConfig, "pruned widths")
     options: PruneOptions = part(PruneOptions, "speed of the pruned architecture")
-    data: DataConfig = part(DataConfig, "data (for test accuracy)")
-    rt: RuntimeConfig = part(RuntimeConfig, "run")
+    data: DataConfig = part(DataConfig, "data (for test accuracy)", TEST_DATA + ("batch_size",))
+    rt: RuntimeConfig = part(RuntimeConfig, "run", ("save", "force", *PLACEMENT, *EVAL_SPEED, "cpu_kernels"))
 
 
 @dataclass
@@ -410,22 +441,22 @@ class RunArgs(SearchArgs):
 class EvalArgs:
     cfg: EvalConfig = part(EvalConfig, "eval")
     check: ModelCheck = part(ModelCheck, "model check")
-    data: DataConfig = part(DataConfig, "data")
-    rt: RuntimeConfig = part(RuntimeConfig, "run")
+    data: DataConfig = part(DataConfig, "data", TEST_DATA)
+    rt: RuntimeConfig = part(RuntimeConfig, "run", PLACEMENT + EVAL_SPEED)
 
 
 @dataclass
 class ExportArgs:
     cfg: ExportConfig = part(ExportConfig, "export")
     check: ModelCheck = part(ModelCheck, "model check")
-    rt: RuntimeConfig = part(RuntimeConfig, "run")
+    rt: RuntimeConfig = part(RuntimeConfig, "output", ("force",))
 
 
 @dataclass
 class ImportArgs:
     cfg: ImportConfig = part(ImportConfig, "import")
     model_cfg: ModelConfig = part(ModelConfig, "model")
-    rt: RuntimeConfig = part(RuntimeConfig, "run")
+    rt: RuntimeConfig = part(RuntimeConfig, "output", ("force",))
 
 
 @dataclass
@@ -441,17 +472,19 @@ class ModelsArgs:
 def add_command_args(parser: argparse.ArgumentParser, command_cls) -> None:
     """The flags of every config a command's dataclass holds, one argparse group per config."""
     for f in fields(command_cls):
-        add_config_args(parser, f.default_factory, f.metadata["title"])
+        add_config_args(parser, f.default_factory, f.metadata["title"], shown_fields(f))
 
 
 def command_from_args(command_cls, ns: argparse.Namespace):
     """The command's dataclass from parsed flags (each config validates itself as it is built)."""
-    return command_cls(**{f.name: config_from_args(f.default_factory, ns) for f in fields(command_cls)})
+    return command_cls(**{f.name: f.default_factory(**{g.name: getattr(ns, g.name) for g in shown_fields(f)})
+                          for f in fields(command_cls)})
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
+def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None, chosen: list | None = None) -> None:
+    """``cls``'s flags (``chosen``: those of these fields only) as one argparse group ``title``."""
     group = parser.add_argument_group(title) if title else parser
-    for f in fields(cls):
+    for f in chosen if chosen is not None else fields(cls):
         meta = f.metadata
         flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -461,6 +494,3 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = No
             kwargs["dest"] = f.name
         group.add_argument(*flags, default=default, help=help_text, **kwargs)
 
-
-def config_from_args(cls, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})

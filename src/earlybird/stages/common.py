@@ -75,6 +75,7 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None) -> Dataset | FolderDataset:
     """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded)."""
+    data.check_kind(data.dataset or DEFAULT_DATASET)
     return load_dataset(data.dataset or DEFAULT_DATASET, data.root, data.download, data.train_subset, platform.seed,
                         data.image_options(platform.device), reporter=reporter)
 
@@ -85,6 +86,7 @@ def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", re
     otherwise; one's own images read as the checkpoint describes them (classes, size, normalization,
     held-out split)."""
     name = checkpoint_dataset(ckpt, data, path)
+    data.check_kind(name)
     saved = DatasetInfo.from_dict(ckpt["data_info"]) if ckpt.get("data_info") else None
     like = saved if is_own(name) else None
     root = data.data or (saved.root if saved is not None and saved.root else data.root)  # a later --data wins

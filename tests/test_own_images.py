@@ -2,6 +2,8 @@
 import io
 import json
 import re
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +378,54 @@ def test_the_decoded_image_caches_stay_under_their_cap(tmp_path, monkeypatch):
     monkeypatch.setenv(images_module.CACHE_MAX, "lots")
     with pytest.raises(ConfigError, match="EARLYBIRD_IMAGE_CACHE_MAX=lots: give a size such as 20G or 500M"):
         images_module.cache_cap()
+
+
+def _in_the_hub_cache(datasets, cache: Path, repo: str, table) -> None:
+    """``table`` as the datasets library caches a Hub dataset ``repo`` it downloaded: prepared Arrow
+    files under <cache>/<namespace>___<name>/<config>/<version>/<hash>/ (written here by its own
+    parquet builder, then named as a download of ``repo`` is)."""
+    table.to_parquet(str(cache / "src" / "train.parquet"))
+    datasets.load_dataset("parquet", data_files={"train": str(cache / "src" / "train.parquet")},
+                          cache_dir=str(cache / "build"))
+    namespace, name = repo.split("/")
+    (config,) = (cache / "build" / "parquet").iterdir()
+    target = cache / f"{namespace}___{name}" / "default"
+    target.parent.mkdir()
+    config.rename(target)
+    for arrow in target.rglob("parquet-*.arrow"):
+        arrow.rename(arrow.with_name(arrow.name.replace("parquet-", f"{name}-")))
+
+
+def test_a_hub_name_is_read_from_the_local_cache_without_a_request(capsys, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    hf = sys.modules["earlybird.data.hf"]
+    rng = np.random.default_rng(2)
+    labels = [i % 2 for i in range(24)]
+    (tmp_path / "src").mkdir()
+    _in_the_hub_cache(datasets, tmp_path, "someone/shapes", datasets.Dataset.from_dict(
+        {"image": [picture(y, (16, 16), "RGB", rng) for y in labels], "label": labels},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    monkeypatch.setattr(hf, "_reachable", lambda url: pytest.fail("the cache holds it: no request is needed"))
+    capsys.readouterr()
+    code, out, err = cli(capsys, "search", "--dataset", "hf:someone/shapes", *TINY, "--epochs", 1, "--ratios", 0.5,
+                         "--save", tmp_path / "run", *RUN)
+    assert code == 0, err
+    assert "hf:someone/shapes: 2 classes, 22 training and 2 test images at 16x16" in out
+    assert "cached version" not in out + err  # the library's notes stay out of earlybird's output
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_name_missing_from_the_cache_offline_is_one_line_at_once(capsys, tmp_path, monkeypatch, offline):
+    datasets = pytest.importorskip("datasets")
+    hf = sys.modules["earlybird.data.hf"]
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "_reachable", lambda url: False)  # a machine without network
+    start = time.perf_counter()
+    code, _, err = cli(capsys, "search", "--dataset", "hf:someone/not-cached", *TINY, "--save", tmp_path / "run", *RUN)
+    # the Hub client's retries (1+2+4+8+8 s) are what this must not wait for
+    assert time.perf_counter() - start < 5
+    assert_one_line_error(code, err, "hf:someone/not-cached is neither a folder nor a dataset in the local Hugging "
+                          "Face cache", "HF_HUB_OFFLINE is set" if offline else "cannot be reached", "save_to_disk")

@@ -6,7 +6,12 @@ stratified --val-fraction of ``train``. Optional: ``pip install "earlybird[hf]"`
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
@@ -43,19 +48,70 @@ class HFSplit:
                 len(self.labels)]
 
 
+@contextlib.contextmanager
+def _quiet_hub(offline: bool):
+    """The Hugging Face libraries without their log lines (cache notes, retries), and with ``offline``
+    without any request: a miss then fails at once instead of retrying for half a minute."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    saved = [(datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE), [lg.level for lg in loggers]]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        if offline:
+            datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved[0]
+        for lg, level in zip(loggers, saved[1]):
+            lg.setLevel(level)
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _failed(spec: str, exc: Exception) -> DataError:
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return DataError(f"cannot open the Hugging Face dataset {spec} ({type(exc).__name__}: {first}): pass a folder "
+                     "written with save_to_disk, or the name of a dataset in the local cache")
+
+
 def _open(spec: str):
+    """(the datasets module, the dataset): a folder, else a name looked up in the local cache first,
+    then on the Hub where it can be reached."""
     try:
         import datasets
     except ImportError:
         raise ConfigError(f"--dataset hf:{spec} needs the datasets package: pip install \"earlybird[hf]\"") from None
-    try:
-        if Path(spec).exists():
+    if Path(spec).exists():
+        try:
             return datasets, datasets.load_from_disk(spec)
-        return datasets, datasets.load_dataset(spec)
-    except Exception as exc:  # noqa: BLE001 - any failure to open the dataset is one line
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot open the Hugging Face dataset {spec} ({type(exc).__name__}: {first}): pass a folder "
-                        "written with save_to_disk, or the name of a dataset in the local cache") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to open the dataset is one line
+            raise _failed(spec, exc) from None
+    with contextlib.suppress(Exception):  # not in the cache (or unreadable there): the Hub may have it
+        with _quiet_hub(offline=True):
+            return datasets, datasets.load_dataset(spec)
+    where = f"hf:{spec} is neither a folder nor a dataset in the local Hugging Face cache " \
+            f"({datasets.config.HF_DATASETS_CACHE})"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in datasets.config.ENV_VARS_TRUE_VALUES:
+        raise DataError(f"{where}, and HF_HUB_OFFLINE is set: download it where the Hub can be reached, or pass "
+                        "a folder written with save_to_disk")
+    if not _reachable(datasets.config.HF_ENDPOINT):
+        raise DataError(f"{where}, and {datasets.config.HF_ENDPOINT} cannot be reached: download it where the Hub "
+                        f"can be reached, or pass a folder written with save_to_disk")
+    try:
+        with _quiet_hub(offline=False):
+            return datasets, datasets.load_dataset(spec)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed(spec, exc) from None
 
 
 def _column(features, wanted: str | None, kind, flag: str, spec: str) -> str:

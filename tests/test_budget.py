@@ -154,3 +154,33 @@ def test_search_solves_budgets_for_its_round_to(capsys, tmp_path, cifar10_root, 
         assert made[-1] == want
     code, _, err = cli(capsys, "search", "--round-to", 0, "--save", tmp_path / "x")
     assert_one_line_error(code, err, "--round-to 0 must be at least 1")
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_a_solve_from_the_last_epochs_ratio_finds_what_a_cold_solve_finds(name, metric, monkeypatch):
+    from earlybird import budget
+
+    model, x = _dense(name)
+    layers = prunable_layers(model, x)
+    ties = channel_ties(model, x)
+    g = torch.Generator().manual_seed(0)
+    scores = dict(zip(layers, BNScale().scores(model, layers)))
+    built = []
+    plan = budget.pruned_architecture
+    monkeypatch.setattr(budget, "pruned_architecture", lambda *a, **k: built.append(1) or plan(*a, **k))
+    cold = solve_budget(model, scores, x, metric, 0.5, ties, round_to=8)
+    assert len(built) == 13
+    built.clear()  # scores that did not move: two candidates, the answer and the one below it
+    assert solve_budget(model, scores, x, metric, 0.5, ties, round_to=8, near=cold.ratio).ratio == cold.ratio
+    assert len(built) == 2
+    for epoch in range(4):  # the scores move a little each epoch, and the ratio that meets the budget with them
+        scores = {k: v * (1 + 0.05 * torch.randn(v.shape, generator=g)) for k, v in scores.items()}
+        fresh = solve_budget(model, scores, x, metric, 0.5, ties, round_to=8)
+        for near in (cold.ratio, 0.01, 0.99):  # last epoch's ratio, and starts far off on either side
+            warm = solve_budget(model, scores, x, metric, 0.5, ties, round_to=8, near=near)
+            assert (warm.ratio, warm.reached) == (fresh.ratio, fresh.reached)
+            assert all(torch.equal(warm.masks[k], fresh.masks[k]) for k in fresh.masks)
+        cold = fresh
+    with pytest.raises(PruneError, match="cannot be met"):  # an unreachable budget says so from any start
+        solve_budget(model, scores, x, metric, 1e-4, ties, round_to=8, near=0.3)

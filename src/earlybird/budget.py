@@ -2,7 +2,8 @@
 
 Coupling (channels that only go together), the collapse guard and ``round_to`` all give channels
 back, so the ratio that halves the MACs is not 0.5 and differs between models: it is solved on the
-network itself, by bisection over the ratio, measuring each candidate's pruned network.
+network itself, by bisection over the ratio, measuring each candidate's pruned network (from the
+previous epoch's ratio, a few candidates around it).
 """
 from __future__ import annotations
 
@@ -59,41 +60,60 @@ def check_budget(metric: str, fraction: float) -> None:
 
 def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: torch.Tensor, metric: str,
                  fraction: float, ties: Sequence = (), min_channels: int = 1, keep_streams: bool = False,
-                 round_to: int = 1, steps: int = 12) -> BudgetTicket:
+                 round_to: int = 1, steps: int = 12, near: float | None = None) -> BudgetTicket:
     """The smallest ratio (to 2^-``steps``) whose pruned ``model`` has at most ``fraction`` of the dense
     MACs or parameters, with its masks. ``scores``: BN name -> channel importance over the layers to
-    prune (their order is the mask's); ``ties`` as ``EarlyBird(ties=)`` takes them."""
+    prune (their order is the mask's); ``ties`` as ``EarlyBird(ties=)`` takes them. ``near``: a ratio
+    the answer is likely close to (the previous epoch's): the search starts there and widens its
+    bracket step by doubling step, measuring a few candidates instead of ``steps`` + 1, for the same answer."""
     check_budget(metric, fraction)
     index = ChannelIndex(tuple(scores), tuple(int(s.numel()) for s in scores.values()))
     flat, flat_ties = index.join(scores), index.flat_ties(ties)
     shape = tuple(example_inputs.shape[1:])
+    top = 2 ** steps  # candidates are the ratios 0.99 k / top, k = 1..top
 
     def measure(net: nn.Module) -> int:
         return count_macs(net, shape) if metric == "macs" else count_params(net)
 
     dense = measure(shapes_only(model))  # a forward on the meta device: shapes, no arithmetic
+    tried: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
 
-    def pruned_at(ratio: float) -> tuple[float, dict[str, torch.Tensor]]:
-        masks = index.split(channel_mask(flat, ratio, index.sizes, min_channels, flat_ties))
-        # the architecture alone: sizes are the pruned network's own (folds add parameters, never MACs)
-        small = pruned_architecture(model, masks, example_inputs, keep_streams, round_to, dict(scores),
-                                    folds=metric == "params")
-        return measure(small) / dense, masks
+    def meets(k: int) -> bool:
+        """Whether the network pruned at candidate k meets the budget (the metric falls as k grows)."""
+        if k not in tried:
+            masks = index.split(channel_mask(flat, 0.99 * k / top, index.sizes, min_channels, flat_ties))
+            # the architecture alone: sizes are the pruned network's own (folds add parameters, never MACs)
+            small = pruned_architecture(model, masks, example_inputs, keep_streams, round_to, dict(scores),
+                                        folds=metric == "params")
+            tried[k] = measure(small) / dense, masks
+        return tried[k][0] <= fraction
 
-    lo, hi = 0.0, 0.99  # the metric falls as the ratio grows: keep the smallest ratio that meets it
-    best = pruned_at(hi)
-    if best[0] > fraction:
-        raise PruneError(f"even pruning 99% of the prunable channels leaves {best[0]:.2f} of the dense network's "
-                         f"{metric}: --target-{metric} {fraction:g} cannot be met (coupled channels stay); ask for "
-                         f"at least {best[0]:.2f}")
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        got = pruned_at(mid)
-        if got[0] <= fraction:
-            hi, best = mid, got
+    def unreachable() -> PruneError:
+        return PruneError(f"even pruning 99% of the prunable channels leaves {tried[top][0]:.2f} of the dense "
+                          f"network's {metric}: --target-{metric} {fraction:g} cannot be met (coupled channels "
+                          f"stay); ask for at least {tried[top][0]:.2f}")
+
+    # a bracket: candidate lo misses the budget (or is 0, never tried), hi meets it
+    if near is None:
+        lo, hi = 0, top
+        if not meets(top):
+            raise unreachable()
+    else:
+        k, step = min(max(round(near / 0.99 * top), 1), top), 1
+        if meets(k):
+            lo, hi = k, k
+            while lo > 0 and meets(lo):
+                hi, lo, step = lo, max(lo - step, 0), step * 2
         else:
-            lo = mid
-    return BudgetTicket(hi, best[1], metric, fraction, best[0])
+            lo, hi = k, k
+            while not meets(hi):
+                if hi == top:
+                    raise unreachable()
+                lo, hi, step = hi, min(hi + step, top), step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return BudgetTicket(0.99 * hi / top, tried[hi][1], metric, fraction, tried[hi][0])
 
 
 @dataclass
@@ -124,6 +144,8 @@ class BudgetTarget:
         return budget_key(self.metric, self.fraction)
 
     def solve(self, scores: Mapping[str, torch.Tensor]) -> BudgetTicket:
+        # masks settle from epoch to epoch, and so does the ratio that meets the budget: start at the last one
         self.last = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction, self.ties,
-                                 self.min_channels, self.keep_streams, self.round_to)
+                                 self.min_channels, self.keep_streams, self.round_to,
+                                 near=self.last.ratio if self.last else None)
         return self.last

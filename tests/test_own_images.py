@@ -429,3 +429,35 @@ def test_a_hub_name_missing_from_the_cache_offline_is_one_line_at_once(capsys, t
     assert time.perf_counter() - start < 5
     assert_one_line_error(code, err, "hf:someone/not-cached is neither a folder nor a dataset in the local Hugging "
                           "Face cache", "HF_HUB_OFFLINE is set" if offline else "cannot be reached", "save_to_disk")
+
+
+def test_each_command_scans_a_folder_once(capsys, tmp_path, monkeypatch):
+    write_folder(tmp_path / "imgs")
+    scans = []
+    scan = data_module.scan_folder
+    monkeypatch.setattr(data_module, "scan_folder", lambda *a, **k: scans.append(a) or scan(*a, **k))
+    source = ["--dataset", "folder", "--data", tmp_path / "imgs"]
+    out, pout, eout, *_ = _flow(capsys, tmp_path, source)  # search, prune, retrain, eval (export reads no data)
+    assert len(scans) == 4
+    code, _, err = cli(capsys, "run", *source, *TINY, "--epochs", 4, "--ratios", 0.5, "--eb-threshold", 0.9,
+                       "--eb-window", 2, "--save", tmp_path / "whole", *RUN)
+    assert code == 0, err
+    assert len(scans) == 5  # the run's search, prune and retrain share its one scan
+
+
+def test_a_class_folder_lists_its_files_in_path_order_through_subfolders_and_links(tmp_path):
+    """The order decides which images --val-fraction holds out: it is the order paths sort in."""
+    from earlybird.data.decode import EXTENSIONS
+    from earlybird.data.folder import _files
+
+    for rel in ["a.png", "a-c.PNG", "a/b.png", "a/.hidden.jpg", "z.txt", "sub/dir/x.JPEG", "b.tar.gz", ".x"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")  # a linked file counts, a broken link does not,
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "dirlink").symlink_to(tmp_path / "sub", target_is_directory=True)  # nor a linked folder's files
+    files = sorted(f for f in tmp_path.rglob("*") if f.is_file())
+    assert _files(tmp_path) == ([str(f) for f in files if f.suffix.lower() in EXTENSIONS],
+                                [str(f) for f in files if f.suffix.lower() not in EXTENSIONS])
+    assert _files(tmp_path)[0][:3] == [str(tmp_path / "a" / ".hidden.jpg"), str(tmp_path / "a" / "b.png"),
+                                       str(tmp_path / "a-c.PNG")]

@@ -12,7 +12,7 @@ from .fashion_mnist import load_fashion_mnist
 from .decode import FolderSplit
 from .folder import scan_folder
 from .hf import load_hf
-from .images import ImageOptions, decode_all, in_memory, survey
+from .images import ImageOptions, Images, decode_all, in_memory, survey
 from .imagenet import class_folders, load_imagenet
 from .loader import BatchLoader, FolderLoader
 from .transforms import FILTERS, InputTransform
@@ -114,11 +114,29 @@ def _own(name: str, root, opts: ImageOptions, like: DatasetInfo | None):
     return images, info, notes + survey_notes
 
 
+@dataclass(frozen=True)
+class Survey:
+    """A dataset before its images are read: its shapes and, for one's own images, what the scan
+    found (handed to ``load_dataset``, so a folder is scanned once per command)."""
+
+    info: DatasetInfo
+    images: Images | None = None
+    notes: tuple[str, ...] = ()
+
+
+def survey_dataset(name: str, root: str | Path | None = None, images: ImageOptions | None = None) -> Survey:
+    """What ``dataset_info`` says, with one's own images' scan kept for ``load_dataset``."""
+    if is_own(name):
+        found, info, notes = _own(name, root if root is not None else "data", images or ImageOptions(), None)
+        return Survey(info, found, tuple(notes))
+    return Survey(dataset_info(name, root))
+
+
 def dataset_info(name: str, root: str | Path | None = None, images: ImageOptions | None = None) -> DatasetInfo:
     """The dataset's shapes; for ImageNet the class count is that of ``root/train`` when it exists;
     one's own images are scanned and a sample surveyed (once per process)."""
     if is_own(name):
-        return _own(name, root if root is not None else "data", images or ImageOptions(), None)[1]
+        return survey_dataset(name, root, images).info
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}, folder (class folders of "
                           "your own images in --data) or hf:PATH (a Hugging Face dataset)")
@@ -139,12 +157,15 @@ def _subset(n: int, train_subset: int | None, seed: int) -> torch.Tensor | None:
 
 def load_dataset(name: str, root: str | Path = "data", download: bool = True, train_subset: int | None = None,
                  seed: int = 0, images: ImageOptions | None = None, like: DatasetInfo | None = None,
-                 reporter=None) -> Dataset | FolderDataset:
+                 reporter=None, surveyed: Survey | None = None) -> Dataset | FolderDataset:
     """Read (or fetch) a dataset; ``train_subset`` keeps a seeded random subset of the training set.
     One's own images (``folder``, ``hf:PATH``) are read with ``images`` (see data.images), as
-    ``like`` describes them where a checkpoint does; ``reporter`` receives what was found and done."""
+    ``like`` describes them where a checkpoint does, or as ``surveyed`` (``survey_dataset``'s, of
+    the same name, root and options) found them; ``reporter`` receives what was found and done."""
     if is_own(name):
-        return _load_own(name, root, images or ImageOptions(), train_subset, seed, like, reporter)
+        own = (surveyed.images, surveyed.info, list(surveyed.notes)) if surveyed and surveyed.images else \
+            _own(name, root, images or ImageOptions(), like)
+        return _load_own(*own, images or ImageOptions(), train_subset, seed, reporter)
     root = Path(root).expanduser()
     info = replace(dataset_info(name, root), root=str(root.resolve()))  # checkpoints remember where it was
     if name == "imagenet":
@@ -168,9 +189,8 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
     return Dataset(info, xtr, ytr, xte, yte)
 
 
-def _load_own(name: str, root, opts: ImageOptions, train_subset: int | None, seed: int, like: DatasetInfo | None,
-              reporter) -> Dataset | FolderDataset:
-    images, info, notes = _own(name, root, opts, like)
+def _load_own(images: Images, info: DatasetInfo, notes: list[str], opts: ImageOptions, train_subset: int | None,
+              seed: int, reporter) -> Dataset | FolderDataset:
     keep = _subset(len(images.train), train_subset, seed)
     if keep is not None:
         images = replace(images, train=images.train.subset(keep.tolist()), _identity=None)  # other images
@@ -228,4 +248,5 @@ def hf(path: str, batch_size: int = 256, test_batch_size: int = 256, device="cpu
 
 
 __all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset",
-           "FolderLoader", "ImageOptions", "dataset_info", "folder", "hf", "is_own", "load_dataset", "loader_of"]
+           "FolderLoader", "ImageOptions", "Survey", "dataset_info", "folder", "hf", "is_own", "load_dataset", "loader_of",
+           "survey_dataset"]

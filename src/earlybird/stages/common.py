@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, LowPrecisionConfig, ModelCheck, ModelConfig, OptimConfig, RuntimeConfig
-from ..data import (BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, is_own, load_dataset,
-                    loader_of)
+from ..data import (BatchLoader, Dataset, DatasetInfo, FolderDataset, FolderLoader, InputTransform, Survey, is_own,
+                    load_dataset, loader_of, survey_dataset)
 from ..errors import CheckpointError, ConfigError
 from .. import accel
 from ..lowp import LowPrecision, Precision
@@ -73,11 +73,19 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
     return name or data.dataset or DEFAULT_DATASET
 
 
-def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None) -> Dataset | FolderDataset:
-    """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded)."""
+def survey_data(data: DataConfig, platform: "Platform") -> Survey:
+    """What --dataset is before it is read (one's own images: scanned and a sample surveyed)."""
+    data.check_kind(data.dataset or DEFAULT_DATASET)
+    return survey_dataset(data.dataset or DEFAULT_DATASET, data.root, data.image_options(platform.device))
+
+
+def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None = None,
+              surveyed: Survey | None = None) -> Dataset | FolderDataset:
+    """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded), from
+    ``survey_data``'s scan where given."""
     data.check_kind(data.dataset or DEFAULT_DATASET)
     return load_dataset(data.dataset or DEFAULT_DATASET, data.root, data.download, data.train_subset, platform.seed,
-                        data.image_options(platform.device), reporter=reporter)
+                        data.image_options(platform.device), reporter=reporter, surveyed=surveyed)
 
 
 def checkpoint_data(ckpt: dict, data: DataConfig, path, platform: "Platform", reporter: Reporter | None = None,

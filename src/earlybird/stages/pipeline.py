@@ -11,12 +11,11 @@ from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig,
                       PipelineOptions, RetrainConfig, RuntimeConfig)
 from ..budget import parse_budget_key, prune_flags
 from ..cost import training_macs
-from ..data import dataset_info
 from ..errors import RunDirError
 from ..models import ModelSpec, create_model
 from ..progress import Reporter, format_ratio, format_seconds
 from ..train import distributed
-from .common import DEFAULT_DATASET, default_save, load_data, low_precision, model_spec, setup_runtime
+from .common import DEFAULT_DATASET, default_save, load_data, low_precision, model_spec, setup_runtime, survey_data
 from .rundir import LAST, METRICS, PRUNED, SUMMARY, RunDir, label
 from .prune import prune
 from .retrain import retrain
@@ -45,9 +44,9 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     run.lock()
     rt = _continue_or_start(run, rt, reporter)
     # fail on a bad model before loading data
-    info = dataset_info(data.dataset, data.root, data.image_options(platform.device))
-    create_model(model_spec(model_cfg, info))
-    dataset = load_data(data, platform, reporter)
+    surveyed = survey_data(data, platform)
+    create_model(model_spec(model_cfg, surveyed.info))
+    dataset = load_data(data, platform, reporter, surveyed)
     stage_rt = _stage_runtime(rt, run.search())
     found = run.search().summary() if stage_rt is None else search(
         data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, widths)

@@ -10,7 +10,7 @@ import torch
 from ..accel import format_name, precision_name
 from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig, WidthConfig
 from ..cost import count_macs, count_params
-from ..data import Dataset, dataset_info
+from ..data import Dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTarget, prune_flags
@@ -23,7 +23,7 @@ from ..train import distributed, load_checkpoint
 from ..train.callbacks import Saver
 from ..train.trainer import Callback, Trainer
 from .common import (DEFAULT_DATASET, data_meta, default_save, load_data, make_loaders, make_trainer, model_spec,
-                     probe_inputs, setup_runtime, with_callbacks)
+                     probe_inputs, setup_runtime, survey_data, with_callbacks)
 from .rundir import RunDir, label
 
 
@@ -74,11 +74,11 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
     run = RunDir(Path(save or rt.save or default_save(data, model_cfg)))
     platform = setup_runtime(rt)
-    spec = model_spec(model_cfg, dataset.info if dataset else dataset_info(data.dataset, data.root,
-                                                                           data.image_options(platform.device)))
+    surveyed = None if dataset else survey_data(data, platform)
+    spec = model_spec(model_cfg, dataset.info if dataset else surveyed.info)
     model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
     resume_path = run.prepare(rt.force, rt.resume, reporter)
-    dataset = dataset or load_data(data, platform, reporter)
+    dataset = dataset or load_data(data, platform, reporter, surveyed)
     ckpt = _resumed(resume_path, spec)
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "search", ckpt)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,

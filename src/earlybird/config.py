@@ -91,14 +91,13 @@ class DataConfig:
         """Options of one kind of dataset given for another (``name``) are an error, not ignored."""
         from .data import is_own
 
-        own = [f for f in ("image_size", "mean", "std") if getattr(self, f) is not None]
-        own += [f for f, default in (("val_fraction", 0.1), ("cache", "auto")) if getattr(self, f) != default]
-        for given, kind, applies in (([f for f in ("image_column", "label_column") if getattr(self, f)],
-                                      name.startswith("hf:"), "hf: datasets"),
-                                     (own, is_own(name), "your own images (--dataset folder or hf:)")):
-            if given and not kind:
-                flag = "--" + given[0].replace("_", "-")
-                raise ConfigError(f"{flag} applies to {applies}, not to {name}: drop it")
+        defaults = {f.name: f.default for f in fields(self)}
+        for options, fits, applies in ((("image_column", "label_column"), name.startswith("hf:"), "hf: datasets"),
+                                       (("image_size", "val_fraction", "mean", "std", "cache"), is_own(name),
+                                        "your own images (--dataset folder or hf:)")):
+            given = [o for o in options if getattr(self, o) != defaults[o]]
+            if given and not fits:
+                raise ConfigError(f"--{given[0].replace('_', '-')} applies to {applies}, not to {name}: drop it")
 
     def __post_init__(self):
         from .data.transforms import InputTransform
@@ -472,7 +471,7 @@ class ModelsArgs:
 def add_command_args(parser: argparse.ArgumentParser, command_cls) -> None:
     """The flags of every config a command's dataclass holds, one argparse group per config."""
     for f in fields(command_cls):
-        add_config_args(parser, f.default_factory, f.metadata["title"], shown_fields(f))
+        add_config_args(parser, shown_fields(f), f.metadata["title"])
 
 
 def command_from_args(command_cls, ns: argparse.Namespace):
@@ -481,10 +480,10 @@ def command_from_args(command_cls, ns: argparse.Namespace):
                           for f in fields(command_cls)})
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None, chosen: list | None = None) -> None:
-    """``cls``'s flags (``chosen``: those of these fields only) as one argparse group ``title``."""
+def add_config_args(parser: argparse.ArgumentParser, config_fields: list, title: str | None = None) -> None:
+    """The flags of these fields of a config, as one argparse group ``title``."""
     group = parser.add_argument_group(title) if title else parser
-    for f in chosen if chosen is not None else fields(cls):
+    for f in config_fields:
         meta = f.metadata
         flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -493,4 +492,3 @@ def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = No
         if flags[0].startswith("-"):
             kwargs["dest"] = f.name
         group.add_argument(*flags, default=default, help=help_text, **kwargs)
-

@@ -461,3 +461,12 @@ def test_a_class_folder_lists_its_files_in_path_order_through_subfolders_and_lin
                                 [str(f) for f in files if f.suffix.lower() not in EXTENSIONS])
     assert _files(tmp_path)[0][:3] == [str(tmp_path / "a" / ".hidden.jpg"), str(tmp_path / "a" / "b.png"),
                                        str(tmp_path / "a-c.PNG")]
+
+
+def test_behind_a_proxy_the_hub_is_left_to_the_library_to_reach(monkeypatch):
+    hf = sys.modules["earlybird.data.hf"]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a direct connection would fail there
+    assert hf._reachable("https://huggingface.co")
+    monkeypatch.setattr(hf.urllib.request, "getproxies", dict)  # no proxy: the connection decides
+    monkeypatch.setattr(hf.socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+    assert not hf._reachable("https://huggingface.co")

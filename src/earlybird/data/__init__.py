@@ -163,7 +163,7 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, tr
     ``like`` describes them where a checkpoint does, or as ``surveyed`` (``survey_dataset``'s, of
     the same name, root and options) found them; ``reporter`` receives what was found and done."""
     if is_own(name):
-        own = (surveyed.images, surveyed.info, list(surveyed.notes)) if surveyed and surveyed.images else \
+        own = (surveyed.images, surveyed.info, list(surveyed.notes)) if surveyed and surveyed.images is not None else \
             _own(name, root, images or ImageOptions(), like)
         return _load_own(*own, images or ImageOptions(), train_subset, seed, reporter)
     root = Path(root).expanduser()
@@ -248,5 +248,5 @@ def hf(path: str, batch_size: int = 256, test_batch_size: int = 256, device="cpu
 
 
 __all__ = ["BatchLoader", "DATASETS", "FILTERS", "InputTransform", "Dataset", "DatasetInfo", "FolderDataset",
-           "FolderLoader", "ImageOptions", "Survey", "dataset_info", "folder", "hf", "is_own", "load_dataset", "loader_of",
-           "survey_dataset"]
+           "FolderLoader", "ImageOptions", "Survey", "dataset_info", "folder", "hf", "is_own", "load_dataset",
+           "loader_of", "survey_dataset"]

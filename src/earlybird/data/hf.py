@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
@@ -70,6 +71,9 @@ def _quiet_hub(offline: bool):
 
 
 def _reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether a connection to ``url``'s host opens (through a proxy: the library's to find out)."""
+    if urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme):
+        return True
     parts = urllib.parse.urlsplit(url)
     try:
         socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
@@ -106,7 +110,7 @@ def _open(spec: str):
                         "a folder written with save_to_disk")
     if not _reachable(datasets.config.HF_ENDPOINT):
         raise DataError(f"{where}, and {datasets.config.HF_ENDPOINT} cannot be reached: download it where the Hub "
-                        f"can be reached, or pass a folder written with save_to_disk")
+                        "can be reached, or pass a folder written with save_to_disk")
     try:
         with _quiet_hub(offline=False):
             return datasets, datasets.load_dataset(spec)

@@ -277,7 +277,12 @@ class RetrainConfig:
 class ImportConfig:
     model: str = opt("", "reference checkpoint to convert (e.g. EB-30-35.pth.tar, pruned.pth.tar, model_best.pth.tar)",
                      "--model")
-    dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes)")
+    scratch: str = opt("", "the EVAL scripts' pair, instead of --model: the pruned architecture (pruned.pth.tar, its "
+                           "cfg and selections) ...", "--scratch")
+    resume: str = opt("", "... and the weights retrained from it (model_best.pth.tar); either alone is read as "
+                          "--model", "--resume")
+    dataset: str = opt("cifar10", "dataset it was trained on (sets input channels, size and classes; imagenet: "
+                                  "the classes of the checkpoint's fc)")
     out: str | None = opt(None, "file to write (default: next to --model, e.g. EB-30-35.earlybird.pth)")
 
 

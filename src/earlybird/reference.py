@@ -9,6 +9,15 @@ every layer. A pruned reference PreResNet (``resprune.py``) keeps its streams at
 ``channel_selection`` vectors say which stream channels each block's bn1 and the final bn pass on,
 which earlybird's select-BNs gather (the BN's other channels are dropped), and its other BNs are
 compacted like VGG's.
+
+The pruned ImageNet ResNets of the reference import too. ResNet-18/34 (``resprune.py``,
+``resnet_imagenet.resnet18(cfg)``) keep their streams whole; each block's ``channel_selection``
+picks the stream channels its conv1 reads, so earlybird's conv1 reads the whole stream with zero
+weights on the channels the selection skipped (the same output), and bn1 is compacted. ResNet-50
+(``hand_resnet50.resnet50_prune(cfg)``) prunes its stem and streams too: every BN keeps its first
+``cfg`` channels, and the bias of its downsample convolutions (earlybird's have none) moves into the
+BN after them. ``--scratch`` (the architecture file, ``pruned.pth.tar``) and ``--resume`` (the
+weights, ``model_best.pth.tar``) are read together as the reference's EVAL scripts read them.
 """
 from __future__ import annotations
 
@@ -22,7 +31,6 @@ from .errors import CheckpointError
 from .models import ModelSpec, create_model
 from .prune import apply_plan, plan_pruning
 
-DENSE_ONLY = ("resnet",)
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -53,6 +61,107 @@ def read_reference(path: str | Path) -> dict:
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state_dict": obj}
     raise CheckpointError(f"{path} holds no 'state_dict': it is not a checkpoint of the reference implementation")
+
+
+def read_pair(scratch: str | Path | None, resume: str | Path | None) -> dict:
+    """One reference checkpoint from the EVAL scripts' pair: the architecture (``cfg``) of
+    ``scratch`` with the weights of ``resume``; either alone is the checkpoint it holds."""
+    arch, weights = (read_reference(p) if p else None for p in (scratch, resume))
+    if arch is None or weights is None:
+        return arch or weights
+    theirs, ours = _shapes(arch["state_dict"]), _shapes(weights["state_dict"])
+    different = sorted(k for k in set(theirs) & set(ours) if theirs[k] != ours[k]) or sorted(set(theirs) ^ set(ours))
+    if different:
+        raise CheckpointError(f"{scratch} and {resume} hold different networks ({different[0]}: "
+                              f"{theirs.get(different[0])} and {ours.get(different[0])}): pass the weights retrained "
+                              "from that pruned network")
+    return {**weights, "cfg": arch.get("cfg", weights.get("cfg"))}
+
+
+def _shapes(state: dict) -> dict[str, tuple]:
+    """Parameter name (prefix and batch counters left out) -> shape, and each selection's count."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.endswith("indexes"):
+            out[key] = (int((value != 0).sum()),)
+        elif not key.endswith("num_batches_tracked"):
+            out[key] = tuple(value.shape)
+    return out
+
+
+def _block_inputs(dense: torch.nn.Module) -> dict[str, int]:
+    """Block name -> the stream width its conv1 reads, for the ImageNet ResNets' blocks."""
+    return {name: m.conv1.in_channels for name, m in dense.named_modules() if hasattr(m, "conv1") and
+            hasattr(m, "downsample")}
+
+
+def _check_cfg(cfg, dense: torch.nn.Module, state: dict, selections: dict, source: str) -> None:
+    """A pruned ImageNet ResNet's ``cfg`` against its weights: resnet18/34 holds [channels the block
+    reads, its conv1's outputs] per block and one unused entry; resnet50_prune [stem, stem] + [conv1,
+    conv2, conv3 outputs] per block, conv3's counting where a stage starts (its stream width)."""
+    blocks = list(_block_inputs(dense))
+    three = hasattr(dense.get_submodule(blocks[0]), "conv3")
+    size = 2 + 3 * len(blocks) if three else 1 + 2 * len(blocks)
+    if len(cfg) != size:
+        raise CheckpointError(f"{source} has a cfg of {len(cfg)} widths; a pruned "
+                              f"{'resnet50_prune' if three else 'ImageNet resnet'} of {len(blocks)} blocks has "
+                              f"{size}: pass the --depth it was built with")
+    found = [(cfg[0], state["conv1.weight"].shape[0], "conv1")] if three else []
+    for i, block in enumerate(blocks):
+        if three:  # conv3's entry counts where a stage starts: the later blocks' conv3 write that width
+            found += [(cfg[2 + 3 * i], state[f"{block}.conv1.weight"].shape[0], f"{block}.conv1"),
+                      (cfg[3 + 3 * i], state[f"{block}.conv2.weight"].shape[0], f"{block}.conv2")]
+            if block.endswith(".0"):
+                found.append((cfg[4 + 3 * i], state[f"{block}.conv3.weight"].shape[0], f"{block}.conv3"))
+        else:  # the last entry is unused
+            if selections.get(block) is not None:
+                found.append((cfg[2 * i], int((selections[block] != 0).sum()), f"{block}.select"))
+            found.append((cfg[2 * i + 1], state[f"{block}.conv1.weight"].shape[0], f"{block}.conv1"))
+    for want, got, where in found:
+        if int(want) != int(got):
+            raise CheckpointError(f"{source}: its cfg says {want} channels at {where}, its weights and selections "
+                                  f"{got}: the cfg and the weights are of different networks")
+
+
+def _resnet_reads(dense: torch.nn.Module, state: dict, selections: dict, source: str) -> None:
+    """Each block's conv1 of a pruned ImageNet ResNet-18/34, widened to read the whole stream: the
+    reference's weights at the channels its selection picks, zeros elsewhere (the same output)."""
+    inputs = _block_inputs(dense)
+    for block, chosen in selections.items():
+        if block not in inputs:  # the stem's selection, after its BN: it must pass every channel on
+            if block == "" and bool((chosen != 0).all()):
+                continue
+            raise CheckpointError(f"{source} selects channels at '{block or 'the stem'}', where the reference's "
+                                  "ResNet passes them all: the checkpoint does not fit --arch resnet")
+        weight, width = state.get(f"{block}.conv1.weight"), inputs[block]
+        if weight is None:
+            continue  # a checkpoint without it is refused as not fitting, below
+        picked = torch.nonzero(chosen).flatten()
+        if chosen.numel() != width or picked.numel() != weight.shape[1]:
+            raise CheckpointError(f"{source}: {block}'s selection picks {picked.numel()} of {chosen.numel()} channels "
+                                  f"and its conv1 reads {weight.shape[1]} of {width}: the selections and the weights "
+                                  "are of different networks")
+        wide = weight.new_zeros(weight.shape[0], width, *weight.shape[2:])
+        wide[:, picked] = weight
+        state[f"{block}.conv1.weight"] = wide
+
+
+def _fold_downsample_bias(state: dict) -> None:
+    """resnet50_official/_prune's downsample convs have a bias; earlybird's, followed by a BN, have
+    none: a constant added before a BN is its running mean less that constant (batch statistics
+    cancel it in training)."""
+    for key in [k for k in state if k.endswith("downsample.0.bias")]:
+        bn = key[:-len("0.bias")] + "1"
+        state[f"{bn}.running_mean"] = state[f"{bn}.running_mean"] - state.pop(key)
+
+
+def classes_of(obj: dict) -> int | None:
+    """The class count of a reference checkpoint's classifier (``fc``), where it has one."""
+    for key, value in obj["state_dict"].items():
+        if key.removeprefix("module.") == "fc.weight":
+            return int(value.shape[0])
+    return None
 
 
 def _selected(arch: str, key: str) -> str | None:
@@ -99,14 +208,25 @@ def _prune_like_reference(dense: torch.nn.Module, spec: ModelSpec, state: dict, 
 
 def import_reference(obj: dict, spec: ModelSpec, source: str = "reference"):
     """(model, plan or None) of a reference checkpoint's network in earlybird's layout."""
-    state, selections = {}, {}
+    state, selections, reads = {}, {}, {}
     for key, value in obj["state_dict"].items():
         new, bn = _rename(spec.arch, key), _selected(spec.arch, key)
         if new is not None:
             state[new] = value
         elif bn is not None:
             selections[bn] = value.detach().flatten()
+        elif spec.arch == "resnet" and key.endswith("select.indexes"):  # a block's, or the stem's
+            reads[key.removeprefix("module.")[:-len("select.indexes")].rstrip(".")] = value.detach().flatten()
     dense = create_model(spec)
+    if spec.arch == "resnet":
+        _fold_downsample_bias(state)
+        if obj.get("cfg") is not None:
+            try:
+                _check_cfg(obj["cfg"], dense, state, reads, source)
+            except KeyError as exc:
+                raise CheckpointError(f"{source} has no {exc.args[0]}: pass the --arch and --depth it was built "
+                                      "with") from None
+        _resnet_reads(dense, state, reads, source)
     expected = dense.state_dict()
     unknown = sorted(set(state) - set(expected))
     if unknown:
@@ -115,9 +235,6 @@ def import_reference(obj: dict, spec: ModelSpec, source: str = "reference"):
     pruned = {n for n in expected if n in state and state[n].shape != expected[n].shape}
     plan = None
     if pruned or any(not bool((s != 0).all()) for s in selections.values()):
-        if spec.arch in DENSE_ONLY:
-            raise CheckpointError(f"{source} is a pruned {spec.arch}: earlybird imports the reference's dense "
-                                  f"{spec.arch} checkpoints only; import its EB ticket and prune it with earlybird")
         dense, plan = _prune_like_reference(dense, spec, state, selections)
         expected = dense.state_dict()
     for name, value in expected.items():  # pruned reference copies leave the BN batch counters out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from ..data import DATASETS, dataset_info
 from ..errors import CheckpointError, ConfigError, RunDirError
 from ..export import FORMATS, export_model, max_difference
 from ..progress import Reporter
-from ..reference import import_reference, read_reference
+from ..reference import classes_of, import_reference, read_pair, read_reference
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from ..accel import autocast_dtype
 from .common import check_expected, checkpoint_data, make_loader, model_spec, setup_runtime
@@ -20,20 +21,30 @@ from .common import check_expected, checkpoint_data, make_loader, model_spec, se
 
 def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: RuntimeConfig, reporter: Reporter,
                                 warn) -> Path:
-    """Convert a reference-implementation checkpoint (full unpickling, after ``warn``) to earlybird's format."""
-    if not cfg.model:
-        raise ConfigError("--model is required: pass the reference checkpoint (.pth.tar) to convert")
-    spec = model_spec(model_cfg, dataset_info(cfg.dataset))
-    out = Path(cfg.out) if cfg.out else Path(cfg.model).with_name(Path(cfg.model).name.split(".")[0] + ".earlybird.pth")
+    """Convert a reference-implementation checkpoint (full unpickling, after ``warn``), or the EVAL
+    scripts' pair of files, to earlybird's format."""
+    if cfg.model and (cfg.scratch or cfg.resume):
+        raise ConfigError("--model is one checkpoint, --scratch and --resume the EVAL scripts' pair: pass one or the "
+                          "other")
+    source = cfg.model or cfg.resume or cfg.scratch
+    if not source:
+        raise ConfigError("--model is required: pass the reference checkpoint (.pth.tar) to convert, or --scratch "
+                          "pruned.pth.tar --resume model_best.pth.tar as the EVAL scripts take them")
+    out = Path(cfg.out) if cfg.out else Path(source).with_name(Path(source).name.split(".")[0] + ".earlybird.pth")
     if out.exists() and not rt.force:
         raise RunDirError(f"{out} exists: choose another --out or pass --force to overwrite it")
-    warn(f"warning: unpickling {cfg.model} in full: a pickle can run code, so import only files you trust")
-    obj = read_reference(cfg.model)
-    model, plan = import_reference(obj, spec, str(cfg.model))
+    files = [f for f in (cfg.model, cfg.scratch, cfg.resume) if f]
+    warn(f"warning: unpickling {' and '.join(files)} in full: a pickle can run code, so import only files you trust")
+    obj = read_reference(cfg.model) if cfg.model else read_pair(cfg.scratch, cfg.resume)
+    info = dataset_info(cfg.dataset)
+    if cfg.dataset == "imagenet" and classes_of(obj):  # ImageNet's class count is the folder's: the fc knows it
+        info = replace(info, num_classes=classes_of(obj))
+    spec = model_spec(model_cfg, info)
+    model, plan = import_reference(obj, spec, " and ".join(files))
     shape = [spec.in_channels, spec.image_size, spec.image_size]
-    save_checkpoint(out, "imported", spec, model, plan, source=str(cfg.model), epoch=obj.get("epoch"),
+    save_checkpoint(out, "imported", spec, model, plan, source=" ".join(files), epoch=obj.get("epoch"),
                     test_acc=obj.get("best_prec1"), dataset=cfg.dataset, input_shape=shape)
-    reporter.line(f"imported {cfg.model} as {'a pruned' if plan else 'a dense'} {spec.describe()} "
+    reporter.line(f"imported {' and '.join(files)} as {'a pruned' if plan else 'a dense'} {spec.describe()} "
                   f"({count_params(model):,} params, epoch {obj.get('epoch')}) -> {out}")
     return out
 

@@ -7,6 +7,8 @@ from torch import nn
 
 from conftest import randomize_bn
 from earlybird.cli import main
+from earlybird.cost import count_macs
+from earlybird.prune import SelectConv2d
 from earlybird.train import load_checkpoint, model_from_checkpoint
 from test_imagenet import imagenet_root  # noqa: F401 - the fixture
 from test_reference_import import _Select, reference_layout
@@ -167,6 +169,11 @@ def test_a_pruned_reference_imagenet_resnet_imports_alone_and_as_the_eval_pair(t
     assert f"as a pruned resnet{depth}" in capsys.readouterr().out
     model, plan = _same(out, ref, g)
     assert plan is not None and model.fc.out_features == CLASSES
+    # conv1 gathers what the selection picks: the MACs are the reference's own
+    assert count_macs(model, (3, 224, 224)) == count_macs(ref, (3, 224, 224))
+    if depth == 18:
+        assert {n for n in plan.selects if n.endswith("conv1")} and all(
+            isinstance(model.get_submodule(n), SelectConv2d) for n in plan.selects)
     if depth == 50:  # the stem and the streams are the reference's widths
         assert model.conv1.out_channels == cfg[0] and model.fc.in_features == cfg[4 + 3 * 13]
 

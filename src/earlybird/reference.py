@@ -12,8 +12,8 @@ compacted like VGG's.
 
 The pruned ImageNet ResNets of the reference import too. ResNet-18/34 (``resprune.py``,
 ``resnet_imagenet.resnet18(cfg)``) keep their streams whole; each block's ``channel_selection``
-picks the stream channels its conv1 reads, so earlybird's conv1 reads the whole stream with zero
-weights on the channels the selection skipped (the same output), and bn1 is compacted. ResNet-50
+picks the stream channels its conv1 reads, which earlybird's conv1 gathers as a select conv, and bn1
+is compacted. ResNet-50
 (``hand_resnet50.resnet50_prune(cfg)``) prunes its stem and streams too: every BN keeps its first
 ``cfg`` channels, and the bias of its downsample convolutions (earlybird's have none) moves into the
 BN after them. ``--scratch`` (the architecture file, ``pruned.pth.tar``) and ``--resume`` (the
@@ -124,10 +124,10 @@ def _check_cfg(cfg, dense: torch.nn.Module, state: dict, selections: dict, sourc
                                   f"{got}: the cfg and the weights are of different networks")
 
 
-def _resnet_reads(dense: torch.nn.Module, state: dict, selections: dict, source: str) -> None:
-    """Each block's conv1 of a pruned ImageNet ResNet-18/34, widened to read the whole stream: the
-    reference's weights at the channels its selection picks, zeros elsewhere (the same output)."""
-    inputs = _block_inputs(dense)
+def _resnet_reads(dense: torch.nn.Module, state: dict, selections: dict, source: str) -> dict[str, torch.Tensor]:
+    """Per block of a pruned ImageNet ResNet-18/34 whose selection skips stream channels: the
+    channels its conv1 reads (it becomes a select conv gathering them, at their MACs)."""
+    inputs, reads = _block_inputs(dense), {}
     for block, chosen in selections.items():
         if block not in inputs:  # the stem's selection, after its BN: it must pass every channel on
             if block == "" and bool((chosen != 0).all()):
@@ -142,9 +142,9 @@ def _resnet_reads(dense: torch.nn.Module, state: dict, selections: dict, source:
             raise CheckpointError(f"{source}: {block}'s selection picks {picked.numel()} of {chosen.numel()} channels "
                                   f"and its conv1 reads {weight.shape[1]} of {width}: the selections and the weights "
                                   "are of different networks")
-        wide = weight.new_zeros(weight.shape[0], width, *weight.shape[2:])
-        wide[:, picked] = weight
-        state[f"{block}.conv1.weight"] = wide
+        if picked.numel() < width:
+            reads[f"{block}.conv1"] = picked
+    return reads
 
 
 def _fold_downsample_bias(state: dict) -> None:
@@ -186,9 +186,10 @@ def _masks(dense: torch.nn.Module, state: dict, selections: dict) -> dict[str, t
     return masks
 
 
-def _prune_like_reference(dense: torch.nn.Module, spec: ModelSpec, state: dict, selections: dict):
+def _prune_like_reference(dense: torch.nn.Module, spec: ModelSpec, state: dict, selections: dict,
+                          reads: dict[str, torch.Tensor]):
     """(pruned model, plan) with the reference's widths; ``state``'s full-width selected BNs are cut
-    to the channels they pass on."""
+    to the channels they pass on; ``reads``: convs that gather the stream channels listed."""
     masks = _masks(dense, state, selections)
     with torch.no_grad():  # a dropped channel adds nothing in the reference: no constant to fold
         for name, keep in masks.items():
@@ -196,8 +197,13 @@ def _prune_like_reference(dense: torch.nn.Module, spec: ModelSpec, state: dict, 
     # a random input: on zeros every channel looks constant, and the engine would remove what conv reads raw
     example = torch.randn(2, spec.in_channels, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
     plan = plan_pruning(dense, masks, example, keep_streams=spec.arch == "preresnet")
+    for name, picked in reads.items():
+        width = dense.get_submodule(name).in_channels
+        plan.selects.append(name)
+        plan.removed[f"{name}:in"] = sorted(set(range(width)) - set(picked.tolist()))
+        state[f"{name}.index"] = picked
     pruned = apply_plan(dense, plan)
-    for name in plan.selects:
+    for name in (n for n in plan.selects if n not in reads):  # the select BNs
         kept = torch.tensor(plan.keep[name])
         for p in BN_PARAMS:
             if state[f"{name}.{p}"].shape[0] == masks[name].numel():
@@ -208,7 +214,7 @@ def _prune_like_reference(dense: torch.nn.Module, spec: ModelSpec, state: dict, 
 
 def import_reference(obj: dict, spec: ModelSpec, source: str = "reference"):
     """(model, plan or None) of a reference checkpoint's network in earlybird's layout."""
-    state, selections, reads = {}, {}, {}
+    state, selections, block_selects, reads = {}, {}, {}, {}
     for key, value in obj["state_dict"].items():
         new, bn = _rename(spec.arch, key), _selected(spec.arch, key)
         if new is not None:
@@ -216,17 +222,17 @@ def import_reference(obj: dict, spec: ModelSpec, source: str = "reference"):
         elif bn is not None:
             selections[bn] = value.detach().flatten()
         elif spec.arch == "resnet" and key.endswith("select.indexes"):  # a block's, or the stem's
-            reads[key.removeprefix("module.")[:-len("select.indexes")].rstrip(".")] = value.detach().flatten()
+            block_selects[key.removeprefix("module.")[:-len("select.indexes")].rstrip(".")] = value.detach().flatten()
     dense = create_model(spec)
     if spec.arch == "resnet":
         _fold_downsample_bias(state)
         if obj.get("cfg") is not None:
             try:
-                _check_cfg(obj["cfg"], dense, state, reads, source)
+                _check_cfg(obj["cfg"], dense, state, block_selects, source)
             except KeyError as exc:
                 raise CheckpointError(f"{source} has no {exc.args[0]}: pass the --arch and --depth it was built "
                                       "with") from None
-        _resnet_reads(dense, state, reads, source)
+        reads = _resnet_reads(dense, state, block_selects, source)
     expected = dense.state_dict()
     unknown = sorted(set(state) - set(expected))
     if unknown:
@@ -234,8 +240,8 @@ def import_reference(obj: dict, spec: ModelSpec, source: str = "reference"):
                               "--arch, --depth and --dataset it was trained with")
     pruned = {n for n in expected if n in state and state[n].shape != expected[n].shape}
     plan = None
-    if pruned or any(not bool((s != 0).all()) for s in selections.values()):
-        dense, plan = _prune_like_reference(dense, spec, state, selections)
+    if pruned or reads or any(not bool((s != 0).all()) for s in selections.values()):
+        dense, plan = _prune_like_reference(dense, spec, state, selections, reads)
         expected = dense.state_dict()
     for name, value in expected.items():  # pruned reference copies leave the BN batch counters out
         if name.endswith("num_batches_tracked"):

@@ -61,7 +61,7 @@ from torch_pruning import ops
 from ..errors import EarlyBirdError, PruneError
 from ..masks import ChannelIndex, check_not_empty, prunable_bns
 from ..probe import probe_forward
-from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d
+from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d, SelectConv2d
 
 # Functional ops that act on each channel separately (Torch-Pruning treats unknown ops as such).
 _CHANNELWISE_OPS = (
@@ -81,7 +81,7 @@ class PrunePlan:
     """What was removed, in the dense network's channel numbering.
 
     ``keep``: per BN, the output channels it keeps (the effective mask); ``selects``: BNs that
-    became :class:`SelectBatchNorm2d`; ``folds``: consumer -> "bias" | "map"; ``removed``:
+    became :class:`SelectBatchNorm2d` (and convs that became :class:`SelectConv2d`); ``folds``: consumer -> "bias" | "map"; ``removed``:
     "module:out" / "module:in" -> the channel indices removed from that side of that module;
     ``zeroed``: per BN, removed channels whose shift is zeroed as well as their scale (their
     constant reaches a conv through a per-sample gate or a padded pool, so it cannot be folded; a
@@ -620,9 +620,11 @@ def _probe(masked: nn.Module, example: torch.Tensor, wanted: dict[str, list[int]
 # ----------------------------------------------------------------------------- building a plan
 
 def _convert(model: nn.Module, selects, folds: dict[str, str]) -> None:
-    """Give ``model`` the select BNs and fold slots of a plan (dense shapes, neutral values)."""
+    """Give ``model`` the select BNs (and convs) and fold slots of a plan (dense shapes, neutral values)."""
     for name in selects:
-        _replace_module(model, name, SelectBatchNorm2d.from_bn(model.get_submodule(name)))
+        module = model.get_submodule(name)
+        _replace_module(model, name, SelectConv2d.from_conv(module) if isinstance(module, nn.Conv2d)
+                        else SelectBatchNorm2d.from_bn(module))
     for name, kind in folds.items():
         module = model.get_submodule(name)
         if kind == "map" and not isinstance(module, ConstantFoldConv2d):

@@ -1,4 +1,4 @@
-"""The two layers a pruned network may need beyond torch's own, and their Torch-Pruning handlers.
+"""The layers a pruned network may need beyond torch's own, and their Torch-Pruning handlers.
 
 * :class:`ConstantFoldConv2d`: a zero-padded conv that also adds the fixed contribution of removed
   input channels which carried a constant (a masked BN's shift through its activation).
@@ -6,6 +6,9 @@
   that *reads* a residual stream (a pre-activation BN) drop channels while the stream keeps them,
   like the reference's ``channel_selection``, but without its host sync. Its gather keeps a
   channels-last input channels-last.
+* :class:`SelectConv2d`: a conv that first gathers some of its input channels: a post-activation
+  block's conv1 reading part of a stream the network keeps whole (the reference's pruned ImageNet
+  ResNet-18/34, imported), at the MACs of the channels it reads.
 """
 from __future__ import annotations
 
@@ -96,6 +99,43 @@ class SelectBatchNorm2d(nn.BatchNorm2d):
         return super().forward(select_channels(x, self.index))
 
 
+class SelectConv2d(nn.Conv2d):
+    """Conv2d over the input channels listed in ``index`` (a buffer); ``in_channels`` counts those
+    it reads, ``stream_channels`` those its input has."""
+
+    def __init__(self, in_channels: int, *args, **kwargs):
+        super().__init__(in_channels, *args, **kwargs)
+        self.register_buffer("index", torch.arange(in_channels, device=self.weight.device))
+        self.stream_channels = in_channels
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "SelectConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict(), strict=False)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", reads {self.in_channels} of {self.stream_channels} input channels"
+
+    def forward(self, x):
+        return super().forward(select_channels(x, self.index))
+
+
+class _SelectConvPruner(tp.pruner.function.ConvPruner):
+    """Input channels pruned from a select conv are stream channels it no longer reads: its weight
+    loses their columns, its index their entries; the stream keeps them."""
+
+    def prune_in_channels(self, layer: SelectConv2d, idxs):
+        gone = torch.tensor(sorted(int(i) for i in idxs), dtype=layer.index.dtype, device=layer.index.device)
+        keep = torch.nonzero(~torch.isin(layer.index, gone)).flatten()
+        layer.weight = nn.Parameter(layer.weight.detach()[:, keep.to(layer.weight.device)].contiguous())
+        layer.index = layer.index[keep]
+        layer.in_channels = int(keep.numel())
+        return layer
+
+
 class _FoldConvPruner(tp.pruner.function.ConvPruner):
     """Also slices the fold kernel when output channels go."""
 
@@ -125,4 +165,5 @@ class _SelectBNPruner(tp.pruner.function.BatchnormPruner):
         return layer.in_channels
 
 
-CUSTOM_PRUNERS = {ConstantFoldConv2d: _FoldConvPruner(), SelectBatchNorm2d: _SelectBNPruner()}
+CUSTOM_PRUNERS = {ConstantFoldConv2d: _FoldConvPruner(), SelectBatchNorm2d: _SelectBNPruner(),
+                  SelectConv2d: _SelectConvPruner()}

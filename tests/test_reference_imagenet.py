@@ -107,16 +107,16 @@ class _RefResNet50(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def _resnet18(g):
-    """A pruned reference ResNet-18 with random widths and selections (as resprune.py leaves them)."""
+def _resnet18(g, blocks=(2, 2, 2, 2)):
+    """A pruned reference ResNet-18 (or 34) with random widths and selections (as resprune.py leaves them)."""
     cfg, inplanes = [], PLANES[0]
-    for planes in PLANES:
-        for _ in range(2):
+    for planes, n in zip(PLANES, blocks):
+        for _ in range(n):
             cfg += [int(torch.randint(1, inplanes + 1, (1,), generator=g)), int(torch.randint(1, planes + 1, (1,),
                                                                                              generator=g))]
             inplanes = planes
     cfg.append(PLANES[3])  # unused, as in the reference
-    ref = randomize_bn(_RefResNet18(cfg))
+    ref = randomize_bn(_RefResNet18(cfg, blocks))
     with torch.no_grad():
         blocks = [m for m in ref.modules() if isinstance(m, _RefBasicBlock)]
         for block, count in zip(blocks, cfg[0::2]):
@@ -189,6 +189,9 @@ def test_a_pruned_reference_imagenet_resnet_imports_alone_and_as_the_eval_pair(t
     assert code == 0, capsys.readouterr().err
     _same(out, retrained, g)
     assert load_checkpoint(out)["test_acc"] == 70.1
+    # the weights file alone holds both (its selections, its widths): the same network
+    assert _import(tmp_path, "weights", depth, "--resume", tmp_path / "model_best.pth.tar")[0] == 0
+    _same(tmp_path / "weights.pth", retrained, g)
 
     data = ["--data", str(imagenet_root), "--workers", "1", "--device", "cpu"]
     assert main(["eval", "--model", str(out), *data]) == 0
@@ -197,6 +200,16 @@ def test_a_pruned_reference_imagenet_resnet_imports_alone_and_as_the_eval_pair(t
                  "--save", str(tmp_path / "re"), *data]) == 0
     for fmt in ("onnx", "torchscript"):
         assert main(["export", "--model", str(tmp_path / "re" / "model_best.pth"), "--format", fmt]) == 0
+
+
+def test_a_pruned_reference_resnet34_imports_with_the_same_forward_and_macs(tmp_path, capsys):
+    g = torch.Generator().manual_seed(34)
+    ref, cfg = _resnet18(g, (3, 4, 6, 3))
+    _save(tmp_path / "pruned.pth.tar", ref, cfg=cfg)
+    code, out = _import(tmp_path, "r34", 34, "--model", tmp_path / "pruned.pth.tar")
+    assert code == 0, capsys.readouterr().err
+    model, _ = _same(out, ref, g)
+    assert count_macs(model, (3, 224, 224)) == count_macs(ref, (3, 224, 224))
 
 
 def _one_line(capsys, code, *needles):
@@ -227,6 +240,12 @@ def test_a_cfg_selections_or_weights_of_another_network_are_one_line(tmp_path, c
     _save(tmp_path / "sel.pth.tar", ref)
     _one_line(capsys, _import(tmp_path, "d", 18, "--model", tmp_path / "sel.pth.tar")[0],
               "layer2.1's selection picks 0 of 32 channels", "different networks")
+    ref, _ = _resnet18(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the stem's selection must pass every channel: layer1 reads them all
+        ref.select.indexes[0] = 0
+    _save(tmp_path / "stem.pth.tar", ref)
+    _one_line(capsys, _import(tmp_path, "f", 18, "--model", tmp_path / "stem.pth.tar")[0],
+              "selects channels at 'the stem'", "passes them all")
     _, bad50 = _resnet50(g)
     ref50 = randomize_bn(_RefResNet50(bad50)).eval()
     _save(tmp_path / "r50.pth.tar", ref50, cfg=bad50[:-1])

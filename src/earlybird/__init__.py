@@ -22,6 +22,7 @@ from .importance import IMPORTANCES, BNScale, FilterNorm, Importance
 from .masks import (ChannelIndex, bn_gammas, channel_mask, channel_masks, distance_matrix, mask_distance,
                     prunable_bns)
 from .models import ModelSpec, create_model, register_model, resolve_arch
+from .pretrained import load_pretrained
 from .prune import PrunePlan, apply_mask, apply_plan, channel_ties, prunable_layers, prune_model
 from .rules import RULES, Chain, Rule, Star
 from .sparsity import add_bn_l1_grad
@@ -31,6 +32,7 @@ __all__ = [
     "IMPORTANCES", "RULES", "BNScale", "Chain", "ChannelIndex", "CheckpointError", "ConfigError", "DataError",
     "EarlyBird", "EarlyBirdError", "FilterNorm", "Importance", "ModelSpec", "PruneError", "PrunePlan", "Rule", "Star",
     "add_bn_l1_grad", "apply_mask", "apply_plan", "bn_gammas", "channel_mask", "channel_masks", "channel_ties",
-    "create_model", "distance_matrix", "mask_distance", "prunable_bns", "prunable_layers", "prune_model",
+    "create_model", "distance_matrix", "load_pretrained", "mask_distance", "prunable_bns", "prunable_layers",
+    "prune_model",
     "register_model", "resolve_arch",
 ]

@@ -156,6 +156,14 @@ class OptimConfig:
 
 
 @dataclass
+class StartConfig:
+    weights: str | None = opt(None, "start from these weights instead of a random init, for any --arch: a state dict "
+                                    "(.pth, .safetensors), a timm or torchvision checkpoint, or an unpruned earlybird "
+                                    "checkpoint; the classifier is left new for the dataset's classes and the first "
+                                    "conv adapted to its input channels")
+
+
+@dataclass
 class LowPrecisionConfig:
     wl_weight: int | None = opt(None, "bits of the weights (block floating point; 8 in the paper; default fp32)",
                                 type=int)
@@ -408,6 +416,7 @@ TEST_DATA = tuple(f.name for f in fields(DataConfig) if f.name not in ("train_su
 class SearchArgs:
     data: DataConfig = part(DataConfig, "data")
     model_cfg: ModelConfig = part(ModelConfig, "model")
+    start: StartConfig = part(StartConfig, "starting weights")
     optim: OptimConfig = part(OptimConfig, "optimization")
     detect: DetectConfig = part(DetectConfig, "Early-Bird detection")
     widths: WidthConfig = part(WidthConfig, "pruned widths")

@@ -6,9 +6,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PruneConfig, PruneOptions,
-                      WidthConfig,
-                      PipelineOptions, RetrainConfig, RuntimeConfig)
+from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, PipelineOptions,
+                      PruneConfig, PruneOptions, RetrainConfig, RuntimeConfig, StartConfig, WidthConfig)
 from ..budget import parse_budget_key, prune_flags
 from ..cost import training_macs
 from ..errors import RunDirError
@@ -33,8 +32,10 @@ def _stage_runtime(rt: RuntimeConfig, stage: RunDir) -> RuntimeConfig | None:
 
 def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig,
                  options: PruneOptions, rt: RuntimeConfig, reporter: Reporter, lowp: LowPrecisionConfig | None = None,
-                 pipeline: PipelineOptions | None = None, widths: WidthConfig | None = None) -> dict:
-    """Search until the tickets, prune each, retrain each, and account for the compute spent."""
+                 pipeline: PipelineOptions | None = None, widths: WidthConfig | None = None,
+                 start: StartConfig | None = None) -> dict:
+    """Search until the tickets, prune each, retrain each, and account for the compute spent
+    (``start``: the weights the search starts from)."""
     lowp, pipeline = lowp or LowPrecisionConfig(), pipeline or PipelineOptions()
     lowp.check_schedule(optim)
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
@@ -49,7 +50,7 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
     dataset = load_data(data, platform, reporter, surveyed)
     stage_rt = _stage_runtime(rt, run.search())
     found = run.search().summary() if stage_rt is None else search(
-        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, widths)
+        data, model_cfg, optim, detect, stage_rt, reporter, dataset, run.search().path, lowp, widths, start)
     rows = []
     for r in _targets(found):
         ticket = found["tickets"].get(str(r))

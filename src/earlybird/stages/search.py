@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from ..accel import format_name, precision_name
-from ..config import DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig, WidthConfig
+from ..config import (DataConfig, DetectConfig, LowPrecisionConfig, ModelConfig, OptimConfig, RuntimeConfig,
+                      StartConfig, WidthConfig)
 from ..cost import count_macs, count_params
+from ..pretrained import load_pretrained
 from ..data import Dataset
 from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
@@ -68,7 +70,8 @@ class EarlyBirdCallback(Callback):
 
 def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect: DetectConfig, rt: RuntimeConfig,
            reporter: Reporter, dataset: Dataset | None = None, save: Path | None = None,
-           lowp: LowPrecisionConfig | None = None, widths: WidthConfig | None = None) -> dict:
+           lowp: LowPrecisionConfig | None = None, widths: WidthConfig | None = None,
+           start: StartConfig | None = None) -> dict:
     """Train the dense network with BN-scale sparsity until every ratio's Early-Bird ticket emerges
     (``widths``: the pruned widths budget targets are solved for, as --round-to prunes them)."""
     data = replace(data, dataset=data.dataset or DEFAULT_DATASET)
@@ -77,6 +80,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     surveyed = None if dataset else survey_data(data, platform)
     spec = model_spec(model_cfg, dataset.info if dataset else surveyed.info)
     model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
+    if start and start.weights:
+        reporter.line(f"--weights {start.weights}: {load_pretrained(model, start.weights).describe()}")
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     dataset = dataset or load_data(data, platform, reporter, surveyed)
     ckpt = _resumed(resume_path, spec)

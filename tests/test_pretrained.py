@@ -75,7 +75,7 @@ def test_a_search_starts_from_the_weights_and_a_wrong_file_stops_it_before_anyth
     code, out, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", *TINY,
                          *still, "--weights", tmp_path / "w.pth", "--save", tmp_path / "s")
     assert code == 0, err
-    assert f"--weights {tmp_path / 'w.pth'}: loaded 48 tensors, left classifier.weight, classifier.bias new for the classes" in out
+    assert f"starting weights {tmp_path / 'w.pth'}: loaded 48 tensors, left classifier.weight, classifier.bias new for the classes" in out
     trained = load_checkpoint(tmp_path / "s" / "checkpoint.pth")["state_dict"]
     for key, value in source.state_dict().items():
         if key.endswith("weight") and "classifier" not in key:
@@ -85,3 +85,49 @@ def test_a_search_starts_from_the_weights_and_a_wrong_file_stops_it_before_anyth
                        "--weights", tmp_path / "other.pth", "--save", tmp_path / "r")
     assert_one_line_error(code, err, "is of another network", "features.4.weight")
     assert not (tmp_path / "r" / "search").exists()
+
+
+def test_pretrained_reads_torchvisions_and_timms_own_caches_and_a_miss_is_one_line(capsys, tmp_path, cifar10_root,
+                                                                                  monkeypatch):
+    from test_zoo_models import _zoo
+
+    torchvision, timm = _zoo("torchvision"), _zoo("timm")
+    import huggingface_hub
+
+    from earlybird.pretrained import library_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    search = ["search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--batch-size", 16,
+              "--epochs", 1, "--ratios", 0.5, "--amp", "off", "--channels-last", "off"]
+    code, _, err = cli(capsys, *search, "--arch", "torchvision:resnet18", "--pretrained", "--save", tmp_path / "a")
+    assert_one_line_error(code, err, "torchvision's weights for resnet18 are not in its cache",
+                          str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"), "--weights FILE")
+    with pytest.raises(CheckpointError, match=r"timm's weights for resnet18 \(timm/resnet18.a1_in1k\) are not in the "
+                                              r"Hugging Face cache .*pretrained=True"):
+        library_weights("timm:resnet18")
+
+    # the caches as the libraries write them
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(tv.state_dict(), tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    snapshot = tmp_path / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    tm = timm.create_model("resnet18")
+    from safetensors.torch import save_file
+    save_file(tm.state_dict(), str(snapshot / "model.safetensors"))
+    assert library_weights("timm:resnet18") == snapshot / "model.safetensors"
+    mine = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    done = earlybird.load_pretrained(mine, library_weights("timm:resnet18"))
+    assert done.new == ["fc.weight", "fc.bias"] and done.adapted == ["conv1.weight (3 -> 1)"]
+
+    code, out, err = cli(capsys, *search, "--arch", "torchvision:resnet18", "--pretrained", "--save", tmp_path / "b")
+    assert code == 0, err
+    assert "resnet18-f37072fd.pth: loaded 120 tensors, left fc.weight, fc.bias new for the classes" in out
+    for flags, needle in ((["--arch", "vgg", "--pretrained"], "--pretrained applies to timm:NAME and torchvision:NAME"),
+                          (["--arch", "vgg", "--pretrained", "--weights", "x.pth"], "both name the starting weights")):
+        code, _, err = cli(capsys, *search, *flags, "--save", tmp_path / "c")
+        assert_one_line_error(code, err, needle)

@@ -161,6 +161,18 @@ class StartConfig:
                                     "(.pth, .safetensors), a timm or torchvision checkpoint, or an unpruned earlybird "
                                     "checkpoint; the classifier is left new for the dataset's classes and the first "
                                     "conv adapted to its input channels")
+    pretrained: bool = opt(False, "timm:NAME and torchvision:NAME: start from the library's pretrained weights, "
+                                  "read from its own cache (no download)", action="store_true")
+
+    def __post_init__(self):
+        if self.weights and self.pretrained:
+            raise ConfigError("--weights and --pretrained both name the starting weights: pass one")
+
+    def source(self, arch: str):
+        """The weights file to start from, or None for a random init."""
+        from .pretrained import library_weights
+
+        return self.weights or (library_weights(arch) if self.pretrained else None)
 
 
 @dataclass

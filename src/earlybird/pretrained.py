@@ -1,4 +1,6 @@
-"""Starting weights: ``--weights FILE`` (``load_pretrained``) for any --arch.
+"""Starting weights: ``--weights FILE`` (``load_pretrained``) for any --arch, and ``--pretrained``
+(``library_weights``): the file timm or torchvision keeps in its own cache for a ``timm:`` or
+``torchvision:`` model, found there without a request.
 
 A file is a state dict (``.pth``/``.pt``/``.bin`` read without unpickling objects, or
 ``.safetensors``), a checkpoint dict holding one (timm's ``state_dict``/``model``, torchvision's plain
@@ -72,6 +74,44 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"--weights {path} holds no state dict (a name -> tensor mapping, or one under "
                               f"{' / '.join(HOLDERS)})")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def library_weights(arch: str) -> Path:
+    """The cached pretrained weights of a ``timm:NAME`` or ``torchvision:NAME`` model (timm's on
+    the Hugging Face cache, torchvision's in torch.hub's directory); a miss is one line saying where
+    the file belongs and how to put it there."""
+    source, _, name = arch.partition(":")
+    if source == "torchvision":
+        import torch.hub
+        import torchvision
+
+        try:
+            url = torchvision.models.get_model_weights(name).DEFAULT.url
+        except (ValueError, KeyError, AttributeError):
+            raise ConfigError(f"--pretrained: torchvision has no pretrained weights for {name}") from None
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if path.is_file():
+            return path
+        raise CheckpointError(f"--pretrained: torchvision's weights for {name} are not in its cache ({path}): "
+                              f"download {url} there where the network reaches, or pass --weights FILE")
+    if source == "timm":
+        import huggingface_hub
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not repo:
+            raise ConfigError(f"--pretrained: timm has no pretrained weights on the Hugging Face Hub for {name}")
+        cache = huggingface_hub.constants.HF_HUB_CACHE
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=cache)
+            if isinstance(found, str):
+                return Path(found)
+        raise CheckpointError(f"--pretrained: timm's weights for {name} ({repo}) are not in the Hugging Face cache "
+                              f"({cache}): run timm.create_model('{name}', pretrained=True) once where the network "
+                              "reaches, or pass --weights FILE")
+    raise ConfigError(f"--pretrained applies to timm:NAME and torchvision:NAME models, not to {arch}: pass the file "
+                      "with --weights FILE")
 
 
 def _adapt_input(weight: torch.Tensor, channels: int) -> torch.Tensor:

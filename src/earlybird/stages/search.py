@@ -80,8 +80,8 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     surveyed = None if dataset else survey_data(data, platform)
     spec = model_spec(model_cfg, dataset.info if dataset else surveyed.info)
     model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
-    if start and start.weights:
-        reporter.line(f"--weights {start.weights}: {load_pretrained(model, start.weights).describe()}")
+    if start and (source := start.source(spec.arch)):
+        reporter.line(f"starting weights {source}: {load_pretrained(model, source).describe()}")
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     dataset = dataset or load_data(data, platform, reporter, surveyed)
     ckpt = _resumed(resume_path, spec)

@@ -116,6 +116,8 @@ def test_a_flag_a_command_does_not_use_is_refused(capsys, argv, flag):
     (["search", "--dataset", "folder", "--image-column", "img"], "--image-column applies to hf: datasets, not to folder"),
     (["search", "--dataset", "cifar10", "--image-size", "64"], "--image-size applies to your own images"),
     (["run", "--dataset", "fashion-mnist", "--cache", "on"], "--cache applies to your own images"),
+    (["search", "--image-size", "64"], "--image-size applies to your own images (--dataset folder or hf:), not to "
+                                       "fashion-mnist"),  # the default dataset, named by search itself
 ])
 def test_an_option_of_another_kind_of_dataset_is_refused(capsys, tmp_path, argv, needle):
     code, out, err = cli(capsys, *argv, "--data", tmp_path, "--save", tmp_path / "run")

@@ -104,7 +104,9 @@ class DataConfig:
 
         InputTransform(self.filter, self.sigma, self.sparsify_gt)  # checks --filter, --sigma, --sparsify-gt
         self.image_options()  # checks --image-size, --val-fraction, --mean/--std
-        if self.dataset:  # else the checkpoint's dataset, checked once it is read
+        # search and run name their default dataset, so this checks it; prune, retrain and eval check the
+        # checkpoint's once it is read
+        if self.dataset:
             self.check_kind(self.dataset)
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must not be negative (0: decode in the main process)")

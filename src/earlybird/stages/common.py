@@ -75,7 +75,6 @@ def checkpoint_dataset(ckpt: dict, data: DataConfig, path) -> str:
 
 def survey_data(data: DataConfig, platform: "Platform") -> Survey:
     """What --dataset is before it is read (one's own images: scanned and a sample surveyed)."""
-    data.check_kind(data.dataset or DEFAULT_DATASET)
     return survey_dataset(data.dataset or DEFAULT_DATASET, data.root, data.image_options(platform.device))
 
 
@@ -83,7 +82,6 @@ def load_data(data: DataConfig, platform: "Platform", reporter: Reporter | None 
               surveyed: Survey | None = None) -> Dataset | FolderDataset:
     """The dataset --dataset names (read, fetched, or one's own images surveyed and decoded), from
     ``survey_data``'s scan where given."""
-    data.check_kind(data.dataset or DEFAULT_DATASET)
     return load_dataset(data.dataset or DEFAULT_DATASET, data.root, data.download, data.train_subset, platform.seed,
                         data.image_options(platform.device), reporter=reporter, surveyed=surveyed)
 

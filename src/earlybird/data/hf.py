@@ -72,9 +72,9 @@ def _quiet_hub(offline: bool):
 
 def _reachable(url: str, timeout: float = 2.0) -> bool:
     """Whether a connection to ``url``'s host opens (through a proxy: the library's to find out)."""
-    if urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme):
-        return True
     parts = urllib.parse.urlsplit(url)
+    if urllib.request.getproxies().get(parts.scheme):
+        return True
     try:
         socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
         return True

@@ -36,9 +36,9 @@ def import_reference_checkpoint(cfg: ImportConfig, model_cfg: ModelConfig, rt: R
     files = [f for f in (cfg.model, cfg.scratch, cfg.resume) if f]
     warn(f"warning: unpickling {' and '.join(files)} in full: a pickle can run code, so import only files you trust")
     obj = read_reference(cfg.model) if cfg.model else read_pair(cfg.scratch, cfg.resume)
-    info = dataset_info(cfg.dataset)
-    if cfg.dataset == "imagenet" and classes_of(obj):  # ImageNet's class count is the folder's: the fc knows it
-        info = replace(info, num_classes=classes_of(obj))
+    info, classes = dataset_info(cfg.dataset), classes_of(obj)
+    if cfg.dataset == "imagenet" and classes:  # ImageNet's class count is the folder's: the fc knows it
+        info = replace(info, num_classes=classes)
     spec = model_spec(model_cfg, info)
     model, plan = import_reference(obj, spec, " and ".join(files))
     shape = [spec.in_channels, spec.image_size, spec.image_size]

@@ -33,6 +33,33 @@ def test_readme_library_example(capsys):
         assert torch.allclose(small.eval()(x[:8]), masked(x[:8]), atol=1e-5)
 
 
+def test_the_fine_tuning_example_draws_inside_the_first_epoch_and_rewinds(capsys, tmp_path, monkeypatch):
+    code = re.search(r"<!-- fine-tuning-example -->\s*```python\n(.*?)```", LIBRARY.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.split("torch.manual_seed(0)")[0], str(LIBRARY), "exec"), scope)  # its network(), to pretrain
+    torch.manual_seed(1)
+    pretrained = scope["network"](10)
+    with torch.no_grad():  # pretrained scales are spread out: a gentle fine-tune keeps their order
+        for _, bn in earlybird.prunable_bns(pretrained):
+            bn.weight.copy_(torch.rand(bn.num_features) + 0.05)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")
+    exec(compile(code, str(LIBRARY), "exec"), scope)
+    out = capsys.readouterr().out
+    assert "loaded 12 tensors, left 8.weight, 8.bias new for the classes" in out  # BN statistics included
+    detector, model, small, rewound, x = (scope[k] for k in ("detector", "model", "small", "rewound", "x"))
+    assert 0 < detector.emerged[0.5] < 1 and f"at epoch {detector.emerged[0.5]:.2f}" in out  # inside the first epoch
+    plan = scope["plan"]
+    inputs = (x[:64], torch.rand(16, 3, 16, 16) * 3)
+    with torch.no_grad():
+        for net, dense in ((small, model), (scope["small_pretrained"], rewound)):
+            masked = earlybird.apply_mask(dense, plan.masks(dense), plan.zeroed).eval()
+            for xb in inputs:
+                torch.testing.assert_close(net.eval()(xb), masked(xb), rtol=1e-5, atol=1e-5)
+    first = dict(rewound.named_parameters())["0.weight"]
+    assert torch.equal(first, pretrained[0].weight)  # the rewound network holds the pretrained weights
+
+
 def test_readme_layout_names_every_module_and_the_core_needs_no_accelerator():
     import ast
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from earlybird import ConfigError, EarlyBird
+from earlybird.detector import position
 
 
 class TwoBN(nn.Module):
@@ -145,3 +146,44 @@ def test_the_closest_window_is_kept_for_advice():
     restored = EarlyBird(model, ratios=[0.5], window=3, threshold=0.01)
     restored.load_state_dict(det.state_dict())
     assert restored.closest == det.closest
+
+
+def drift(n: int, swaps_per_epoch: float, interval: float, draws: int, unscaled: bool = False) -> list[float]:
+    """Where a 50% ticket emerges while the masks drift at a steady rate: one kept and one pruned
+    channel of ``n`` swap places ``swaps_per_epoch`` times an epoch, drawn every ``interval``."""
+    model = TwoBN(n)
+    # unscaled: a detector told the draws are an epoch apart (0.1 between any two of them)
+    det = EarlyBird(model, ratios=[0.5], window=5, interval=1.0 if unscaled else interval)
+    for k in range(1, draws + 1):
+        swaps = int(k * interval * swaps_per_epoch + 1e-9)
+        kept = list(range(swaps, n // 2 + swaps))
+        set_mask(model, half_mask(n, kept), seed=k)
+        det.step(position(k * interval))
+    return det.emerged.get(0.5)
+
+
+@pytest.mark.parametrize("interval", [1.0, 0.5, 0.25, 0.1])
+def test_the_threshold_is_a_rate_that_means_the_same_at_every_interval(interval):
+    # one swap moves 2 of 400 channels: 0.005. The star rule bounds the distance across the window
+    # (4 intervals) by 0.1 x interval: a drift of 0.025 per epoch (5 swaps) passes, a faster one not
+    draws = round(6 / interval)
+    first_full = position(5 * interval)
+    assert drift(400, 1, interval, draws) == first_full  # 0.005 per epoch: settled from the start
+    assert drift(400, 10, interval, draws) is None  # 0.05 per epoch: still moving, at every interval
+    if interval < 0.5:  # unscaled, the fast drift "settles" as soon as the window is full
+        assert drift(400, 10, interval, draws, unscaled=True) == first_full
+
+
+def test_steps_default_to_the_interval_and_count_in_epochs():
+    model = TwoBN(20)
+    det = EarlyBird(model, ratios=[0.5], window=2, interval=0.25)
+    set_mask(model, half_mask(20, range(10)), seed=0)
+    assert det.step() == [] and det.step() == [0.5]
+    assert det.emerged == {0.5: 0.5} and det.bound == pytest.approx(0.025)
+    whole = EarlyBird(model, ratios=[0.5], window=2)
+    whole.step(), whole.step()
+    assert whole.emerged == {0.5: 2} and isinstance(whole.emerged[0.5], int)  # whole epochs stay ints
+    with pytest.raises(ConfigError, match="interval"):
+        EarlyBird(model, ratios=[0.5], interval=0)
+    with pytest.raises(ConfigError, match="resume with the flags"):
+        EarlyBird(model, ratios=[0.5], window=2).load_state_dict(det.state_dict())  # another interval

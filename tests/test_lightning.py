@@ -52,6 +52,31 @@ def test_a_ticket_in_lightning_stops_the_run_and_prunes_and_retrains(tmp_path, c
     assert 0 <= accuracy(task.net, data(cifar10_root, train=False)) <= 100
 
 
+def test_every_n_steps_draws_inside_the_first_epoch_and_stops_at_that_step(tmp_path, cifar10_root):
+    torch.manual_seed(0)
+    task = Task(lr=0.001)  # a gentle fine-tune of spread-out BN scales: the smallest channels stay the smallest
+    with torch.no_grad():
+        for bn in (m for m in task.net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.copy_(torch.rand(bn.num_features) + 0.05)
+    callback = EarlyBirdCallback([0.5], example_inputs=torch.randn(2, 3, 32, 32), module="net", window=3,
+                                 save_dir=str(tmp_path / "tickets"), every_n_steps=1)
+    run = trainer(max_epochs=3, callbacks=[callback])
+    run.fit(task, DataLoader(data(cifar10_root), batch_size=16, shuffle=True))  # 5 steps an epoch
+    assert callback.detector.interval == pytest.approx(0.2) and callback.detector.bound == pytest.approx(0.02)
+    assert callback.detector.emerged == {0.5: 0.6}  # the third draw fills the window
+    assert run.global_step == 3  # stopped after that step, two before the first epoch's end
+    saved = torch.load(tmp_path / "tickets" / "EB-50-0.6.pth", weights_only=True)
+    assert saved["epoch"] == 0.6
+    restored = EarlyBirdCallback([0.5], example_inputs=torch.randn(2, 3, 32, 32), module="net", window=3,
+                                 every_n_steps=1)
+    restored.load_state_dict(callback.state_dict())
+    run = trainer(max_epochs=1, callbacks=[restored])
+    run.fit(task, DataLoader(data(cifar10_root), batch_size=16))
+    assert restored.detector.emerged == {0.5: 0.6}  # taken back once the interval was known
+    with pytest.raises(ValueError, match="every 1 or more steps"):
+        EarlyBirdCallback([0.5], every_n_steps=0)
+
+
 class BNModes(task_module.pl.Callback):
     """The training flags of the BNs at every training step of a fit."""
 

@@ -23,6 +23,21 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, not {text!r}")
 
 
+def interval(text: str) -> float | int:
+    """--eb-interval: a number with a point is a fraction of an epoch, a whole number is steps."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of an epoch (0.1) or a number of steps (250), "
+                                         f"not {text!r}") from None
+
+
+def check_interval(value: float | int) -> None:
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ConfigError(f"--eb-interval {value} is outside its range: a fraction of an epoch in (0, 1] such as "
+                          f"0.1, or a whole number of steps, at least 1")
+
+
 def opt(default, help: str, *flags: str, shown: str | None = None, **argparse_kwargs):
     """A dataclass field with its CLI flags (default: --field-name) and argparse options; ``shown``:
     how --help states a default that depends on the machine (the value itself otherwise)."""
@@ -217,7 +232,12 @@ class DetectConfig:
     importance: str = opt("bn-scale", "what ranks the channels: bn-scale (|gamma|, network slimming) or filter-l2 "
                                       "(the L2 norm of the filters that produce each channel)",
                           choices=list(IMPORTANCES))
-    eb_threshold: float = opt(0.1, "largest mask distance that counts as settled", type=float)
+    eb_threshold: float = opt(0.1, "largest mask distance that counts as settled between masks one epoch apart; "
+                                    "with --eb-interval the bound scales with the training between masks (0.01 "
+                                    "at 0.1 epoch): a rate of change, the same at any interval", type=float)
+    eb_interval: float | int = opt(1.0, "how often masks are drawn and compared, as Lightning's val_check_interval: a "
+                                  "fraction of an epoch (0.1) or a number of steps (250); a ticket found inside an "
+                                  "epoch is saved at once and the search stops there", type=interval)
     min_channels: int = opt(1, "channels every layer keeps whatever the ratio (0: no collapse guard)", type=int)
     keep_streams: bool = opt(False, "never prune residual streams or concatenations (as the reference does for "
                                     "PreResNet); layers that read them still drop channels", action="store_true")
@@ -233,6 +253,13 @@ class DetectConfig:
             raise ConfigError("no pruning ratios or budgets given: pass e.g. --ratios 0.3 0.5 0.7 or --target-macs 0.5")
         if self.min_channels < 0:
             raise ConfigError(f"--min-channels {self.min_channels} must not be negative")
+        check_interval(self.eb_interval)
+
+    def check_steps(self, steps_per_epoch: int) -> int:
+        """Training steps between two draws of the masks (at least one)."""
+        if isinstance(self.eb_interval, int):
+            return self.eb_interval
+        return max(1, round(self.eb_interval * steps_per_epoch))
 
 
 @dataclass
@@ -287,12 +314,28 @@ class RuntimeConfig:
             raise ConfigError(f"--seed {self.seed} must not be negative")
 
 
+def _rewind():
+    return opt("ticket", "the weights the pruned network is retrained from: ticket (its weights where the ticket was "
+                         "drawn: EB Train) or pretrained (the weights the search started from, --weights or "
+                         "--pretrained, pruned to the ticket's channels, trained from epoch 0: EarlyBERT's choice)",
+               choices=["ticket", "pretrained"])
+
+
+def _check_rewind(rewind: str, reinit: bool) -> None:
+    if rewind == "pretrained" and reinit:
+        raise ConfigError("--rewind pretrained and --reinit both choose the retrain's starting weights: pass one")
+
+
 @dataclass
 class RetrainConfig:
     model: str = opt("", "pruned checkpoint to retrain (pruned.pth from `earlybird prune`)", "--model", "--scratch")
     reinit: bool = opt(False, "re-initialize the pruned network and train from epoch 0 (EB Train re-init)", action="store_true")
-    start_epoch: int | None = opt(None, "first epoch of the retrain schedule (default: the ticket's epoch; 0 with --reinit)",
-                                  "--start-epoch", "--start_epoch", type=int)
+    rewind: str = _rewind()
+    start_epoch: int | None = opt(None, "first epoch of the retrain schedule (default: the ticket's epoch; 0 with --reinit "
+                                        "or --rewind pretrained)", "--start-epoch", "--start_epoch", type=int)
+
+    def __post_init__(self):
+        _check_rewind(self.rewind, self.reinit)
 
 
 @dataclass
@@ -399,8 +442,12 @@ class PruneOptions:
 class PipelineOptions:
     reinit: bool = opt(False, "retrain re-initialized tickets (EB Train re-init) instead of fine-tuning them",
                        action="store_true")
+    rewind: str = _rewind()
     baseline: bool = opt(False, "also run train-prune-retrain (dense training over the whole schedule, prune at the "
                                 "end, fine-tune) with the same schedule and seed, and compare", action="store_true")
+
+    def __post_init__(self):
+        _check_rewind(self.rewind, self.reinit)
 
 
 LOWP = "low precision (SWALP: block floating point, stochastic rounding, weight averaging)"

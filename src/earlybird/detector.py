@@ -1,8 +1,14 @@
-"""The Early-Bird detector: one importance snapshot per epoch, a window of masks per ratio.
+"""The Early-Bird detector: one importance snapshot per step, a window of masks per ratio.
 
-Each epoch it ranks the channels (``importance``: |gamma| by default), computes every ratio's mask
-and asks the detection ``rule`` (``rules.py``: the reference code's "star" by default) whether the
-window of the newest masks has settled.
+At each step (once per epoch, or every ``interval`` of an epoch) it ranks the channels
+(``importance``: |gamma| by default), computes every ratio's mask and asks the detection ``rule``
+(``rules.py``: the reference code's "star" by default) whether the window of the newest masks has
+settled.
+
+The threshold is a rate: the mask distance allowed between masks one epoch apart, as the
+reference draws them. Masks drawn ``interval`` epochs apart may differ by ``threshold x interval``.
+Unscaled, the rule would mean less the finer the interval: masks 0.1 epoch apart differ by a few
+hundredths even while they still move steadily, so 0.1 would pass at the first full window.
 """
 from __future__ import annotations
 
@@ -19,6 +25,12 @@ from .masks import ChannelIndex, channel_mask, check_ratio
 from .rules import Rule, make_rule
 
 
+def position(epochs: float) -> float | int:
+    """A point of training in epochs: whole epochs as an int (as epochs were counted before
+    detection inside an epoch), else rounded to 6 places."""
+    return round(epochs) if abs(epochs - round(epochs)) < 1e-9 else round(epochs, 6)
+
+
 def _key(target: float | str) -> float | str:
     return target if isinstance(target, str) else float(target)
 
@@ -26,8 +38,11 @@ def _key(target: float | str) -> float | str:
 class EarlyBird:
     """Tracks channel masks at several pruning ratios and says when each one has settled.
 
-    Step it once per epoch, after training (``step(epochs_completed)``); it returns the ratios
-    whose ticket emerged at that step. ``emerged`` maps ratio -> epoch, ``tickets`` ratio -> mask.
+    Step it once per epoch, after training (``step(epochs_completed)``), or every ``interval``
+    epochs (e.g. 0.1; ``step(epochs_trained)`` with the fraction); it returns the ratios whose ticket
+    emerged at that step. ``emerged`` maps ratio -> epoch (fractional inside an epoch), ``tickets``
+    ratio -> mask. ``threshold`` bounds the distance of masks one epoch apart: the window's masks,
+    ``interval`` apart, may differ by ``threshold * interval`` (``bound``).
     ``layers``: the BN names to watch (default: every affine BN), e.g.
     ``earlybird.prune.prunable_layers(model, x)``; ``ties``: lists of (BN name, channel) that go
     together (``earlybird.prune.channel_ties``). ``importance`` and ``rule`` take a registry name
@@ -48,6 +63,7 @@ class EarlyBird:
         importance: Importance | str = "bn-scale",
         rule: Rule | str = "star",
         budgets: Sequence[BudgetTarget] = (),
+        interval: float = 1.0,
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
@@ -64,16 +80,24 @@ class EarlyBird:
         self.ties = self.index.flat_ties(ties)
         self.importance = make_importance(importance)
         self.rule = make_rule(rule)
+        if not interval > 0:
+            raise ConfigError(f"the detector's interval {interval:g} must be a positive number of epochs")
         self.window = window
         self.threshold = threshold
+        self.interval = float(interval)
         self.min_channels = min_channels
-        self.epoch = 0
+        self.epoch: float = 0
         self._recent: dict[float | str, deque] = {r: deque(maxlen=window) for r in self.targets}
-        self.emerged: dict[float, int] = {}
-        self.tickets: dict[float, torch.Tensor] = {}
+        self.emerged: dict[float | str, float] = {}
+        self.tickets: dict[float | str, torch.Tensor] = {}
         self.distances: dict[float | str, list[float]] = {r: [] for r in self.targets}
         # per ratio, the full window that came closest to settling: (largest distance in it, epoch)
-        self.closest: dict[float, tuple[float, int]] = {}
+        self.closest: dict[float | str, tuple[float, float]] = {}
+
+    @property
+    def bound(self) -> float:
+        """The largest distance the rule allows between the window's masks, ``interval`` apart."""
+        return self.threshold * self.interval
 
     @property
     def layer_names(self) -> list[str]:
@@ -105,10 +129,10 @@ class EarlyBird:
         """The newest mask of ``ratio``."""
         return self._recent[_key(ratio)][-1]
 
-    def step(self, epoch: int | None = None, scores: torch.Tensor | None = None) -> list[float]:
-        """Take this epoch's snapshot (``scores``, or ``self.scores()``); return the ratios whose
-        ticket emerged now."""
-        self.epoch = self.epoch + 1 if epoch is None else int(epoch)
+    def step(self, epoch: float | None = None, scores: torch.Tensor | None = None) -> list[float | str]:
+        """Take this step's snapshot (``scores``, or ``self.scores()``) after ``epoch`` epochs of
+        training (default: ``interval`` more than the last); return the ratios whose ticket emerged now."""
+        self.epoch = position(self.epoch + self.interval if epoch is None else epoch)
         scores = self.scores() if scores is None else scores
         new = []
         for r in self.targets:
@@ -119,7 +143,7 @@ class EarlyBird:
             full = len(recent) == self.window
             if full and (r not in self.closest or max(self.distances[r]) < self.closest[r][0]):
                 self.closest[r] = (max(self.distances[r]), self.epoch)
-            if r not in self.emerged and full and self.rule.settled(self.distances[r], self.threshold):
+            if r not in self.emerged and full and self.rule.settled(self.distances[r], self.bound):
                 self.emerged[r] = self.epoch
                 self.tickets[r] = mask.clone()
                 new.append(r)
@@ -138,6 +162,7 @@ class EarlyBird:
             "budgets": list(self.budgets),
             "window": self.window,
             "threshold": self.threshold,
+            "interval": self.interval,
             "min_channels": self.min_channels,
             "layer_sizes": list(self.layer_sizes),
             "importance": self.importance.name,
@@ -156,14 +181,15 @@ class EarlyBird:
             list(state["ratios"]) == list(self.ratios)
             and list(state.get("budgets", [])) == list(self.budgets)
             and state["window"] == self.window
+            and abs(state.get("interval", 1.0) - self.interval) < 1e-9
             and state["layer_sizes"] == self.layer_sizes
             and state.get("importance", "bn-scale") == self.importance.name
             and state.get("rule", "star") == self.rule.name
         )
         if not same:
             raise ConfigError(
-                "the saved detector used other ratios, window, layers, importance or rule than this run: "
-                "resume with the flags of the original run"
+                "the saved detector used other ratios, window, interval, layers, importance or rule than this "
+                "run: resume with the flags of the original run"
             )
         self.epoch = state["epoch"]
         key = {str(t): t for t in self.targets}
@@ -171,6 +197,6 @@ class EarlyBird:
             saved = state["recent"][str(r)]
             self._recent[r] = deque(list(saved) if saved.numel() else [], maxlen=self.window)
             self.distances[r] = list(state["distances"][str(r)])
-        self.emerged = {key[r]: int(e) for r, e in state["emerged"].items()}
+        self.emerged = {key[r]: e for r, e in state["emerged"].items()}
         self.tickets = {key[r]: m for r, m in state["tickets"].items()}
-        self.closest = {key[r]: (float(d), int(e)) for r, (d, e) in state.get("closest", {}).items()}
+        self.closest = {key[r]: (float(d), e) for r, (d, e) in state.get("closest", {}).items()}

@@ -7,12 +7,18 @@
     lit_module.net = small                         # then retrain: a fresh optimizer for the small network
     lightning.Trainer(max_epochs=80).fit(lit_module, train_loader)
 
+``every_n_steps=N`` draws the masks every N optimizer steps instead of at each epoch's end (a
+fine-tune that lasts a few epochs finds its ticket inside the first); the threshold then bounds
+masks that far apart in proportion (it is per epoch, see ``earlybird.detector``), and a ticket found
+inside an epoch stops the run after that step.
+
 L1 on the BN scales goes in ``on_before_optimizer_step``, which Lightning calls after unscaling the
 gradients under 16-bit mixed precision. Under DDP every rank steps the detector on rank 0's scores
 (they agree anyway: the weights are the same), so all ranks stop together; rank 0 writes the files.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,16 +39,21 @@ class EarlyBirdCallback(pl.Callback):
     ``module``: the attribute of the LightningModule holding the network to prune (default: the
     LightningModule itself); ``example_inputs``: a few inputs of the network's shape, with which the
     BNs the engine can prune are found (without them every affine BN is watched); ``save_dir``:
-    where rank 0 writes each ticket (EB-<percent>-<epoch>.pth: the BN masks and the weights).
+    where rank 0 writes each ticket (EB-<percent>-<epoch>.pth: the BN masks and the weights; the
+    epoch has a fraction inside an epoch); ``every_n_steps``: draw the masks every that many optimizer
+    steps (default: at each epoch's end).
     ``tickets`` maps ratio -> BN name -> keep mask, as ``prune_model`` takes them."""
 
     def __init__(self, ratios=(0.3, 0.5, 0.7), example_inputs: torch.Tensor | None = None, module: str | None = None,
                  l1: float = 1e-4, window: int = 5, threshold: float = 0.1, min_channels: int = 1,
                  importance: Importance | str = "bn-scale", rule: Rule | str = "star", save_dir: str | None = None,
-                 stop: bool = True):
+                 stop: bool = True, every_n_steps: int | None = None):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: draw the masks every 1 or more steps")
         self.ratios, self.example_inputs, self.module_name, self.l1 = ratios, example_inputs, module, l1
         self.window, self.threshold, self.min_channels, self.rule = window, threshold, min_channels, rule
         self.importance, self.save_dir, self.stop = make_importance(importance), save_dir, stop
+        self.every_n_steps, self._drawn = every_n_steps, None
         self.detector: EarlyBird | None = None
         self._state: dict | None = None
 
@@ -59,17 +70,36 @@ class EarlyBirdCallback(pl.Callback):
             self.importance.bind(net, example)
         self.detector = EarlyBird(net, self.ratios, self.window, self.threshold, self.min_channels, layers, ties,
                                   self.importance, self.rule)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps:  # the epoch's length is known once the loaders are
+            if not math.isfinite(trainer.num_training_batches):
+                raise ValueError("every_n_steps needs a training loader with a length: the threshold is per epoch")
+            per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+            self.detector.interval = self.every_n_steps / per_epoch
         if self._state is not None:  # a resumed run: the detector's window and tickets
             self.detector.load_state_dict(self._state)
+            self._state = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.l1:
             add_bn_l1_grad(self.network(pl_module), self.l1)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._drawn:
+            self._drawn = step  # accumulating gradients, several batches end at one optimizer step
+            self._draw(trainer, pl_module, trainer.current_epoch + (batch_idx + 1) / trainer.num_training_batches)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.every_n_steps:
+            self._draw(trainer, pl_module, trainer.current_epoch + 1)
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: float) -> None:
         det = self.detector
         scores = trainer.strategy.broadcast(det.scores(), src=0)  # one decision on every rank
-        for r in det.step(trainer.current_epoch + 1, scores):
+        for r in det.step(epoch, scores):
             pl_module.print(f"Early-Bird ticket for {r:.0%} pruning at epoch {det.emerged[r]}")
             if self.save_dir and trainer.is_global_zero:
                 self._save(r, self.network(pl_module))
@@ -104,8 +134,5 @@ class EarlyBirdCallback(pl.Callback):
         return self.detector.state_dict() if self.detector else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Lightning restores callbacks after ``setup`` when it resumes a run; before, where not."""
-        if self.detector is not None and state_dict:
-            self.detector.load_state_dict(state_dict)
-        else:
-            self._state = state_dict or None
+        """Taken back at the start of training, once the interval of the draws is known."""
+        self._state = state_dict or None

@@ -76,12 +76,12 @@ class MetricsLog:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
 
-    def write(self, **record) -> None:
+    def write(self, tensorboard: bool = True, **record) -> None:
         if not is_main():
             return
         record = {"time": round(time.time(), 3), **record}
         append_line(self.path, json.dumps(record))
-        if self.writer is not None:
+        if self.writer is not None and tensorboard:
             stage, step = record.get("stage", "train"), record.get("epoch", 0)
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "time"):

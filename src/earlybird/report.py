@@ -1,9 +1,10 @@
 """`earlybird report RUN_DIR`: the pictures of an Early-Bird run and a Markdown page around them.
 
-* heatmap.png: the epoch x epoch mask-distance matrix, one panel per ratio, EB epochs marked;
-* distances.png: the distance of each epoch's mask to the previous one, and the largest distance in
-  the detection window, against the threshold (for a budget target such as macs30, whose ratio is
-  solved anew every epoch, the window's distances as the search recorded them);
+* heatmap.png: the mask-distance matrix of every draw (each epoch, or each --eb-interval) against
+  every other, one panel per ratio, EB tickets marked;
+* distances.png: the distance of each draw's mask to the previous one, and the largest distance in
+  the detection window, against the bound (for a budget target such as macs30, whose ratio is
+  solved anew at every draw, the window's distances as the search recorded them);
 * curves.png: train/test accuracy and loss of the search and of every retrain;
 * gammas.png: the |gamma| histogram at a few epochs;
 * channels.png: kept channels per layer of each ticket, budget tickets included;
@@ -33,7 +34,8 @@ from .train import load_checkpoint
 class RunData:
     root: Path
     search_dir: Path
-    scores: torch.Tensor  # (epochs + 1) x channels: the initial importance, then after every epoch
+    scores: torch.Tensor  # (draws + 1) x channels: the initial importance, then at every draw
+    positions: list[float]  # the epochs trained at each row of scores (0 first)
     layer_sizes: list[int]
     layer_names: list[str]
     ratios: list[float]
@@ -43,28 +45,38 @@ class RunData:
     rule: Rule
     importance: str
     ties: list[list[int]]
-    emerged: dict[float | str, int]  # ratios and budget keys (macs30) alike
+    emerged: dict[float | str, float]  # ratios and budget keys (macs30) alike: epochs trained
     search_metrics: list[dict]
     budgets: list[str] = field(default_factory=list)
     tickets: dict[str, torch.Tensor] = field(default_factory=dict)  # budget key -> its ticket's mask
     retrain_metrics: dict[float | str, list[dict]] = field(default_factory=dict)
     pruned: dict[float | str, dict] = field(default_factory=dict)
     summary: dict | None = None
+    interval: float = 1.0  # epochs between draws: the window's masks may differ by threshold x interval
+    schedule_epochs: int | None = None  # the search's schedule, once it finished
 
     @property
     def targets(self) -> list[float | str]:
         return [*self.ratios, *self.budgets]
 
     @property
-    def epochs(self) -> int:
-        return self.scores.shape[0] - 1
+    def epochs(self) -> float:
+        return self.positions[-1]
+
+    @property
+    def bound(self) -> float:
+        return self.threshold * self.interval
+
+    def draw(self, position: float) -> int:
+        """The index in ``masks`` of the draw at ``position`` (epochs trained)."""
+        return min(range(1, len(self.positions)), key=lambda i: abs(self.positions[i] - position)) - 1
 
     def masks(self, ratio: float) -> list[torch.Tensor]:
-        """The mask of every epoch (1..epochs) at ``ratio``, as the detector computed it."""
+        """The mask of every draw after the first (1..) at ``ratio``, as the detector computed it."""
         return [channel_mask(g, ratio, self.layer_sizes, self.min_channels, self.ties) for g in self.scores[1:]]
 
     def window_distances(self, ratio: float) -> list[list[float]]:
-        """Per epoch, the distances the rule bounds over the window that ends there (fewer while
+        """Per draw, the distances the rule bounds over the window that ends there (fewer while
         the window fills)."""
         masks = self.masks(ratio)
         return [self.rule.distances(masks[max(0, e + 1 - self.window):e + 1]) for e in range(len(masks))]
@@ -84,16 +96,19 @@ def load_run(root: str | Path) -> RunData:
     ckpt = load_checkpoint(search.last, ("search",))
     det = ckpt["detector"]
     budgets = list(det.get("budgets", []))  # targets by key (macs30); the others are ratios
+    scores = (ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float()
     data = RunData(
-        root=run.path, search_dir=search.path, scores=(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"]).float(),
+        root=run.path, search_dir=search.path, scores=scores,
+        positions=list(ckpt.get("positions", range(len(scores)))), interval=float(det.get("interval", 1.0)),
         layer_sizes=list(det["layer_sizes"]), rule=make_rule(det.get("rule", "star")),
         importance=det.get("importance", "bn-scale"), ties=[list(t) for t in det.get("ties", [])],
         layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
         ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),
         threshold=float(det["threshold"]), window=int(det["window"]),
-        emerged={(r if r in budgets else float(r)): int(e) for r, e in det["emerged"].items()},
+        emerged={(r if r in budgets else float(r)): e for r, e in det["emerged"].items()},
         search_metrics=[m for m in _jsonl(search.metrics) if m.get("stage") == "search"], budgets=budgets,
         tickets={k: m for k, m in det.get("tickets", {}).items() if k in budgets},
+        schedule_epochs=search.summary().get("schedule_epochs") if search.finished else None,
     )
     for r in data.targets:
         data.retrain_metrics[r] = _jsonl(run.retrain(r).metrics)
@@ -130,7 +145,8 @@ def heatmap(data: RunData, path: Path) -> None:
     fig, axes = plt.subplots(1, len(data.ratios), figsize=(4.2 * len(data.ratios), 3.8), squeeze=False)
     for ax, r in zip(axes[0], data.ratios):
         d = distance_matrix(data.masks(r)).numpy()
-        im = ax.imshow(d, cmap="viridis", origin="upper", extent=(0.5, data.epochs + 0.5, data.epochs + 0.5, 0.5))
+        lo, hi = data.positions[1] - data.interval / 2, data.positions[-1] + data.interval / 2
+        im = ax.imshow(d, cmap="viridis", origin="upper", extent=(lo, hi, hi, lo))
         if r in data.emerged:
             e = data.emerged[r]
             ax.axvline(e, color="red", lw=1)
@@ -140,8 +156,9 @@ def heatmap(data: RunData, path: Path) -> None:
             ax.set_title(f"p = {r:g}: no ticket")
         ax.set_xlabel("epoch")
         ax.set_ylabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        if data.interval >= 1:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.yaxis.get_major_locator().set_params(integer=True)
         fig.colorbar(im, ax=ax, fraction=0.046, label="mask distance")
     _save(plt, fig, path)
 
@@ -149,23 +166,25 @@ def heatmap(data: RunData, path: Path) -> None:
 def distances(data: RunData, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    epochs = list(range(1, data.epochs + 1))
+    epochs = data.positions[1:]
     for r in data.ratios:
         masks = data.masks(r)
         steps = [float("nan")] + [mask_distance(a, b) for a, b in zip(masks[1:], masks[:-1])]
-        line, = ax.plot(epochs, steps, marker="o", ms=3, label=f"p={r:g}: to the previous epoch")
+        line, = ax.plot(epochs, steps, marker="o", ms=3, label=f"p={r:g}: to the previous draw")
         window = [max(d) if d else float("nan") for d in data.window_distances(r)]
         ax.plot(epochs, window, ls="--", color=line.get_color(),
                 label=f"p={r:g}: largest the {data.rule.name} rule bounds in the window")
         if r in data.emerged:
             ax.axvline(data.emerged[r], color=line.get_color(), lw=0.8, ls=":")
-    for key in data.budgets:  # its ratio is solved every epoch: the distances the search recorded
-        window = [max(d) if (d := (m.get("distances") or {}).get(key)) else float("nan") for m in data.search_metrics]
-        line, = ax.plot([m["epoch"] for m in data.search_metrics], window, ls="--",
+    for key in data.budgets:  # its ratio is solved at every draw: the distances the search recorded
+        drawn = [m for m in data.search_metrics if "distances" in m]
+        window = [max(d) if (d := m["distances"].get(key)) else float("nan") for m in drawn]
+        line, = ax.plot([m["epoch"] for m in drawn], window, ls="--",
                         label=f"{key}: largest the {data.rule.name} rule bounds in the window")
         if key in data.emerged:
             ax.axvline(data.emerged[key], color=line.get_color(), lw=0.8, ls=":")
-    ax.axhline(data.threshold, color="black", lw=1, label=f"threshold {data.threshold:g}")
+    ax.axhline(data.bound, color="black", lw=1, label=f"threshold {data.threshold:g}" + (
+        f" per epoch: {data.bound:.3g} between draws" if data.interval != 1 else ""))
     _label(ax, "epoch", "normalized Hamming distance")
     _save(plt, fig, path)
 
@@ -176,6 +195,7 @@ def curves(data: RunData, path: Path) -> None:
     series = [("search", data.search_metrics)] + [(f"retrain p={target_label(r)}", m)
                                                   for r, m in data.retrain_metrics.items() if m]
     for name, metrics in series:
+        metrics = [m for m in metrics if "test_acc" in m]  # draws inside an epoch are not evaluated
         x = [m["epoch"] for m in metrics]
         line, = acc.plot(x, [m["test_acc"] for m in metrics], label=f"{name} test")
         acc.plot(x, [m["train_acc"] for m in metrics], ls="--", color=line.get_color(), label=f"{name} train")
@@ -189,11 +209,12 @@ def curves(data: RunData, path: Path) -> None:
 
 def gamma_histograms(data: RunData, path: Path) -> None:
     plt = _plt()
-    picks = sorted({1, *data.emerged.values(), data.epochs})
+    picks = sorted({data.positions[1], *data.emerged.values(), data.epochs})
     fig, ax = plt.subplots(figsize=(7, 4))
     top = float(data.scores[1:].max())
     for e in picks:
-        ax.hist(data.scores[e].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3, label=f"epoch {e}")
+        ax.hist(data.scores[data.draw(e) + 1].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3,
+                label=f"epoch {e}")
     _label(ax, "|gamma|" if data.importance == "bn-scale" else f"channel importance ({data.importance})", "channels", 8)
     ax.set_yscale("log")
     _save(plt, fig, path)
@@ -208,7 +229,7 @@ def kept_channels(data: RunData, path: Path) -> None:
     for k, r in enumerate(data.targets):
         if r not in data.emerged:
             continue
-        mask = data.tickets[r] if isinstance(r, str) else data.masks(r)[data.emerged[r] - 1]
+        mask = data.tickets[r] if isinstance(r, str) else data.masks(r)[data.draw(data.emerged[r])]
         kept = [int(m.sum()) for m in ChannelIndex(tuple(data.layer_names), tuple(data.layer_sizes)).split(mask).values()]
         ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width,
                label=f"ticket p={target_label(r)} (epoch {data.emerged[r]})")
@@ -221,7 +242,7 @@ def kept_channels(data: RunData, path: Path) -> None:
 def _markdown(data: RunData, figures: list[str]) -> str:
     lines = [f"# Early-Bird report: {data.root}", ""]
     lines += ["| ratio | EB epoch | of the schedule |", "|---|---|---|"]
-    total = (data.summary or {}).get("schedule_epochs") or data.epochs
+    total = data.schedule_epochs or data.epochs
     for r in data.targets:
         e = data.emerged.get(r)
         lines.append(f"| {target_label(r)} | {e if e else 'none'} | {f'{e / total:.0%}' if e else '-'} |")

@@ -2,7 +2,8 @@
 
 Augmentation (random crop after zero padding, horizontal flip) and normalization run on whole
 batches with tensor ops, which is far faster than per-image transforms, on a CPU as on a GPU.
-The shuffle order depends only on (seed, epoch), so a resumed run sees the same batches.
+The shuffle order depends only on (seed, epoch) and a batch's augmentation only on (seed, epoch,
+batch), so a run resumed at any batch sees the batches an uninterrupted one sees.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class BatchLoader:
         self.train = train
         self.device = torch.device(device)
         self.seed = seed
-        self.epoch = 0
+        self.epoch = self.skip = 0
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, device)
@@ -67,8 +68,9 @@ class BatchLoader:
     def num_samples(self) -> int:
         return len(self.images)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass is of ``epoch`` and starts after its first ``skip`` batches (a resumed run)."""
+        self.epoch, self.skip = epoch, skip
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator, n: int, part: slice) -> torch.Tensor:
         """Crop and flip ``x``, the ``part`` of a global batch of ``n`` images."""
@@ -106,16 +108,20 @@ class BatchLoader:
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def __iter__(self):
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        seed = self.seed * 100_003 + self.epoch
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         n = len(self.images)
         order = torch.randperm(n, generator=gen, device=self.device) if self.train else torch.arange(n, device=self.device)
-        for start, stop in global_batches(n, self.batch_size, self.train, self.world):
+        batches = global_batches(n, self.batch_size, self.train, self.world)
+        skip, self.skip = self.skip, 0
+        for b, (start, stop) in enumerate(batches[skip:], skip):
             lo, hi = shard(start, stop, self.rank, self.world)
             if lo == hi:  # a last evaluation batch smaller than the number of workers
                 continue
             idx = order[lo:hi]
             x = self.images[idx]
             if self.train:
+                gen.manual_seed(seed * 1_000_003 + b)
                 x = self._augment(x, gen, stop - start, slice(lo - start, hi - start))
             x = x.float() if self.transform is None else self.transform(x.float())
             yield (x * self._scale + self._shift).contiguous(memory_format=self.memory_format), self.labels[idx]
@@ -137,7 +143,7 @@ class FolderLoader:
         self.batch_size, self.info, self.train, self.seed, self.workers = batch_size, info, train, seed, workers
         self.rank, self.world = rank, world
         self.device = torch.device(device)
-        self.epoch = 0
+        self.epoch = self.skip = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._scale, self._shift = normalizer(info, self.device)
         # once: a progress bar asks for the length every few steps, and a million-image index is slow to walk
@@ -155,8 +161,9 @@ class FolderLoader:
     def num_samples(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass is of ``epoch`` and starts after its first ``skip`` batches (a resumed run)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         from ..errors import DataError
@@ -166,9 +173,12 @@ class FolderLoader:
         n = len(self.dataset)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
-        batches = [b for b in self._batches(order.tolist()) if b]
+        skip, self.skip = self.skip, 0
+        batches = [b for b in self._batches(order.tolist())[skip:] if b]
+        # its own generator: the workers' base seed is not drawn from the global RNG, which a run
+        # resumed inside an epoch restores after the point where an uninterrupted run drew it
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda", generator=torch.Generator())
         try:
             for x, y in loader:
                 x = x.to(self.device, non_blocking=True).float()

@@ -59,8 +59,9 @@ def run_pipeline(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, d
                          "threshold": found["threshold"], "last": str(run.search().last)})
             continue
         reporter.line(f"--- p={label(r)}: prune the ticket of epoch {ticket['epoch']}, then retrain")
+        retrain_cfg = RetrainConfig(reinit=pipeline.reinit, rewind=pipeline.rewind)
         pr, rr = _prune_and_retrain(run, run.search() / ticket["path"], None, r, detect, options, widths, data, optim,
-                                    rt, reporter, dataset, lowp, RetrainConfig(reinit=pipeline.reinit))
+                                    rt, reporter, dataset, lowp, retrain_cfg)
         rows.append(_ratio_row(r, ticket, pr, rr, found, optim.epochs))
     summary = _summary(data, found, rows, optim.epochs, lowp, time.perf_counter() - t0)
     if pipeline.baseline:
@@ -133,7 +134,7 @@ def _ratio_row(r: float, ticket: dict, pr: dict, rr: dict, found: dict, epochs: 
         "acc_retrained_best": rr["best_test_acc"], "acc_retrained_swa": rr.get("swa_test_acc"),
         "params": pr["params"], "macs": pr["macs"],
         "train_speedup_measured": (pr.get("training_throughput") or {}).get("speedup"),
-        "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"],
+        "retrain_epochs": rr["epochs_trained"], "reinit": rr["reinit"], "rewind": rr.get("rewind", "ticket"),
         "train_macs": {"eb": eb_compute, "train_prune_retrain": standard, "dense_only": epochs * dense_epoch},
         "compute_vs_train_prune_retrain": round(eb_compute / standard, 4),
         "compute_vs_dense_only": round(eb_compute / (epochs * dense_epoch), 4),
@@ -153,7 +154,9 @@ def _summary(data: DataConfig, found: dict, rows: list[dict], epochs: int, lowp:
         "dense_params": found["params"], "dense_macs": found["macs"], "ratios": rows,
         "total_train_macs": spent, "search_wall_s": found["wall_s"], "wall_s": round(wall, 1),
         "train_s": round(found["train_s"] + sum(row["retrain_train_s"] for row in drawn), 1),
-        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted",
+        "compute_note": "training MACs = 3 x forward MACs x images x epochs; evaluation not counted"
+                        + ("; the starting weights' own training not counted" if found.get("start") else ""),
+        "start": found.get("start"),
         "number_formats": found.get("number_formats"),
         "arithmetic_cost_vs_fp32": round(low_precision(lowp).relative_arithmetic_cost(), 4),
     }
@@ -221,6 +224,12 @@ def summary_table(summary: dict) -> str:
     lines.append("train speed = measured training images/s of the pruned network over the dense one's (at prune time); "
                  "compute = training MACs of EB Train (EB epochs dense + retrain epochs pruned) divided by "
                  "train-prune-retrain (TPR: full schedule dense + full schedule pruned) and by dense-only training")
+    if summary.get("start"):
+        rewound = any(row.get("rewind") == "pretrained" for row in summary["ratios"])
+        lines.append(f"started from {summary['start']} (its training not counted): vs dense = Early-Bird fine-tuning "
+                     f"over dense fine-tuning for the same schedule; the retrain "
+                     + ("started again from these weights, pruned to the ticket (--rewind pretrained)" if rewound
+                        else "continued from the ticket"))
     formats = summary.get("number_formats") or {}
     if any(v != "fp32" for k, v in formats.items() if k != "rounding"):
         lines.append("number formats: " + ", ".join(f"{k} {v}" for k, v in formats.items()) + "; arithmetic cost "

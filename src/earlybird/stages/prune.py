@@ -103,6 +103,7 @@ def prune(cfg: PruneConfig, options: PruneOptions, data: DataConfig, rt: Runtime
         report["throughput"] = inference_speed(dense, pruned, shape, options.latency_batches, device)
         report["training_throughput"] = training_speed(dense, pruned, shape, spec.num_classes, per_worker, device, rt)
     save_checkpoint(run / PRUNED, "pruned", spec, pruned, plan, ratio=ratio, epoch=ckpt.get("epoch"),
+                    start=ckpt.get("start"),
                     **{**data_meta(dataset.info), "input_shape": report["input_shape"]},
                     test_acc=report["test_acc"]["pruned"])
     run.write_summary(report)

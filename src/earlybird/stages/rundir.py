@@ -144,15 +144,16 @@ class RunDir:
         distributed.barrier()
         return None
 
-    def write_summary(self, summary: dict, saved_epoch: int | None = None) -> None:
+    def write_summary(self, summary: dict, saved_at: str | None = None) -> None:
         """Mark the stage finished (rank 0 writes; every worker waits, so all can read what it wrote).
-        ``saved_epoch``: a training stage's last, which a rerun after a failed write resumes after."""
+        ``saved_at``: a training stage's last point saved ("epoch 4"), which a rerun after a failed
+        write resumes after."""
         if distributed.is_main():
             text = (json.dumps(summary, indent=2) + "\n").encode()
             try:
                 atomic_write(self.path / SUMMARY, lambda f: f.write(text), len(text))
             except WriteError as exc:
-                if saved_epoch is None:
+                if saved_at is None:
                     raise
-                raise exc.resuming(f": it resumes after epoch {saved_epoch}, the last, and writes the summary") from None
+                raise exc.resuming(f": it resumes after {saved_at}, the last, and writes the summary") from None
         distributed.barrier()

@@ -30,41 +30,56 @@ from .rundir import RunDir, label
 
 
 class EarlyBirdCallback(Callback):
-    """Steps the detector after every epoch, saves each ticket as it emerges, and stops the search
-    once every ratio has one (unless ``full``). Its checkpoint entries: the detector, the score
-    snapshots of every epoch (the report's heat-map) and the tickets saved."""
+    """Steps the detector at every draw (each epoch's end, or every --eb-interval steps), saves each
+    ticket as it emerges, and stops the search once every ratio has one (unless ``full``), inside an
+    epoch if it is drawn there. Its checkpoint entries: the detector, the score snapshots of every
+    draw with their positions (the report's heat-map) and the tickets saved."""
 
-    def __init__(self, detector: EarlyBird, run: RunDir, saver: Saver, full: bool):
-        self.detector, self.run, self.saver, self.full = detector, run, saver, full
-        self.scores, self.tickets = [detector.scores()], {}
+    def __init__(self, detector: EarlyBird, run: RunDir, saver: Saver, full: bool, every: int):
+        self.detector, self.run, self.saver, self.full, self.every = detector, run, saver, full, every
+        self.scores, self.positions, self.tickets = [detector.scores()], [0], {}
+
+    def on_step(self, trainer: Trainer, record: dict) -> str:
+        return self._draw(trainer, record)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> str:
-        det, epoch = self.detector, trainer.epoch
-        self.scores.append(det.scores())
-        distributed.check_agree(self.scores[-1], "the channel scores")
-        emerged = det.step(epoch, self.scores[-1])
-        g = bn_gammas(det.index.bns(trainer.model))
+        g = bn_gammas(self.detector.index.bns(trainer.model))
         record["gamma"] = {"mean": round(g.mean().item(), 5), "below_0.01": round((g < 0.01).float().mean().item(), 4)}
+        if trainer.batch or trainer.global_step % self.every:  # stopped inside the epoch, or no draw due
+            return ""
+        return self._draw(trainer, record)
+
+    def _draw(self, trainer: Trainer, record: dict) -> str:
+        det, at = self.detector, trainer.position
+        self.scores.append(det.scores())
+        self.positions.append(at)
+        distributed.check_agree(self.scores[-1], "the channel scores")
+        emerged = det.step(at, self.scores[-1])
         record["distances"] = {str(r): [round(d, 4) for d in det.distances[r]] for r in det.targets}
+        test_acc = record.get("test_acc")  # none inside an epoch: the network is evaluated at epochs' ends
         for r in emerged:
-            path = self.run.ticket(r, epoch)
+            path = self.run.ticket(r, det.emerged[r])
             solved = det.budgets[r].last if r in det.budgets else None
             budget = {"budget": {"metric": solved.metric, "asked": solved.asked, "reached": solved.reached}} \
                 if solved else {}
-            self.saver.save(path, "ticket", trainer.model, ratio=solved.ratio if solved else r, epoch=epoch,
-                            mask=det.tickets[r], test_acc=record["test_acc"], **budget)
-            self.tickets[str(r)] = {"epoch": epoch, "path": path.name, "test_acc": record["test_acc"]}
+            self.saver.save(path, "ticket", trainer.model, ratio=solved.ratio if solved else r, epoch=det.emerged[r],
+                            step=trainer.global_step, mask=det.tickets[r], test_acc=test_acc, **budget)
+            self.tickets[str(r)] = {"epoch": det.emerged[r], "step": trainer.global_step, "path": path.name,
+                                    "test_acc": test_acc}
         trainer.stop = det.done and not self.full
         dist = "  ".join(f"d{label(r)}=" + (f"{max(det.distances[r]):.3f}" if det.distances[r] else "-")
                          + ("*" if r in det.emerged else "") for r in det.targets)
-        return f"  | max dist {dist}" + "".join(f"  -> EB ticket p={label(r)} at epoch {epoch}" for r in emerged)
+        return f"  | max dist {dist}" + "".join(f"  -> EB ticket p={label(r)} at epoch {det.emerged[r]} "
+                                                f"(step {trainer.global_step})" for r in emerged)
 
     def state_dict(self) -> dict:
-        return {"detector": self.detector.state_dict(), "scores": torch.stack(self.scores), "tickets": self.tickets}
+        return {"detector": self.detector.state_dict(), "scores": torch.stack(self.scores),
+                "positions": list(self.positions), "tickets": self.tickets}
 
     def load_state_dict(self, ckpt: dict) -> None:
         self.detector.load_state_dict(ckpt["detector"])
         self.scores = list(ckpt["scores"] if "scores" in ckpt else ckpt["gammas"])
+        self.positions = list(ckpt.get("positions", range(len(self.scores))))
         self.tickets = ckpt["tickets"]
 
 
@@ -80,19 +95,23 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     surveyed = None if dataset else survey_data(data, platform)
     spec = model_spec(model_cfg, dataset.info if dataset else surveyed.info)
     model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
-    if start and (source := start.source(spec.arch)):
+    source = start.source(spec.arch) if start else None
+    if source:
         reporter.line(f"starting weights {source}: {load_pretrained(model, source).describe()}")
     resume_path = run.prepare(rt.force, rt.resume, reporter)
     dataset = dataset or load_data(data, platform, reporter, surveyed)
     ckpt = _resumed(resume_path, spec)
     trainer = make_trainer(model, spec, data, optim, rt, lowp, platform, reporter, "search", ckpt)
+    loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
+    steps = len(loaders[0])
+    every = detect.check_steps(steps)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,
-                         layers, ties, importance, detect.eb_rule, budgets)
+                         layers, ties, importance, detect.eb_rule, budgets, interval=every / steps)
     info = dataset.info
     saver = Saver(spec, None, {**data_meta(info), "layers": layers, "keep_streams": detect.keep_streams,
-                               "importance": importance.name})
-    loaders = make_loaders(dataset, data, platform, trainer.speed.channels_last)
-    eb = EarlyBirdCallback(detector, run, saver, detect.full)
+                               "importance": importance.name, "start": str(source) if source else None})
+    eb = EarlyBirdCallback(detector, run, saver, detect.full, every)
+    trainer.check_every = every
     with_callbacks(trainer, run, saver, "search", loaders, rt, eb)
     if ckpt:
         trainer.load_state_dict(ckpt, resume_path)
@@ -100,26 +119,40 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     total = ChannelIndex.of(trainer.model).total
     reporter.line(f"search: {spec.describe()}, {count_params(trainer.model):,} params, {macs / 1e6:.1f} M MACs/image, "
                   f"{loaders[0].num_samples:,} training images on {platform.device}; ratios are of the {detector.num_channels} "
-                  f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)")
+                  f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)"
+                  + ("" if every == steps else f"; masks drawn every {every} of the epoch's {steps} steps, within "
+                     f"{detector.bound:.4g} of each other (--eb-threshold {detector.threshold:g} per epoch)"))
+    if detector.bound * detector.num_channels < 2:  # one channel in, one out moves the mask by 2 / channels
+        reporter.line(f"note: at this interval the bound lets no channel change places ({detector.bound:.4g} x "
+                      f"{detector.num_channels} channels < 2): tickets need identical masks; a longer --eb-interval "
+                      f"or a larger --eb-threshold relaxes it")
     t0 = time.perf_counter()
     trainer.fit(*loaders)
     summary = _summary(trainer, eb, spec, info.name, detect, total, macs, loaders[0].num_samples, time.perf_counter() - t0)
-    run.write_summary(summary, trainer.saved_epoch)
+    summary["start"] = saver.meta["start"]
+    run.write_summary(summary, trainer.saved_at)
     for r in detector.targets:
         t = eb.tickets.get(str(r))
-        reporter.line(f"  p={label(r)}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} -> {run / t['path']}"
-                                         if t else no_ticket_advice(r, detector, trainer.epoch, run.last)))
+        reporter.line(f"  p={label(r)}: " + (f"EB ticket at epoch {t['epoch']}/{optim.epochs} (step "
+                                             f"{t.get('step', '?')}) -> {run / t['path']}"
+                                         if t else no_ticket_advice(r, detector, trainer.position, run.last)))
     return summary
 
 
-def no_ticket_advice(ratio: float | str, detector: EarlyBird, epochs: int, last: Path) -> str:
+def no_ticket_advice(ratio: float | str, detector: EarlyBird, epochs: float, last: Path) -> str:
     """Why ``ratio`` has no ticket (how close its masks came to settling) and what to do next."""
     closest = detector.closest.get(ratio)
-    near = (f"its masks came within {closest[0]:.3f} of each other at best (epoch {closest[1]}; --eb-threshold "
-            f"{detector.threshold:g})" if closest else f"the window of {detector.window} masks never filled")
+    scale = detector.interval  # the threshold is per epoch; the window's masks are interval apart
+    if closest:
+        per = f" per epoch, {detector.bound:.4g} at this interval" if scale != 1 else ""
+        near = (f"its masks came within {closest[0]:.3f} of each other at best (epoch {closest[1]}; "
+                f"--eb-threshold {detector.threshold:g}{per})")
+    else:
+        near = f"the window of {detector.window} masks never filled" + (
+            ": draw them inside epochs with --eb-interval (e.g. 0.1)" if scale >= 1 else "")
     return (f"no ticket within {epochs} epochs: {near}. Next: a longer --epochs or an earlier first --schedule "
             f"decay (masks settle as the rate falls), a larger --eb-threshold (e.g. "
-            f"{max(detector.threshold, closest[0] if closest else 0) + 0.05:.2f}), or prune where the search "
+            f"{max(detector.threshold, closest[0] / scale if closest else 0) + 0.05:.2f}), or prune where the search "
             f"stopped: earlybird prune --model {last} {prune_flags(ratio)}")
 
 
@@ -157,9 +190,11 @@ def _summary(trainer: Trainer, eb: EarlyBirdCallback, spec: ModelSpec, dataset: 
         "budgets": list(det.budgets),
         "prunable_channels": det.num_channels, "bn_channels": total, "keep_streams": detect.keep_streams,
         "number_formats": trainer.precision.lp.describe(), "window": det.window, "threshold": det.threshold,
+        "interval_epochs": round(det.interval, 6), "interval_steps": eb.every,
         "importance": det.importance.name, "rule": det.rule.name, "tickets": eb.tickets,
         "closest": {str(r): {"distance": round(d, 4), "epoch": e} for r, (d, e) in det.closest.items()},
-        "epochs_trained": trainer.epoch, "schedule_epochs": epochs, "stopped_early": trainer.epoch < epochs,
+        "epochs_trained": trainer.position, "steps_trained": trainer.global_step, "schedule_epochs": epochs,
+        "stopped_early": trainer.position < epochs,
         "final_test_acc": trainer.test_acc, "params": count_params(trainer.model), "macs": macs,
         "train_images": images, "wall_s": round(wall, 1), "train_s": round(trainer.train_seconds, 1),
         "memory_format": format_name(trainer.speed.channels_last), "precision": precision_name(trainer.amp_dtype),

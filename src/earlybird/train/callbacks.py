@@ -51,18 +51,25 @@ class Metrics(Callback):
         self.log.write(**record)
         return ""
 
+    def on_step(self, trainer: Trainer, record: dict) -> str:  # a draw inside an epoch: no TensorBoard step
+        self.log.write(tensorboard=False, **record)
+        return ""
+
 
 class SaveLast(Callback):
-    """The resumable checkpoint of the last epoch: the trainer's state with every callback's entries.
-    Goes after the callbacks that change state, so that it holds what they did this epoch."""
+    """The resumable checkpoint of the last epoch (or step of ``trainer.check_every``): the trainer's
+    state with every callback's entries. Goes after the callbacks that change state, so that it holds
+    what they did this epoch."""
 
     def __init__(self, saver: Saver, path: Path, kind: str):
         self.saver, self.path, self.kind = saver, path, kind
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> str:
         self.saver.save(self.path, self.kind, trainer.model, **trainer.state_dict())
-        trainer.saved_epoch = trainer.epoch
+        trainer.saved_at = trainer.where()
         return ""
+
+    on_step = on_epoch_end  # a search that draws masks inside epochs resumes from the last draw
 
 
 class SaveBest(Callback):

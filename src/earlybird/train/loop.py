@@ -63,8 +63,13 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
     on_batch: Callable[[int, float, float, float], None] | None = None,
+    on_step: Callable[[int], bool] | None = None,
+    first: int = 0,
 ) -> EpochResult:
     """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step.
+
+    ``on_step(batches done)`` runs after every step and ends the epoch there by returning True;
+    ``first``: the batches of the epoch trained before (a loader resumed inside it skips them).
 
     Under loss scaling (``scaler``, fp16) a step whose loss overflowed is skipped by the scaler,
     which then lowers the scale: such steps count in neither the loss nor the accuracy, and the
@@ -80,7 +85,7 @@ def train_epoch(
     seen = 0
     steps = len(loader)  # once: a folder loader's length is not free
     start = time.perf_counter()
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(loader, first):
         loss, hits = _step(model, x, y, optimizer, l1, scaler, amp_dtype)
         if scaler is None:
             total_loss += loss.detach() * len(y)
@@ -95,6 +100,8 @@ def train_epoch(
         if on_batch is not None and ((i + 1) % 10 == 0 or i + 1 == steps):  # .item() syncs a GPU
             elapsed = time.perf_counter() - start
             on_batch(i + 1, loss.item(), 100.0 * correct.item() / max(counted.item(), 1), seen / max(elapsed, 1e-9))
+        if on_step is not None and on_step(i + 1):
+            break
     sums = torch.stack([total_loss, correct.to(total_loss), counted.to(total_loss), torch.tensor(float(seen), device=device)])
     loss_sum, hits, counted, seen = all_reduce_sum(sums).tolist()
     if not math.isfinite(loss_sum) or counted * 2 < seen:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import OptimConfig
-from ..errors import WriteError
+from ..errors import ConfigError, WriteError
 from ..lowp import Precision
 from ..progress import Reporter, format_seconds
 from . import distributed
@@ -28,6 +28,11 @@ class Callback:
         ``trainer.stop``; returns a note for the epoch's progress line."""
         return ""
 
+    def on_step(self, trainer: "Trainer", record: dict) -> str:
+        """Inside an epoch, every ``trainer.check_every`` steps (not after an epoch's last step: that
+        one is the epoch's end): as ``on_epoch_end``, without an evaluation in ``record``."""
+        return ""
+
     def state_dict(self) -> dict:
         """Entries of the checkpoint this callback owns."""
         return {}
@@ -39,9 +44,10 @@ class Callback:
 class Trainer:
     """Model, optimizer, loss scaler, number formats, RNG and epoch: the state a stage resumes from.
 
-    ``fit`` trains from ``epoch`` to ``optim.epochs`` (or until a callback sets ``stop``) under
-    autocast to ``speed.amp_dtype`` (fp16 with loss scaling), with L1 on the BN scales where ``optim``
-    asks for it."""
+    ``fit`` trains from ``epoch`` to ``optim.epochs`` (or until a callback sets ``stop``, at an
+    epoch's end or at a step inside it) under autocast to ``speed.amp_dtype`` (fp16 with loss
+    scaling), with L1 on the BN scales where ``optim`` asks for it. ``epoch`` counts whole epochs,
+    ``batch`` the steps taken into the next one (not 0 only in a run stopped or saved inside it)."""
 
     def __init__(self, model, optimizer, precision: Precision, optim: OptimConfig, device: torch.device, speed,
                  reporter: Reporter, stage: str, compile: bool = False):
@@ -52,11 +58,27 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.callbacks: list[Callback] = []
         self.epoch, self.test_acc, self.stop, self.train_seconds = 0, None, False, 0.0
-        self.saved_epoch = None  # the epoch the resumable checkpoint holds (SaveLast keeps it current)
+        self.batch, self.steps_per_epoch = 0, 1
+        self.check_every = 0  # steps between the callbacks' on_step calls inside an epoch (0: none)
+        self.saved_at: str | None = None  # where the resumable checkpoint was saved (SaveLast keeps it current)
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.batch
+
+    @property
+    def position(self) -> float | int:
+        """Epochs trained: whole, or with the fraction of the epoch in progress."""
+        return round(self.epoch + self.batch / self.steps_per_epoch, 4) if self.batch else self.epoch
+
+    def where(self) -> str:
+        """The point of the schedule reached, in words ("epoch 3", "step 40 of epoch 2")."""
+        return f"step {self.batch} of epoch {self.epoch + 1}" if self.batch else f"epoch {self.epoch}"
 
     def state_dict(self) -> dict:
         """Everything but the weights (``save_checkpoint`` takes the model), callbacks' entries included."""
-        state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+        state = {"epoch": self.epoch, "batch": self.batch, "optimizer": self.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "precision": self.precision.state_dict(),
                  "test_acc": self.test_acc, "speed": self.speed.state_dict(self.model)}
         for callback in self.callbacks:
@@ -71,38 +93,51 @@ class Trainer:
             self.reporter.line(note)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.test_acc = ckpt["epoch"], ckpt["test_acc"]
-        self.saved_epoch = self.epoch
+        self.epoch, self.batch, self.test_acc = ckpt["epoch"], ckpt.get("batch", 0), ckpt["test_acc"]
         torch.set_rng_state(ckpt["rng"])
         for callback in self.callbacks:
             callback.load_state_dict(ckpt)
-        self.reporter.line(f"resuming {self.stage} from {path} after epoch {self.epoch}")
+        self.saved_at = self.where()
+        self.reporter.line(f"resuming {self.stage} from {path} after {self.saved_at}")
 
     def fit(self, train, test) -> float:
         """Train until the schedule ends or a callback stops it; returns the seconds spent training."""
         net = distributed.wrap(self.model, self.device)  # DDP with several workers; evaluation needs no wrapper
         if self.compile:
             net = torch.compile(net)
-        start = self.epoch
+        self.steps_per_epoch = len(train)
+        if self.batch >= self.steps_per_epoch:
+            raise ConfigError(f"the checkpoint was saved at step {self.batch} of an epoch, which now has "
+                              f"{self.steps_per_epoch}: resume with the original --batch-size and data")
+        start = self.position
         while self.epoch < self.optim.epochs and not self.stop:
             record, seconds = self._epoch(net, train, test)
-            note = self._epoch_end(record)
+            note = self._callbacks("on_epoch_end", record)
             self.train_seconds += seconds
-            left = (self.optim.epochs - self.epoch) * self.train_seconds / (self.epoch - start)
+            left = (self.optim.epochs - self.position) * self.train_seconds / max(self.position - start, 1e-9)
             self.reporter.line(
-                f"{self.stage} epoch {self.epoch}/{self.optim.epochs}  lr {record['lr']:.3g}  loss "
+                f"{self.stage} epoch {self.position}/{self.optim.epochs}  lr {record['lr']:.3g}  loss "
                 f"{record['train_loss']:.3f}  train {record['train_acc']:.1f}%  test {record['test_acc']:.2f}%  "
                 f"{record['images_per_s']:.0f} img/s  {seconds:.0f}s"
                 f"{'' if self.stop else f'  ~{format_seconds(left)} left'}{note}")
         return self.train_seconds
 
-    def _epoch_end(self, record: dict) -> str:
+    def _callbacks(self, hook: str, record: dict) -> str:
         """The callbacks' notes; a file they could not write says where a rerun continues."""
         try:
-            return "".join(callback.on_epoch_end(self, record) for callback in self.callbacks)
+            return "".join(getattr(callback, hook)(self, record) for callback in self.callbacks)
         except WriteError as exc:
-            raise exc.resuming(": it starts over (no epoch was saved yet)" if self.saved_epoch is None else
-                               f": it resumes after epoch {self.saved_epoch}") from None
+            raise exc.resuming(": it starts over (nothing was saved yet)" if self.saved_at is None else
+                               f": it resumes after {self.saved_at}") from None
+
+    def _step_end(self, done: int) -> bool:
+        """After a step inside an epoch: the callbacks' on_step where one is due; True to stop."""
+        self.batch = done
+        if done < self.steps_per_epoch and self.check_every and self.global_step % self.check_every == 0:
+            record = {"stage": self.stage, "epoch": self.position, "step": self.global_step}
+            note = self._callbacks("on_step", record)
+            self.reporter.line(f"{self.stage} epoch {self.position}/{self.optim.epochs}  step {self.global_step}{note}")
+        return self.stop
 
     def _epoch(self, net, train, test) -> tuple[dict, float]:
         """One epoch of training and the evaluation after it: (metrics record, training seconds)."""
@@ -110,16 +145,19 @@ class Trainer:
         lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        train.set_epoch(epoch)
+        train.set_epoch(epoch, self.batch)
         update, close = self.reporter.epoch_bar(len(train), f"{self.stage} {epoch + 1}/{optim.epochs}")
         try:
             result = train_epoch(net, train, self.optimizer, l1=optim.s if optim.sparsity_regularization else 0.0,
-                                 scaler=self.scaler, amp_dtype=self.amp_dtype, on_batch=update)
+                                 scaler=self.scaler, amp_dtype=self.amp_dtype, on_batch=update,
+                                 on_step=self._step_end, first=self.batch)
         finally:
             close()
+        if self.batch == self.steps_per_epoch:  # else a callback stopped the run inside the epoch
+            self.epoch, self.batch = epoch + 1, 0
         tested = evaluate(self.model, test, self.amp_dtype)
-        self.epoch, self.test_acc = epoch + 1, tested.top1
-        return {"stage": self.stage, "epoch": epoch + 1, "lr": lr, "train_loss": round(result.loss, 5),
+        self.test_acc = tested.top1
+        return {"stage": self.stage, "epoch": self.position, "lr": lr, "train_loss": round(result.loss, 5),
                 "train_acc": round(result.accuracy, 3), "test_loss": round(tested.loss, 5),
                 "test_acc": round(tested.top1, 3), "images_per_s": round(result.images_per_second, 1),
                 "epoch_s": round(result.seconds, 2)}, result.seconds

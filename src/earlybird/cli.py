@@ -66,7 +66,8 @@ COMMANDS: dict[str, Command] = {
     "prune": Command(PruneArgs, _stage("prune"), "physically prune an EB ticket: fewer channels, copied weights, "
                                                  "exact BN-shift folding", True),
     "retrain": Command(RetrainArgs, _stage("retrain"), "retrain a pruned network: fine-tune the ticket from its "
-                                                       "epoch, or re-initialize (--reinit)", True),
+                                                       "epoch, rewind it to the pretrained weights (--rewind "
+                                                       "pretrained), or re-initialize (--reinit)", True),
     "run": Command(RunArgs, _stage("run_pipeline"), "search, prune every ticket, retrain each, and write a summary "
                                                     "with compute accounting", True),
     "eval": Command(EvalArgs, _stage("evaluate_checkpoint"), "top-1 / top-5 accuracy, parameters and MACs of any "
@@ -108,6 +109,13 @@ def _gpu_ids(config) -> list[int] | None:
 
     ids = parse_gpu_ids(rt.gpu_ids)
     return ids if len(ids) > 1 else None
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr in one write: the workers under torchrun share the stream, and print's
+    separate write of the newline let two workers' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class _Terminated(KeyboardInterrupt):
@@ -174,21 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     except EarlyBirdError as exc:
         _ending(previous)
         line = f"earlybird {args.command}: error: {exc}"
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
         if peers := _peers():
             peers.post(line)  # the other workers stop with it instead of waiting in a collective
         return 2
     except KeyboardInterrupt as exc:
         line = _stopped_by_peer(args.command, exc)  # torchrun stops the others once one failed
-        print(line or f"earlybird {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
-              "the last completed epoch is saved: run the same command again (or add --resume) to continue",
-              file=sys.stderr)
+        _say(line or f"earlybird {args.command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
+             "the last completed epoch is saved: run the same command again (or add --resume) to continue")
         return 2 if line else 143 if isinstance(exc, _Terminated) else 130
     except Exception as exc:
         _ending(previous)
         line = _stopped_by_peer(args.command, exc)
         if line:
-            print(line, file=sys.stderr)
+            _say(line)
             return 2
         peers = _peers()
         if peers is None:

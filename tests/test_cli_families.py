@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from earlybird.train import load_checkpoint
 from test_cli import assert_one_line_error, cli
 
 FAST = ["--dataset", "cifar10", "--no-download", "--batch-size", "16", "--test-batch-size", "64", "--seed", "0",
@@ -98,3 +99,41 @@ def test_prune_report_counts_dead_channels(capsys, tmp_path, cifar10_root):
     assert c["removed"] <= c["requested"] + c["dead"] and report["selects"] == []
     assert report["max_output_diff_pruned_vs_masked"] < 1e-4
     assert report["test_acc"]["masked"] == report["test_acc"]["pruned"]
+
+
+def sized_net(num_classes=10, in_channels=3, channels=8, pool="max"):
+    """A user's builder with arguments of its own, for --model-kwargs."""
+    import torch.nn as nn
+
+    pooling = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
+    return nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                         nn.ReLU(), pooling, nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, num_classes))
+
+
+def test_model_kwargs_reach_the_builder_and_every_stage_rebuilds_with_them(capsys, tmp_path, cifar10_root):
+    save = tmp_path / "k"
+    code, out, err = cli(capsys, "run", "--data", cifar10_root, *FAST, "--arch", "test_cli_families:sized_net",
+                         "--model-kwargs", "channels=12", "pool=avg", "--save", save)
+    assert code == 0, err
+    assert "test_cli_families:sized_net channels=12 pool='avg' (3x32x32 -> 10)" in out
+    search = load_checkpoint(save / "search" / "checkpoint.pth")
+    assert search["spec"]["kwargs"] == (("channels", 12), ("pool", "avg"))
+    assert search["state_dict"]["0.weight"].shape[0] == 12
+    # prune and retrain rebuilt the network from the checkpoint's spec: its kwargs included
+    pruned = json.loads((save / "pruned-50" / "summary.json").read_text())
+    assert pruned["max_output_diff_relative"] < 1e-5
+    assert json.loads((save / "retrain-50" / "summary.json").read_text())["final_test_acc"] >= 0
+
+
+@pytest.mark.parametrize("arch, kwargs, needle", [
+    ("vgg", ["depth=6"], "--model-kwargs go to the builders of timm:, torchvision: and module:function models"),
+    ("test_cli_families:sized_net", ["channels"], "--model-kwargs channels: write each as key=value"),
+    ("test_cli_families:sized_net", ["chanels=4"], "unexpected keyword argument 'chanels'"),
+])
+def test_bad_model_kwargs_get_one_line(capsys, tmp_path, cifar10_root, arch, kwargs, needle):
+    code, _, err = cli(capsys, "search", "--data", cifar10_root, *FAST[:-2], "--arch", arch, "--model-kwargs", *kwargs,
+                       "--save", tmp_path / "s")
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "s").exists()

@@ -47,3 +47,25 @@ def test_run_a_zoo_model(capsys, tmp_path, cifar10_root, arch):
         assert "have their shift zeroed as well" in out
     retrain = json.loads((save / "retrain-50" / "summary.json").read_text())
     assert retrain["epochs_trained"] == 3 - row["eb_epoch"] and retrain["final_test_acc"] >= 0
+
+
+def test_models_that_take_an_input_size_get_the_datas():
+    _zoo("torchvision")
+    _zoo("timm")
+    import torch
+
+    from earlybird import ModelSpec, create_model
+
+    # timm's ViT at 28x28 in patches of 4: 49 patches and the class token; --model-kwargs make it small
+    vit = create_model(ModelSpec("timm:vit_tiny_patch16_224", 0, 1.0, 1, 10, 28,
+                                 (("patch_size", 4), ("depth", 2), ("embed_dim", 48), ("num_heads", 2))))
+    assert vit.pos_embed.shape == (1, 50, 48) and len(vit.blocks) == 2
+    assert vit(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert create_model(ModelSpec("torchvision:vit_b_16", 0, 1.0, 3, 10, 32)).image_size == 32
+    # a CNN takes any size and no such argument: it is built without it
+    assert type(create_model(ModelSpec("timm:resnet18", 0, 1.0, 3, 10, 32))).__name__ == "ResNet"
+    # an explicit one wins: here one the data does not have, which the model check says
+    from earlybird.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fails on 3x32x32 inputs .*doesn't match model \\(64\\)"):
+        create_model(ModelSpec("timm:vit_tiny_patch16_224", 0, 1.0, 3, 10, 32, (("img_size", 64), ("depth", 1))))

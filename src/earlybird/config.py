@@ -3,6 +3,7 @@ generated from these dataclasses (one source of truth) and stages receive typed 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -137,6 +138,27 @@ class ModelConfig:
     depth: int = opt(16, "network depth (VGG 11/13/16/19, PreResNet 9n+2, ResNet 18/34/50/101/152, DenseNet 3n+4)",
                      type=int)
     width: float = opt(1.0, "width multiplier for every layer (e.g. 0.25 for a CPU-sized VGG)", type=float)
+    model_kwargs: list = opt([], "key=value arguments for the builder of a timm:, torchvision: or module:function "
+                                 "model, as timm's train.py takes them (patch_size=4 depth=6 drop_rate=0.1); values "
+                                 "are read as Python literals, else as text. Models that take an input size get the "
+                                 "data's (timm img_size, torchvision image_size)", nargs="*", metavar="KEY=VALUE")
+
+    def __post_init__(self):
+        self.builder_kwargs()  # a malformed item fails before anything runs
+
+    def builder_kwargs(self) -> tuple:
+        """--model-kwargs as (name, value) pairs."""
+        pairs = []
+        for item in self.model_kwargs:
+            key, eq, text = item.partition("=")
+            if not eq or not key.isidentifier():
+                raise ConfigError(f"--model-kwargs {item}: write each as key=value (e.g. patch_size=4)")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a name such as avg
+            pairs.append((key, value))
+        return tuple(pairs)
 
 
 @dataclass
@@ -147,16 +169,32 @@ class OptimConfig:
                                 type=int, nargs="*")
     gamma: float = opt(0.1, "learning-rate decay factor at each --schedule epoch", type=float)
     lr: float = opt(0.1, "initial learning rate", type=float)
+    optimizer: str = opt("sgd", "sgd (the reference's: momentum, weight decay on every parameter) or adamw (decoupled "
+                                "weight decay, none on norms, biases and other one-dimensional parameters)",
+                         choices=["sgd", "adamw"])
+    lr_schedule: str = opt("step", "step (x --gamma at each --schedule epoch) or cosine (from --lr to 0 at the end of "
+                                   "--epochs, set at every step)", choices=["step", "cosine"])
+    warmup_epochs: float = opt(0.0, "epochs (a fraction allowed) of linear warm-up to --lr at the start of the "
+                                    "schedule, step by step, before either --lr-schedule", type=float)
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss (timm's usual: 0.1)", type=float)
     momentum: float = opt(0.9, "SGD momentum", type=float)
-    weight_decay: float = opt(1e-4, "SGD weight decay (all parameters)", "--weight-decay", "--wd", type=float)
+    weight_decay: float | None = opt(None, "weight decay: SGD's on every parameter, AdamW's decoupled one on the "
+                                           "weights of convolutions and linear layers", "--weight-decay", "--wd",
+                                     type=float, shown="1e-4 with sgd, the reference's; 0.05 with adamw, DeiT's")
     sparsity_regularization: bool = opt(True, "L1 on batch-norm scales (network slimming); in retrain too, as the "
                                               "reference's commands keep it (--no-sparsity-regularization: off)",
                                         "--sparsity-regularization", "-sr", action=argparse.BooleanOptionalAction)
     s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
 
     def __post_init__(self):
+        if self.lr_schedule == "cosine" and self.schedule:
+            raise ConfigError(f"--schedule {' '.join(map(str, self.schedule))} places the step schedule's decays: "
+                              "--lr-schedule cosine decays at every step, leave --schedule out")
         if self.schedule is None:  # milestones inside the schedule only: a 1-epoch run keeps --lr
-            self.schedule = sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if 0 < m < self.epochs})
+            self.schedule = sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if 0 < m < self.epochs}) \
+                if self.lr_schedule == "step" else []
+        if self.weight_decay is None:
+            self.weight_decay = 0.05 if self.optimizer == "adamw" else 1e-4
         for flag, value in (("--momentum", self.momentum), ("--weight-decay", self.weight_decay)):
             if value < 0:
                 raise ConfigError(f"{flag} {value:g} must not be negative")
@@ -164,6 +202,11 @@ class OptimConfig:
             raise ConfigError(f"--gamma {self.gamma:g} must be positive (0.1 divides the rate by 10)")
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs} must be at least 1")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} must be in [0, {self.epochs}) (--epochs "
+                              f"{self.epochs})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing {self.label_smoothing:g} must be in [0, 1) (0.1 is usual)")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr:g} must be positive")
         if self.s < 0:

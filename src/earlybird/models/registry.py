@@ -31,18 +31,22 @@ class ModelSpec:
     in_channels: int = 3
     num_classes: int = 10
     image_size: int = 32
+    # (name, value) pairs the builder of a timm:, torchvision: or module:function model takes besides
+    kwargs: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**d)
+        return cls(**{**d, "kwargs": tuple(tuple(kv) for kv in d.get("kwargs", ()))})
 
     def describe(self) -> str:
         width = "" if self.width == 1 else f" width {self.width:g}"
         depth = self.depth if _DEPTHS.get(self.arch) else ""
-        return f"{self.arch}{depth}{width} ({self.in_channels}x{self.image_size}x{self.image_size} -> {self.num_classes})"
+        extra = "".join(f" {k}={v!r}" for k, v in self.kwargs)
+        return (f"{self.arch}{depth}{width}{extra} ({self.in_channels}x{self.image_size}x{self.image_size} -> "
+                f"{self.num_classes})")
 
 
 def register_model(name: str, depths: tuple[int, ...] | None = None):
@@ -99,14 +103,16 @@ def _external(spec: ModelSpec) -> nn.Module:
     source, _, name = spec.arch.partition(":")
     if spec.width != 1:
         raise ConfigError(f"--width applies to the built-in architectures only, not to {spec.arch}: drop --width")
+    size = {}  # the data's input size, for the models that take one (a ViT's position embeddings)
     if source == "torchvision":
         if spec.in_channels != 3:
             raise ConfigError(f"torchvision models take 3 input channels, the dataset has {spec.in_channels}")
         source, builder = "torchvision.models", "get_model"  # torchvision itself has no get_model
-        kwargs = {"name": name, "weights": None, "num_classes": spec.num_classes}
+        kwargs, size = {"name": name, "weights": None, "num_classes": spec.num_classes}, {"image_size": spec.image_size}
     elif source == "timm":
         builder, kwargs = "create_model", {"model_name": name, "num_classes": spec.num_classes,
                                            "in_chans": spec.in_channels, "pretrained": False}
+        size = {"img_size": spec.image_size}
     else:
         builder, kwargs = name, {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
     try:
@@ -114,10 +120,18 @@ def _external(spec: ModelSpec) -> nn.Module:
     except (ImportError, AttributeError, RuntimeError) as exc:  # RuntimeError: a build for another torch
         raise ConfigError(f"cannot load --arch {spec.arch} ({exc}): install it, or check the module:function name "
                           "(the module must be importable, e.g. from the current directory)") from None
+    extra = dict(spec.kwargs)
+    size = {k: v for k, v in size.items() if k not in extra}
     try:
-        model = fn(**kwargs)
+        try:
+            model = fn(**kwargs, **size, **extra)
+        except TypeError as exc:
+            if not any(k in str(exc) for k in size):
+                raise
+            model = fn(**kwargs, **extra)  # a network of any input size (a CNN) takes none
     except TypeError as exc:
-        raise ConfigError(f"--arch {spec.arch}: {exc} (it is called with num_classes= and in_channels=)") from None
+        given = ", ".join(f"{k}=" for k in (*kwargs, *extra) if k not in ("name", "model_name"))
+        raise ConfigError(f"--arch {spec.arch}: {exc} (it is called with {given})") from None
     except (ValueError, RuntimeError, KeyError) as exc:  # torchvision's and timm's "unknown model"
         raise ConfigError(f"--arch {spec.arch}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}: "
                           "check the model name") from None
@@ -151,6 +165,9 @@ def create_model(spec: ModelSpec) -> nn.Module:
         raise ConfigError(f"--width {spec.width:g} must be positive")
     if ":" in spec.arch:
         return _external(spec)
+    if spec.kwargs:
+        raise ConfigError(f"--model-kwargs go to the builders of timm:, torchvision: and module:function models, not "
+                          f"to the built-in {spec.arch}: use --depth and --width")
     if spec.arch not in _REGISTRY:
         raise ConfigError(f"unknown architecture '{spec.arch}': choose one of {', '.join(sorted(_REGISTRY))}, "
                           "or module:function for your own model")

@@ -148,7 +148,8 @@ def setup_runtime(rt: RuntimeConfig) -> Platform:
 def model_spec(model_cfg: ModelConfig, info: DatasetInfo) -> ModelSpec:
     """The dense network of a run: the model flags plus the dataset's input and class counts."""
     arch, depth = resolve_arch(model_cfg.arch, model_cfg.depth)
-    return ModelSpec(arch, depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size)
+    return ModelSpec(arch, depth, model_cfg.width, info.in_channels, info.num_classes, info.image_size,
+                     model_cfg.builder_kwargs())
 
 
 def probe_inputs(spec: ModelSpec, n: int = 4) -> torch.Tensor:
@@ -197,14 +198,25 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
     """Quantizer hooks, optimizer wrapper and SWA of a stage (all off at full precision)."""
     lowp = lowp or LowPrecisionConfig()
     lowp.check_schedule(optim)
+    if lowp.wl_momentum is not None and optim.optimizer != "sgd":
+        raise ConfigError(f"--wl-momentum quantizes SGD's momentum buffers, which --optimizer {optim.optimizer} does "
+                          "not have: leave it out")
     lp = low_precision(lowp)
     if lp.active and rt.amp == "on":
         raise ConfigError("--amp and the --wl-* low-precision formats do not mix: choose one")
     return Precision(lp, model, platform.device, platform.seed, probe_inputs(spec, 2), lowp.swa, lowp.swa_start)
 
 
-def make_optimizer(model, optim: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+def make_optimizer(model, optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD as the reference trains (decay on every parameter), or AdamW with its decoupled decay on the
+    weights of convolutions and linear layers only (not on norms, biases or other 1-d parameters)."""
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
+                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                             lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def prepare_training(model, spec: ModelSpec, data: DataConfig, optim: OptimConfig, rt: RuntimeConfig,

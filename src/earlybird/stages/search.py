@@ -159,9 +159,10 @@ def no_ticket_advice(ratio: float | str, detector: EarlyBird, epochs: float, las
 def _resumed(path: Path | None, spec: ModelSpec) -> dict | None:
     """The checkpoint a search continues from, which must be of the same network."""
     ckpt = load_checkpoint(path, ("search",)) if path else None
-    if ckpt and ckpt["spec"] != spec.to_dict():
+    if ckpt and ModelSpec.from_dict(ckpt["spec"]) != spec:
         raise CheckpointError(f"{path} was saved for {ModelSpec.from_dict(ckpt['spec']).describe()}, not "
-                              f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width")
+                              f"{spec.describe()}: resume with the original --dataset/--arch/--depth/--width/"
+                              "--model-kwargs")
     return ckpt
 
 

@@ -11,14 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OptimConfig
 from ..errors import TrainingError
 from ..sparsity import add_bn_l1_grad
 from .distributed import all_reduce_sum
 
 
-def lr_at(epoch: int, base_lr: float, schedule, gamma: float = 0.1) -> float:
-    """Step schedule on absolute epochs: x gamma at every milestone <= epoch (0-based)."""
-    return base_lr * gamma ** sum(1 for m in schedule if epoch >= m)
+def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of the schedule's ``step``-th optimizer step (0-based, counted over every
+    epoch): the linear warm-up, then the step schedule (x gamma at every milestone the step's epoch
+    has reached) or the cosine from --lr to 0 at the end of the schedule. A function of the step alone,
+    so that a resumed run continues it exactly."""
+    epochs = step / steps_per_epoch
+    warm = optim.warmup_epochs * steps_per_epoch
+    if step < warm:  # the step's end, so that the first step moves
+        return optim.lr * min(1.0, (step + 1) / warm)
+    if optim.lr_schedule == "cosine":
+        done = (epochs - optim.warmup_epochs) / (optim.epochs - optim.warmup_epochs)
+        return 0.5 * optim.lr * (1 + math.cos(math.pi * min(done, 1.0)))
+    return optim.lr * optim.gamma ** sum(1 for m in optim.schedule if epochs >= m)
 
 
 @dataclass
@@ -33,11 +44,11 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _step(model, x, y, optimizer, l1: float, scaler, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(model, x, y, optimizer, l1: float, scaler, amp_dtype, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: (loss, correct predictions), both still on the device."""
     with _autocast(x.device, amp_dtype):
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -65,6 +76,7 @@ def train_epoch(
     on_batch: Callable[[int, float, float, float], None] | None = None,
     on_step: Callable[[int], bool] | None = None,
     first: int = 0,
+    label_smoothing: float = 0.0,
 ) -> EpochResult:
     """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step.
 
@@ -86,7 +98,7 @@ def train_epoch(
     steps = len(loader)  # once: a folder loader's length is not free
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader, first):
-        loss, hits = _step(model, x, y, optimizer, l1, scaler, amp_dtype)
+        loss, hits = _step(model, x, y, optimizer, l1, scaler, amp_dtype, label_smoothing)
         if scaler is None:
             total_loss += loss.detach() * len(y)
             correct += hits

@@ -78,6 +78,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything but the weights (``save_checkpoint`` takes the model), callbacks' entries included."""
         state = {"epoch": self.epoch, "batch": self.batch, "optimizer": self.optimizer.state_dict(),
+                 "optimizer_kind": self.optim.optimizer,
                  "rng": torch.get_rng_state(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "precision": self.precision.state_dict(),
                  "test_acc": self.test_acc, "speed": self.speed.state_dict(self.model)}
@@ -86,6 +87,10 @@ class Trainer:
         return state
 
     def load_state_dict(self, ckpt: dict, path: str | Path) -> None:
+        kind = ckpt.get("optimizer_kind", "sgd")
+        if kind != self.optim.optimizer:  # the other optimizer's state would load, then fail at its first step
+            raise ConfigError(f"{path} was trained with --optimizer {kind}: resume with it (or --force to start over "
+                              f"with --optimizer {self.optim.optimizer})")
         load_weights(self.model, ckpt["state_dict"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         note = self.precision.load_state_dict(ckpt.get("precision") or {})
@@ -130,11 +135,21 @@ class Trainer:
             raise exc.resuming(": it starts over (nothing was saved yet)" if self.saved_at is None else
                                f": it resumes after {self.saved_at}") from None
 
+    def _set_lr(self) -> float:
+        """The learning rate of the step about to be taken (the schedule moves inside epochs too)."""
+        lr = lr_at(self.optim, self.global_step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def _step_end(self, done: int) -> bool:
-        """After a step inside an epoch: the callbacks' on_step where one is due; True to stop."""
+        """After a step inside an epoch: the next step's learning rate, the callbacks' on_step where
+        one is due; True to stop."""
+        used = self.optimizer.param_groups[0]["lr"]
         self.batch = done
+        self._set_lr()
         if done < self.steps_per_epoch and self.check_every and self.global_step % self.check_every == 0:
-            record = {"stage": self.stage, "epoch": self.position, "step": self.global_step}
+            record = {"stage": self.stage, "epoch": self.position, "step": self.global_step, "lr": used}
             note = self._callbacks("on_step", record)
             self.reporter.line(f"{self.stage} epoch {self.position}/{self.optim.epochs}  step {self.global_step}{note}")
         return self.stop
@@ -142,15 +157,13 @@ class Trainer:
     def _epoch(self, net, train, test) -> tuple[dict, float]:
         """One epoch of training and the evaluation after it: (metrics record, training seconds)."""
         epoch, optim = self.epoch, self.optim
-        lr = lr_at(epoch, optim.lr, optim.schedule, optim.gamma)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr()
         train.set_epoch(epoch, self.batch)
         update, close = self.reporter.epoch_bar(len(train), f"{self.stage} {epoch + 1}/{optim.epochs}")
         try:
             result = train_epoch(net, train, self.optimizer, l1=optim.s if optim.sparsity_regularization else 0.0,
                                  scaler=self.scaler, amp_dtype=self.amp_dtype, on_batch=update,
-                                 on_step=self._step_end, first=self.batch)
+                                 on_step=self._step_end, first=self.batch, label_smoothing=optim.label_smoothing)
         finally:
             close()
         if self.batch == self.steps_per_epoch:  # else a callback stopped the run inside the epoch

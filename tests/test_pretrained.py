@@ -34,7 +34,7 @@ def test_every_format_loads_the_same_tensors_and_fits_the_classifier_and_the_ste
         model = _vgg(channels=1, classes=10, seed=1)  # other classes, other input channels
         done = earlybird.load_pretrained(model, tmp_path / name)
         assert done.new == ["classifier.weight", "classifier.bias"], name
-        assert done.adapted == ["features.0.weight (3 -> 1)"] and len(done.loaded) == len(model.state_dict()) - 3
+        assert done.adapted == ["features.0.weight (3 -> 1 input channels)"] and len(done.loaded) == len(model.state_dict()) - 3
         ours, theirs = model.state_dict(), source.state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in done.loaded)
         # a gray image read by the adapted stem is the colour model's view of it in three equal channels
@@ -43,7 +43,7 @@ def test_every_format_loads_the_same_tensors_and_fits_the_classifier_and_the_ste
             torch.testing.assert_close(model.eval().features(x), source.eval().features(x.repeat(1, 3, 1, 1)))
     four = _vgg(channels=4, classes=100)
     done = earlybird.load_pretrained(four, tmp_path / "plain.pth")
-    assert done.adapted == ["features.0.weight (3 -> 4)"] and not done.new
+    assert done.adapted == ["features.0.weight (3 -> 4 input channels)"] and not done.new
     w = source.state_dict()["features.0.weight"]
     torch.testing.assert_close(four.state_dict()["features.0.weight"], torch.cat([w, w[:, :1]], 1) * 0.75)
 
@@ -122,7 +122,7 @@ def test_pretrained_reads_torchvisions_and_timms_own_caches_and_a_miss_is_one_li
     assert library_weights("timm:resnet18") == snapshot / "model.safetensors"
     mine = timm.create_model("resnet18", num_classes=10, in_chans=1)
     done = earlybird.load_pretrained(mine, library_weights("timm:resnet18"))
-    assert done.new == ["fc.weight", "fc.bias"] and done.adapted == ["conv1.weight (3 -> 1)"]
+    assert done.new == ["fc.weight", "fc.bias"] and done.adapted == ["conv1.weight (3 -> 1 input channels)"]
 
     code, out, err = cli(capsys, *search, "--arch", "torchvision:resnet18", "--pretrained", "--save", tmp_path / "b")
     assert code == 0, err
@@ -131,3 +131,38 @@ def test_pretrained_reads_torchvisions_and_timms_own_caches_and_a_miss_is_one_li
                           (["--arch", "vgg", "--pretrained", "--weights", "x.pth"], "both name the starting weights")):
         code, _, err = cli(capsys, *search, *flags, "--save", tmp_path / "c")
         assert_one_line_error(code, err, needle)
+
+
+class _Patches(torch.nn.Module):
+    """The smallest vision transformer front: patch embedding, class token, position embeddings."""
+
+    def __init__(self, side):
+        super().__init__()
+        self.num_prefix_tokens = 1
+        self.proj = torch.nn.Conv2d(3, 8, 4, 4)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + side * side, 8))
+        self.head = torch.nn.Linear(8, 10)
+
+
+def test_position_embeddings_of_another_image_size_are_resampled_to_the_networks_grid():
+    torch.manual_seed(0)
+    big = _Patches(8)
+    with torch.no_grad():  # a smooth ramp over the grid, and a class token's own embedding
+        ramp = torch.linspace(0, 1, 8)
+        big.pos_embed[0, 1:] = (ramp[:, None] + ramp[None, :]).reshape(64, 1).expand(64, 8)
+        big.pos_embed[0, 0] = 5.0
+    small = _Patches(4)
+    done = earlybird.load_pretrained(small, big.state_dict())
+    assert done.adapted == ["pos_embed (8x8 -> 4x4 patches)"] and "pos_embed" not in done.loaded
+    assert "adapted pos_embed (8x8 -> 4x4 patches)" in done.describe()
+    grid = small.pos_embed[0, 1:, 0].reshape(4, 4)
+    assert torch.equal(small.pos_embed[0, 0], torch.full((8,), 5.0))  # the class token's, as it was
+    # the ramp, coarser: increasing along both axes, symmetric, within the original's range
+    assert (grid[:, 1:] > grid[:, :-1]).all() and (grid[1:] > grid[:-1]).all()
+    assert torch.allclose(grid, grid.T) and 0 <= grid.min() < grid.max() <= 2
+    # counts that are no square grid behind the class token: a file of another network
+    odd = _Patches(4)
+    odd.pos_embed = torch.nn.Parameter(torch.zeros(1, 20, 8))
+    with pytest.raises(CheckpointError, match=r"pos_embed \(file \(1, 20, 8\), network \(1, 17, 8\)\)"):
+        earlybird.load_pretrained(small, odd.state_dict())

@@ -69,3 +69,22 @@ def test_models_that_take_an_input_size_get_the_datas():
 
     with pytest.raises(ConfigError, match="fails on 3x32x32 inputs .*doesn't match model \\(64\\)"):
         create_model(ModelSpec("timm:vit_tiny_patch16_224", 0, 1.0, 3, 10, 32, (("img_size", 64), ("depth", 1))))
+
+
+def test_a_vits_weights_load_at_another_image_size_as_timm_resamples_them():
+    _zoo("torchvision")
+    _zoo("timm")
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    from earlybird import ModelSpec, create_model, load_pretrained
+
+    small = (("depth", 1), ("embed_dim", 32), ("num_heads", 2))
+    torch.manual_seed(0)
+    pretrained = create_model(ModelSpec("timm:vit_tiny_patch16_224", 0, 1.0, 3, 10, 64, small))  # 4x4 patches
+    model = create_model(ModelSpec("timm:vit_tiny_patch16_224", 0, 1.0, 3, 10, 32, small))  # 2x2
+    done = load_pretrained(model, pretrained.state_dict())
+    assert done.adapted == ["pos_embed (4x4 -> 2x2 patches)"] and not done.new
+    expected = resample_abs_pos_embed(pretrained.pos_embed.detach(), [2, 2], num_prefix_tokens=1)
+    assert torch.allclose(model.pos_embed, expected, atol=1e-6)
+    assert torch.equal(model.patch_embed.proj.weight, pretrained.patch_embed.proj.weight)

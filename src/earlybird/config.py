@@ -219,8 +219,9 @@ class OptimConfig:
 class StartConfig:
     weights: str | None = opt(None, "start from these weights instead of a random init, for any --arch: a state dict "
                                     "(.pth, .safetensors), a timm or torchvision checkpoint, or an unpruned earlybird "
-                                    "checkpoint; the classifier is left new for the dataset's classes and the first "
-                                    "conv adapted to its input channels")
+                                    "checkpoint; the classifier is left new for the dataset's classes, the first "
+                                    "conv adapted to its input channels and a ViT's position embeddings to its image "
+                                    "size")
     pretrained: bool = opt(False, "timm:NAME and torchvision:NAME: start from the library's pretrained weights, "
                                   "read from its own cache (no download)", action="store_true")
 

@@ -8,7 +8,10 @@ state dict) or an unpruned earlybird checkpoint; a ``module.`` prefix (DataParal
 dropped. Every tensor of the network whose name and shape match is loaded. The classifier (the last
 linear layer) is left new where the dataset has another number of classes, and the first
 convolution is adapted where the data has other input channels, as timm does for ``in_chans``:
-summed over the file's channels for one channel, else its channels repeated and scaled. Any other
+summed over the file's channels for one channel, else its channels repeated and scaled. A vision
+transformer's position embeddings (timm's ``pos_embed``, torchvision's ``pos_embedding``) built
+for another image size are resampled to the network's grid of patches, bicubic, the class and other
+prefix tokens kept, as timm does when it loads weights at another ``img_size``. Any other
 difference means the file is of another network, and the first names that differ are the error.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 HOLDERS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where checkpoints keep their weights
+POSITIONS = ("pos_embed", "pos_embedding")  # timm's and torchvision's ViT position embeddings
 
 
 @dataclass
@@ -32,13 +36,14 @@ class Loaded:
     """What ``load_pretrained`` did with each of the network's tensors."""
 
     loaded: list[str] = field(default_factory=list)
-    adapted: list[str] = field(default_factory=list)  # the first conv, to the data's input channels
+    # the first conv to the data's input channels, position embeddings to its image size
+    adapted: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)  # the classifier, for the data's classes
 
     def describe(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors"]
         if self.adapted:
-            parts.append(f"adapted {', '.join(self.adapted)} to the input channels")
+            parts.append(f"adapted {', '.join(self.adapted)}")
         if self.new:
             parts.append(f"left {', '.join(self.new)} new for the classes")
         return ", ".join(parts)
@@ -122,6 +127,30 @@ def _adapt_input(weight: torch.Tensor, channels: int) -> torch.Tensor:
     return weight.repeat(1, repeat, 1, 1)[:, :channels] * (weight.shape[1] / channels)
 
 
+def _grid(tokens: int, prefix: int) -> int | None:
+    """The side of the square grid of patches behind ``tokens`` position embeddings with ``prefix``
+    class (and distillation or register) tokens before them, or None."""
+    side = math.isqrt(tokens - prefix) if tokens > prefix else 0
+    return side if side and side * side == tokens - prefix else None
+
+
+def _resample_positions(theirs: torch.Tensor, tokens: int, owner: nn.Module) -> tuple[torch.Tensor, str] | None:
+    """Position embeddings (1, prefix + side^2, dim) resampled to ``tokens``: (tensor, what was done),
+    or None where the counts are not square grids behind the same prefix. The prefix is what the
+    embeddings' ``owner`` says (timm's ``num_prefix_tokens``, none with ``no_embed_class``), else
+    the fewest tokens that leave both grids square (torchvision's class token)."""
+    said = 0 if getattr(owner, "no_embed_class", False) else getattr(owner, "num_prefix_tokens", None)
+    prefix = next((p for p in ([said] if isinstance(said, int) else range(9))
+                   if _grid(theirs.shape[1], p) and _grid(tokens, p)), None)
+    if prefix is None:
+        return None
+    old, new = _grid(theirs.shape[1], prefix), _grid(tokens, prefix)
+    grid = theirs[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=new < old)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(theirs.dtype)
+    return torch.cat([theirs[:, :prefix], grid], 1), f"{old}x{old} -> {new}x{new} patches"
+
+
 def load_pretrained(model: nn.Module, source: str | Path | dict) -> Loaded:
     """Load the weights of ``source`` (a file, or a state dict) into ``model``, in place."""
     state = read_weights(source) if not isinstance(source, dict) else source
@@ -144,7 +173,12 @@ def load_pretrained(model: nn.Module, source: str | Path | dict) -> Loaded:
         elif key == stem and theirs.dim() == 4 and (theirs.shape[0], *theirs.shape[2:]) == (value.shape[0],
                                                                                             *value.shape[2:]):
             taken[key] = _adapt_input(theirs, value.shape[1])
-            done.adapted.append(f"{key} ({theirs.shape[1]} -> {value.shape[1]})")
+            done.adapted.append(f"{key} ({theirs.shape[1]} -> {value.shape[1]} input channels)")
+        elif key.split(".")[-1] in POSITIONS and theirs.dim() == value.dim() == 3 and theirs.shape[::2] == \
+                value.shape[::2] and (resampled := _resample_positions(
+                    theirs, value.shape[1], model.get_submodule(key.rpartition(".")[0]))):
+            taken[key] = resampled[0]
+            done.adapted.append(f"{key} ({resampled[1]})")
         else:
             differ.append(f"{key} (file {tuple(theirs.shape)}, network {tuple(value.shape)})")
     differ += [f"{key} (not in the network)" for key in state if key not in own]

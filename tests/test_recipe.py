@@ -52,6 +52,12 @@ def test_adamw_decays_the_weights_of_convolutions_and_linear_layers_only():
     assert {names[id(p)] for p in decayed["params"]} == {n for n, p in model.named_parameters() if p.ndim > 1}
     # the BN scales among the undecayed: only the L1 term pulls them down
     assert any(n.endswith("features.1.weight") for n in map(names.get, map(id, plain["params"])))
+    # a model that names more (timm's position embeddings and class token) is heard
+    model.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+    model.no_weight_decay = lambda: {"cls_token"}
+    decayed, plain = make_optimizer(model, OptimConfig(optimizer="adamw")).param_groups
+    assert any(p is model.cls_token for p in plain["params"]) and all(p is not model.cls_token
+                                                                      for p in decayed["params"])
     sgd = make_optimizer(model, OptimConfig())
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["weight_decay"] == 1e-4
     assert len(sgd.param_groups[0]["params"]) == len(list(model.parameters()))

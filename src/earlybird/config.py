@@ -170,7 +170,8 @@ class OptimConfig:
     gamma: float = opt(0.1, "learning-rate decay factor at each --schedule epoch", type=float)
     lr: float = opt(0.1, "initial learning rate", type=float)
     optimizer: str = opt("sgd", "sgd (the reference's: momentum, weight decay on every parameter) or adamw (decoupled "
-                                "weight decay, none on norms, biases and other one-dimensional parameters)",
+                                "weight decay, none on norms, biases, other one-dimensional parameters and what the "
+                                "model's no_weight_decay() names)",
                          choices=["sgd", "adamw"])
     lr_schedule: str = opt("step", "step (x --gamma at each --schedule epoch) or cosine (from --lr to 0 at the end of "
                                    "--epochs, set at every step)", choices=["step", "cosine"])

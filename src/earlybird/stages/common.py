@@ -209,13 +209,17 @@ def make_precision(lowp: LowPrecisionConfig | None, optim: OptimConfig, rt: Runt
 
 def make_optimizer(model, optim: OptimConfig) -> torch.optim.Optimizer:
     """SGD as the reference trains (decay on every parameter), or AdamW with its decoupled decay on the
-    weights of convolutions and linear layers only (not on norms, biases or other 1-d parameters)."""
+    weights of convolutions and linear layers only: not on norms, biases or other 1-d parameters, nor
+    on those the model's ``no_weight_decay()`` names (timm's: position embeddings, class token)."""
     if optim.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                weight_decay=optim.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
-                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+    spared = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    groups = {True: [], False: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[p.ndim > 1 and name not in spared].append(p)
+    return torch.optim.AdamW([{"params": groups[True]}, {"params": groups[False], "weight_decay": 0.0}],
                              lr=optim.lr, weight_decay=optim.weight_decay)
 
 

@@ -137,3 +137,45 @@ def test_an_interval_whose_bound_allows_no_channel_to_move_says_so(capsys, tmp_p
                             "--save", tmp_path / "s")
     assert code == 0, err
     assert "note: at this interval the bound lets no channel change places (0.002 x 172 channels < 2)" in out
+
+
+def test_the_fine_tuning_pages_commands_run_as_written(capsys, tmp_path, monkeypatch):
+    """docs/fine-tuning.md's two commands, on a small folder of images (the test's batch size and
+    speed settings added): the file's weights, then timm's cache with the retrain rewound."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from test_own_images import write_folder
+    from test_zoo_models import _zoo
+
+    _zoo("torchvision")
+    timm = _zoo("timm")
+    import huggingface_hub
+
+    page = (Path(__file__).parents[1] / "docs" / "fine-tuning.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", page, re.S).group(1).replace("\\\n", " ")
+    commands = [line.split() for line in block.splitlines() if line.startswith("earlybird ")]
+    assert len(commands) == 2
+    photos = write_folder(tmp_path / "photos", per_class=(32, 8), sizes=((72, 72),))  # the ImageNet stem
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(create_model(ModelSpec("resnet", 18, 1.0, 3, 1000, 224)).state_dict(), "resnet18-in1k.pth")
+    snapshot = tmp_path / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"  # as timm writes it
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    save_file(timm.create_model("resnet18").state_dict(), str(snapshot / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sized = ["--batch-size", "16", "--test-batch-size", "64", *FAST, "--cpu-kernels", "off"]
+    for command, save in zip(commands, ("runs/ft", "runs/ft-rewound")):
+        argv = shlex.split(" ".join(command).replace("~/photos", str(photos)))[1:]
+        code, out, err = cli(capsys, *argv, *sized)
+        assert code == 0, err
+        summary = json.loads((tmp_path / save / "summary.json").read_text())
+        assert summary["start"] and "its training not counted" in out
+        drawn = [row for row in summary["ratios"] if row["eb_epoch"] is not None]
+        assert drawn, out  # a ticket inside the 3 epochs, retrained as the command asks
+        assert {row["rewind"] for row in drawn} == {"pretrained" if "--rewind" in argv else "ticket"}

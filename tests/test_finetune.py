@@ -146,9 +146,8 @@ def test_the_fine_tuning_pages_commands_run_as_written(capsys, tmp_path, monkeyp
     import shlex
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from test_own_images import write_folder
+    from test_pretrained import write_timm_cache
     from test_zoo_models import _zoo
 
     _zoo("torchvision")
@@ -163,11 +162,7 @@ def test_the_fine_tuning_pages_commands_run_as_written(capsys, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     torch.save(create_model(ModelSpec("resnet", 18, 1.0, 3, 1000, 224)).state_dict(), "resnet18-in1k.pth")
-    snapshot = tmp_path / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"  # as timm writes it
-    snapshot.mkdir(parents=True)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    save_file(timm.create_model("resnet18").state_dict(), str(snapshot / "model.safetensors"))
+    write_timm_cache(tmp_path / "hub", timm.create_model("resnet18"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     sized = ["--batch-size", "16", "--test-batch-size", "64", *FAST, "--cpu-kernels", "off"]
     for command, save in zip(commands, ("runs/ft", "runs/ft-rewound")):

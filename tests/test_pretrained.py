@@ -87,6 +87,19 @@ def test_a_search_starts_from_the_weights_and_a_wrong_file_stops_it_before_anyth
     assert not (tmp_path / "r" / "search").exists()
 
 
+def write_timm_cache(hub, model):
+    """``model``'s weights where timm's pretrained=True leaves timm:resnet18's: a Hugging Face cache
+    snapshot of timm/resnet18.a1_in1k."""
+    from safetensors.torch import save_file
+
+    snapshot = hub / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    save_file(model.state_dict(), str(snapshot / "model.safetensors"))
+    return snapshot / "model.safetensors"
+
+
 def test_pretrained_reads_torchvisions_and_timms_own_caches_and_a_miss_is_one_line(capsys, tmp_path, cifar10_root,
                                                                                   monkeypatch):
     from test_zoo_models import _zoo
@@ -112,14 +125,8 @@ def test_pretrained_reads_torchvisions_and_timms_own_caches_and_a_miss_is_one_li
     tv = torchvision.models.resnet18()
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(tv.state_dict(), tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    snapshot = tmp_path / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    tm = timm.create_model("resnet18")
-    from safetensors.torch import save_file
-    save_file(tm.state_dict(), str(snapshot / "model.safetensors"))
-    assert library_weights("timm:resnet18") == snapshot / "model.safetensors"
+    weights = write_timm_cache(tmp_path / "hub", timm.create_model("resnet18"))
+    assert library_weights("timm:resnet18") == weights
     mine = timm.create_model("resnet18", num_classes=10, in_chans=1)
     done = earlybird.load_pretrained(mine, library_weights("timm:resnet18"))
     assert done.new == ["fc.weight", "fc.bias"] and done.adapted == ["conv1.weight (3 -> 1 input channels)"]

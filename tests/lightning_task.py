@@ -20,10 +20,10 @@ from earlybird.data import load_dataset  # noqa: E402
 
 
 class Task(pl.LightningModule):
-    def __init__(self, lr: float = 0.1):
+    def __init__(self, lr: float = 0.1, net: torch.nn.Module | None = None, optimizer: str = "sgd"):
         super().__init__()
-        self.net = create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32))
-        self.lr = lr
+        self.net = net if net is not None else create_model(ModelSpec("vgg", 11, 0.125, 3, 10, 32))
+        self.lr, self.optimizer = lr, optimizer
 
     def forward(self, x):
         return self.net(x)
@@ -35,6 +35,8 @@ class Task(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.net.parameters(), lr=self.lr)
         return torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
 
 

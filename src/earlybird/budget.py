@@ -60,14 +60,16 @@ def check_budget(metric: str, fraction: float) -> None:
 
 def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_inputs: torch.Tensor, metric: str,
                  fraction: float, ties: Sequence = (), min_channels: int = 1, keep_streams: bool = False,
-                 round_to: int = 1, steps: int = 12, near: float | None = None) -> BudgetTicket:
+                 round_to: int = 1, steps: int = 12, near: float | None = None,
+                 kind_ratios: Mapping[str, float] | None = None) -> BudgetTicket:
     """The smallest ratio (to 2^-``steps``) whose pruned ``model`` has at most ``fraction`` of the dense
     MACs or parameters, with its masks. ``scores``: BN name -> channel importance over the layers to
-    prune (their order is the mask's); ``ties`` as ``EarlyBird(ties=)`` takes them. ``near``: a ratio
+    prune, BNs or gates (their order is the mask's); ``ties`` as ``EarlyBird(ties=)`` takes them. ``near``: a ratio
     the answer is likely close to (the previous epoch's): the search starts there and widens its
-    bracket step by doubling step, measuring a few candidates instead of ``steps`` + 1, for the same answer."""
+    bracket step by doubling step, measuring a few candidates instead of ``steps`` + 1, for the same answer.
+    ``kind_ratios``: kinds of units pruned at a fixed ratio whatever the candidate (--head-ratio)."""
     check_budget(metric, fraction)
-    index = ChannelIndex(tuple(scores), tuple(int(s.numel()) for s in scores.values()))
+    index = ChannelIndex.of(model, list(scores))  # the kinds of units too: heads and neurons rank apart
     flat, flat_ties = index.join(scores), index.flat_ties(ties)
     shape = tuple(example_inputs.shape[1:])
     top = 2 ** steps  # candidates are the ratios 0.99 k / top, k = 1..top
@@ -81,7 +83,8 @@ def solve_budget(model: nn.Module, scores: Mapping[str, torch.Tensor], example_i
     def meets(k: int) -> bool:
         """Whether the network pruned at candidate k meets the budget (the metric falls as k grows)."""
         if k not in tried:
-            masks = index.split(channel_mask(flat, 0.99 * k / top, index.sizes, min_channels, flat_ties))
+            masks = index.split(channel_mask(flat, 0.99 * k / top, index.sizes, min_channels, flat_ties, index.kinds,
+                                             kind_ratios))
             # the architecture alone: sizes are the pruned network's own (folds add parameters, never MACs)
             small = pruned_architecture(model, masks, example_inputs, keep_streams, round_to, dict(scores),
                                         folds=metric == "params")
@@ -132,6 +135,7 @@ class BudgetTarget:
     keep_streams: bool = False
     round_to: int = 1
     last: BudgetTicket | None = None  # what the latest step solved: a ticket that emerges records it
+    kind_ratios: dict[str, float] | None = None  # heads or neurons at a fixed ratio
 
     def __post_init__(self):
         check_budget(self.metric, self.fraction)
@@ -147,5 +151,5 @@ class BudgetTarget:
         # masks settle from epoch to epoch, and so does the ratio that meets the budget: start at the last one
         self.last = solve_budget(self.model, scores, self.example_inputs, self.metric, self.fraction, self.ties,
                                  self.min_channels, self.keep_streams, self.round_to,
-                                 near=self.last.ratio if self.last else None)
+                                 near=self.last.ratio if self.last else None, kind_ratios=self.kind_ratios)
         return self.last

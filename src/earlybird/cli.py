@@ -61,8 +61,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "search": Command(SearchArgs, _stage("search"), "train the dense network with BN sparsity until the Early-Bird "
-                                                    "tickets emerge", True),
+    "search": Command(SearchArgs, _stage("search"), "train the dense network with L1 sparsity on BN scales (and "
+                                                    "on the gates of attention heads and MLP neurons) until the "
+                                                    "Early-Bird tickets emerge", True),
     "prune": Command(PruneArgs, _stage("prune"), "physically prune an EB ticket: fewer channels, copied weights, "
                                                  "exact BN-shift folding", True),
     "retrain": Command(RetrainArgs, _stage("retrain"), "retrain a pruned network: fine-tune the ticket from its "

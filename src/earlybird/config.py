@@ -186,6 +186,8 @@ class OptimConfig:
                                               "reference's commands keep it (--no-sparsity-regularization: off)",
                                         "--sparsity-regularization", "-sr", action=argparse.BooleanOptionalAction)
     s: float = opt(1e-4, "strength of the L1 sparsity on batch-norm scales", "--s", type=float)
+    gate_s: float = opt(1e-4, "strength of the L1 sparsity on the gates of attention heads and MLP neurons "
+                              "(EarlyBERT's)", "--gate-sparsity", type=float)
 
     def __post_init__(self):
         if self.lr_schedule == "cosine" and self.schedule:
@@ -284,6 +286,10 @@ class DetectConfig:
                                   "fraction of an epoch (0.1) or a number of steps (250); a ticket found inside an "
                                   "epoch is saved at once and the search stops there", type=interval)
     min_channels: int = opt(1, "channels every layer keeps whatever the ratio (0: no collapse guard)", type=int)
+    head_ratio: float | None = opt(None, "fraction of each layer's attention heads that every ticket prunes, apart "
+                                         "from the ratio (default: the ticket's ratio)", type=float)
+    neuron_ratio: float | None = opt(None, "fraction of the MLP neurons that every ticket prunes, apart from the ratio "
+                                           "(default: the ticket's ratio)", type=float)
     keep_streams: bool = opt(False, "never prune residual streams or concatenations (as the reference does for "
                                     "PreResNet); layers that read them still drop channels", action="store_true")
     full: bool = opt(False, "train the whole schedule instead of stopping once every ticket is drawn", action="store_true")
@@ -296,9 +302,15 @@ class DetectConfig:
                 check_budget(metric, f)
         if not (self.ratios or self.target_macs or self.target_params):
             raise ConfigError("no pruning ratios or budgets given: pass e.g. --ratios 0.3 0.5 0.7 or --target-macs 0.5")
+        self.kind_ratios()  # a ratio outside (0, 1) fails before anything runs
         if self.min_channels < 0:
             raise ConfigError(f"--min-channels {self.min_channels} must not be negative")
         check_interval(self.eb_interval)
+
+    def kind_ratios(self) -> dict[str, float]:
+        """The fixed ratios of heads and neurons (--head-ratio, --neuron-ratio), where given."""
+        return {kind: check_ratio(r) for kind, r in (("head", self.head_ratio), ("neuron", self.neuron_ratio))
+                if r is not None}
 
     def check_steps(self, steps_per_epoch: int) -> int:
         """Training steps between two draws of the masks (at least one)."""

@@ -46,7 +46,8 @@ class EarlyBird:
     ``layers``: the BN names to watch (default: every affine BN), e.g.
     ``earlybird.prune.prunable_layers(model, x)``; ``ties``: lists of (BN name, channel) that go
     together (``earlybird.prune.channel_ties``). ``importance`` and ``rule`` take a registry name
-    or an object (an Importance that needs it must be bound to the model already). ``budgets``:
+    or an object (an Importance that needs it must be bound to the model already). ``kind_ratios``:
+    fixed ratios of heads or neurons for every target (e.g. {"head": 0.25}). ``budgets``:
     ``earlybird.budget.BudgetTarget`` objects, targets next to the ratios, keyed by their ``key``
     (e.g. "macs50") in ``emerged``, ``tickets`` and ``distances``.
     """
@@ -64,6 +65,7 @@ class EarlyBird:
         rule: Rule | str = "star",
         budgets: Sequence[BudgetTarget] = (),
         interval: float = 1.0,
+        kind_ratios: dict[str, float] | None = None,
     ):
         if window < 2:
             raise ConfigError(f"--eb-window {window} is too small: the rule compares at least two masks")
@@ -86,6 +88,7 @@ class EarlyBird:
         self.threshold = threshold
         self.interval = float(interval)
         self.min_channels = min_channels
+        self.kind_ratios = {k: check_ratio(r) for k, r in (kind_ratios or {}).items()}
         self.epoch: float = 0
         self._recent: dict[float | str, deque] = {r: deque(maxlen=window) for r in self.targets}
         self.emerged: dict[float | str, float] = {}
@@ -153,7 +156,8 @@ class EarlyBird:
         """This epoch's mask of a ratio, or of the ratio that meets a budget."""
         if isinstance(target, str):
             return self.index.join(self.budgets[target].solve(self.index.split(scores)).masks)
-        return channel_mask(scores, target, self.layer_sizes, self.min_channels, self.ties)
+        return channel_mask(scores, target, self.layer_sizes, self.min_channels, self.ties, self.index.kinds,
+                            self.kind_ratios)
 
     def state_dict(self) -> dict:
         """Plain values and tensors only, so it saves inside a weights-only checkpoint."""
@@ -165,6 +169,8 @@ class EarlyBird:
             "interval": self.interval,
             "min_channels": self.min_channels,
             "layer_sizes": list(self.layer_sizes),
+            "kinds": list(self.index.kinds),
+            "kind_ratios": dict(self.kind_ratios),
             "importance": self.importance.name,
             "rule": self.rule.name,
             "ties": [list(t) for t in self.ties],
@@ -185,10 +191,12 @@ class EarlyBird:
             and state["layer_sizes"] == self.layer_sizes
             and state.get("importance", "bn-scale") == self.importance.name
             and state.get("rule", "star") == self.rule.name
+            and dict(state.get("kind_ratios", {})) == self.kind_ratios
         )
         if not same:
             raise ConfigError(
-                "the saved detector used other ratios, window, interval, layers, importance or rule than this "
+                "the saved detector used other ratios, window, interval, layers, importance, rule or head and neuron "
+                "ratios than this "
                 "run: resume with the flags of the original run"
             )
         self.epoch = state["epoch"]

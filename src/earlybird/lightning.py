@@ -27,10 +27,11 @@ from torch import nn
 
 from .detector import EarlyBird
 from .files import atomic_write, tensor_bytes
+from .gates import attach_gates
 from .importance import Importance, make_importance
 from .prune import PrunePlan, channel_ties, prunable_layers, prune_model
 from .rules import Rule
-from .sparsity import add_bn_l1_grad
+from .sparsity import add_bn_l1_grad, add_gate_l1_grad
 
 
 class EarlyBirdCallback(pl.Callback):
@@ -41,19 +42,22 @@ class EarlyBirdCallback(pl.Callback):
     BNs the engine can prune are found (without them every affine BN is watched); ``save_dir``:
     where rank 0 writes each ticket (EB-<percent>-<epoch>.pth: the BN masks and the weights; the
     epoch has a fraction inside an epoch); ``every_n_steps``: draw the masks every that many optimizer
-    steps (default: at each epoch's end).
-    ``tickets`` maps ratio -> BN name -> keep mask, as ``prune_model`` takes them."""
+    steps (default: at each epoch's end). ``gates``: put gates on the network's attention heads and
+    MLP neurons (``earlybird.gates``) in ``setup``, before ``configure_optimizers`` collects the
+    parameters, with ``gate_l1`` the L1 on them (EarlyBERT's 1e-4); BN scales take ``l1``.
+    ``tickets`` maps ratio -> layer name -> keep mask, as ``prune_model`` takes them."""
 
     def __init__(self, ratios=(0.3, 0.5, 0.7), example_inputs: torch.Tensor | None = None, module: str | None = None,
                  l1: float = 1e-4, window: int = 5, threshold: float = 0.1, min_channels: int = 1,
                  importance: Importance | str = "bn-scale", rule: Rule | str = "star", save_dir: str | None = None,
-                 stop: bool = True, every_n_steps: int | None = None):
+                 stop: bool = True, every_n_steps: int | None = None, gates: bool = True, gate_l1: float = 1e-4):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps}: draw the masks every 1 or more steps")
         self.ratios, self.example_inputs, self.module_name, self.l1 = ratios, example_inputs, module, l1
         self.window, self.threshold, self.min_channels, self.rule = window, threshold, min_channels, rule
         self.importance, self.save_dir, self.stop = make_importance(importance), save_dir, stop
         self.every_n_steps, self._drawn = every_n_steps, None
+        self.gates, self.gate_l1 = gates, gate_l1
         self.detector: EarlyBird | None = None
         self._state: dict | None = None
 
@@ -64,6 +68,8 @@ class EarlyBirdCallback(pl.Callback):
         if self.detector is not None:
             return
         net, layers, ties = self.network(pl_module), None, ()
+        if self.gates:
+            attach_gates(net)
         if self.example_inputs is not None:
             example = self.example_inputs.to(next(net.parameters()).device)
             layers, ties = prunable_layers(net, example), channel_ties(net, example)
@@ -84,6 +90,8 @@ class EarlyBirdCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.l1:
             add_bn_l1_grad(self.network(pl_module), self.l1)
+        if self.gate_l1:
+            add_gate_l1_grad(self.network(pl_module), self.gate_l1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

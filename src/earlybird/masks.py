@@ -1,8 +1,11 @@
 """Channel masks from batch-norm scale factors, and the distance between masks.
 
-A *mask* is one flat boolean vector over the channels of a list of BN layers, in that order
-(True = keep). It is computed from one global threshold over all |gamma|, so its length is
-fixed for a given architecture and two epochs' masks can be compared position by position.
+A *mask* is one flat boolean vector over the units of a list of layers, in that order (True =
+keep): the channels of BN layers, and the heads and neurons of gates (``earlybird.gates``), whose
+``weight`` plays the BN scale's part. Each kind of unit is ranked apart, as the scales of a BN and
+of a gate are not on one scale: BN channels and MLP neurons each against one global threshold,
+attention heads within their layer. Its length is fixed for a given architecture, so two
+epochs' masks can be compared position by position.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PruneError
+from .gates import HEAD, Gate
 
+CHANNEL = "channel"  # the kind of a BN's units
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -24,6 +29,17 @@ def prunable_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batc
         for name, m in model.named_modules()
         if isinstance(m, _BN_TYPES) and m.affine and m.weight is not None
     ]
+
+
+def prunable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers whose units masks are drawn over: the affine BNs and the gates, in module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, Gate) or (isinstance(m, _BN_TYPES) and m.affine and m.weight is not None)]
+
+
+def unit_kind(layer: nn.Module) -> str:
+    """"channel" for a BN, "head" or "neuron" for a gate."""
+    return layer.kind if isinstance(layer, Gate) else CHANNEL
 
 
 def bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -38,25 +54,37 @@ def bn_list(bns) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @dataclass(frozen=True)
 class ChannelIndex:
-    """The positions of a flat mask: BN layer names and their channel counts, in mask order.
+    """The positions of a flat mask: layer names (BNs and gates), their unit counts and the kind of
+    their units ("channel", "head", "neuron"), in mask order.
 
     Every flat mask, score vector and tie list of a run is laid out by one index; ``split`` and
-    ``join`` convert between it and per-layer tensors (BN name -> tensor)."""
+    ``join`` convert between it and per-layer tensors (layer name -> tensor)."""
 
     names: tuple[str, ...]
     sizes: tuple[int, ...]
+    kinds: tuple[str, ...] = ()  # empty: all BN channels
 
     @classmethod
     def of(cls, model: nn.Module, layers: Sequence[str] | None = None) -> "ChannelIndex":
-        """The index of ``model``'s prunable BNs, or of the BNs named in ``layers`` (in that order)."""
-        named = dict(prunable_bns(model))
+        """The index of ``model``'s prunable BNs and gates, or of those named in ``layers`` (in that order)."""
+        named = dict(prunable_units(model))
         names = list(named) if layers is None else list(layers)
         unknown = [n for n in names if n not in named]
         if unknown:
-            raise ConfigError(f"no batch-norm layers named {', '.join(unknown)} in the model")
+            raise ConfigError(f"no batch-norm layers or gates named {', '.join(unknown)} in the model")
         if not names:
-            raise ConfigError("the model has no batch-norm layers: Early-Bird masks come from BN scales")
-        return cls(tuple(names), tuple(named[n].weight.numel() for n in names))
+            raise ConfigError("the model has no batch-norm layers and no gates: Early-Bird masks come from BN scales, "
+                              "or from gates on attention heads and MLP neurons (earlybird.gates.attach_gates)")
+        kinds = tuple(unit_kind(named[n]) for n in names)
+        return cls(tuple(names), tuple(named[n].weight.numel() for n in names),
+                   kinds if any(k != CHANNEL for k in kinds) else ())
+
+    def kind_sizes(self) -> dict[str, int]:
+        """Units of each kind, e.g. {"channel": 1200, "head": 36}."""
+        out: dict[str, int] = {}
+        for kind, size in zip(self.kinds or (CHANNEL,) * len(self.sizes), self.sizes):
+            out[kind] = out.get(kind, 0) + size
+        return out
 
     @property
     def total(self) -> int:
@@ -91,6 +119,15 @@ class ChannelIndex:
         return [t for t in flat if len(t) > 1]
 
 
+_WORDS = {CHANNEL: "BN channels", HEAD: "attention heads", "neuron": "MLP neurons"}
+
+
+def describe_units(kind_sizes: Mapping[str, int], adjective: str = "") -> str:
+    """Counts of units by kind in words: "1200 BN channels", "6 attention heads and 384 MLP neurons"
+    (``adjective``, e.g. "prunable", before each kind)."""
+    return " and ".join(f"{n} {adjective + ' ' if adjective else ''}{_WORDS[k]}" for k, n in kind_sizes.items())
+
+
 def bn_gammas(bns) -> torch.Tensor:
     """|gamma| of every channel of ``bns`` (a model or a list of BN layers), flattened, on CPU."""
     with torch.no_grad():
@@ -104,11 +141,26 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
+def _rank_groups(layer_sizes: Sequence[int], kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
+    """The flat positions ranked together, with their kind: all channels, all neurons, and each layer's heads."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    start = 0
+    for i, size in enumerate(layer_sizes):
+        kind = kinds[i] if kinds else CHANNEL
+        groups.setdefault((kind, i) if kind == HEAD else kind, []).append(torch.arange(start, start + size))
+        start += size
+    return [(key[0] if isinstance(key, tuple) else key, torch.cat(g)) for key, g in groups.items()]
+
+
 def channel_mask(
     gammas: torch.Tensor, ratio: float, layer_sizes: Sequence[int], min_channels: int = 1,
-    ties: Sequence[Sequence[int]] = (),
+    ties: Sequence[Sequence[int]] = (), kinds: Sequence[str] = (), kind_ratios: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
     """Keep-mask that prunes the ``floor(N * ratio)`` smallest |gamma| over all layers.
+
+    With ``kinds`` (one per layer, as ``ChannelIndex.kinds``), each kind is ranked apart at
+    ``ratio``: BN channels over all their layers, MLP neurons over all theirs, attention heads
+    within each layer; ``kind_ratios`` (e.g. {"head": 0.25}) prunes a kind at its own ratio instead.
 
     Ties are broken by position (a stable sort), so a mask is a deterministic function of the
     gammas. Each index set in ``ties`` (flat positions that can only be removed together) is
@@ -126,9 +178,10 @@ def channel_mask(
         scores = gammas.clone()
         for tied in ties:
             scores[list(tied)] = gammas[list(tied)].mean()
-    order = torch.sort(scores, stable=True).indices
     keep = torch.ones(n, dtype=torch.bool)
-    keep[order[: int(n * ratio)]] = False
+    for kind, positions in _rank_groups(layer_sizes, kinds):
+        order = positions[torch.sort(scores[positions], stable=True).indices]
+        keep[order[: int(len(positions) * (kind_ratios or {}).get(kind, ratio))]] = False
     if min_channels > 0:
         start = 0
         for size in layer_sizes:

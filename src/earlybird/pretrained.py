@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .gates import gates
 
 HOLDERS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where checkpoints keep their weights
 POSITIONS = ("pos_embed", "pos_embedding")  # timm's and torchvision's ViT position embeddings
@@ -160,10 +161,11 @@ def load_pretrained(model: nn.Module, source: str | Path | dict) -> Loaded:
     classifier = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
     stem = f"{convs[0]}.weight" if convs else None
     done, taken, differ = Loaded(), {}, []
+    ours = {f"{name}.weight" for name, _ in gates(model)}  # earlybird's gates: ones unless the file has them
     for key, value in own.items():
         theirs = state.get(key)
         if theirs is None:
-            if not key.endswith("num_batches_tracked"):
+            if not key.endswith("num_batches_tracked") and key not in ours:
                 differ.append(f"{key} (missing from the file)")
         elif theirs.shape == value.shape:
             taken[key] = theirs

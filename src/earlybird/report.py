@@ -54,6 +54,8 @@ class RunData:
     summary: dict | None = None
     interval: float = 1.0  # epochs between draws: the window's masks may differ by threshold x interval
     schedule_epochs: int | None = None  # the search's schedule, once it finished
+    kinds: list[str] = field(default_factory=list)  # per layer: channel, head or neuron (empty: all channels)
+    kind_ratios: dict[str, float] = field(default_factory=dict)  # heads or neurons at a fixed ratio
 
     @property
     def targets(self) -> list[float | str]:
@@ -73,7 +75,8 @@ class RunData:
 
     def masks(self, ratio: float) -> list[torch.Tensor]:
         """The mask of every draw after the first (1..) at ``ratio``, as the detector computed it."""
-        return [channel_mask(g, ratio, self.layer_sizes, self.min_channels, self.ties) for g in self.scores[1:]]
+        return [channel_mask(g, ratio, self.layer_sizes, self.min_channels, self.ties, self.kinds, self.kind_ratios)
+                for g in self.scores[1:]]
 
     def window_distances(self, ratio: float) -> list[list[float]]:
         """Per draw, the distances the rule bounds over the window that ends there (fewer while
@@ -100,7 +103,7 @@ def load_run(root: str | Path) -> RunData:
     data = RunData(
         root=run.path, search_dir=search.path, scores=scores,
         positions=list(ckpt.get("positions", range(len(scores)))), interval=float(det.get("interval", 1.0)),
-        layer_sizes=list(det["layer_sizes"]), rule=make_rule(det.get("rule", "star")),
+        layer_sizes=list(det["layer_sizes"]), kinds=list(det.get("kinds", [])), kind_ratios=dict(det.get("kind_ratios", {})), rule=make_rule(det.get("rule", "star")),
         importance=det.get("importance", "bn-scale"), ties=[list(t) for t in det.get("ties", [])],
         layer_names=list(ckpt.get("layers") or [f"bn{i}" for i in range(len(det["layer_sizes"]))]),
         ratios=[float(r) for r in det["ratios"]], min_channels=int(det["min_channels"]),

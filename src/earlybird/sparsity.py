@@ -1,8 +1,11 @@
-"""Network-slimming sparsity: the L1 subgradient on batch-norm scales."""
+"""Network-slimming sparsity: the L1 subgradient on batch-norm scales, and on gates (EarlyBERT)."""
 from __future__ import annotations
 
 import torch
 
+from torch import nn
+
+from .gates import gates
 from .masks import bn_list
 
 
@@ -17,3 +20,12 @@ def add_bn_l1_grad(model_or_bns, strength: float) -> None:
     for bn in bn_list(model_or_bns):
         if bn.weight.grad is not None:
             bn.weight.grad.add_(torch.sign(bn.weight), alpha=strength)
+
+
+@torch.no_grad()
+def add_gate_l1_grad(model: nn.Module, strength: float) -> None:
+    """Add ``strength * sign(g)`` to the gradient of every head and neuron gate of ``model``
+    (``earlybird.gates``), as ``add_bn_l1_grad`` does to BN scales, and at the same point."""
+    for _, gate in gates(model):
+        if gate.weight.grad is not None:
+            gate.weight.grad.add_(torch.sign(gate.weight), alpha=strength)

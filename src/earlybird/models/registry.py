@@ -135,6 +135,10 @@ def _external(spec: ModelSpec) -> nn.Module:
     except (ValueError, RuntimeError, KeyError) as exc:  # torchvision's and timm's "unknown model"
         raise ConfigError(f"--arch {spec.arch}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}: "
                           "check the model name") from None
+    except Exception as exc:  # noqa: BLE001 - the builder's own failure, most often on arguments that do not fit
+        given = " ".join(f"{k}={v!r}" for k, v in extra.items())
+        raise ConfigError(f"--arch {spec.arch} fails to build ({type(exc).__name__}: {exc})"
+                          + (f" with --model-kwargs {given}: check that they fit together" if extra else "")) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--arch {spec.arch} returned a {type(model).__name__}, not a torch.nn.Module")
     _check_output(model, spec)

@@ -41,6 +41,11 @@ additions, concatenations and depthwise convolutions. Our rules on top of it:
   some of them is an error, and ``prunable_layers`` leaves such BNs out. Whatever Torch-Pruning or
   a foreign model raises becomes a one-line :class:`PruneError`.
 
+* **Heads and neurons.** Gates (``earlybird.gates``) are pruned before the channels: each gate is
+  folded into the projection it scales, its masked units' rows and columns sliced away and the
+  attributes the forward reads updated; the BN channels are then planned and removed on that
+  network, and the result is verified against the gated, masked dense network.
+
 The result is described by a :class:`PrunePlan` (plain values), which rebuilds the pruned
 architecture from the dense one, so checkpoints hold only tensors and plain values.
 """
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import weakref
 from collections.abc import Mapping
@@ -59,7 +65,8 @@ from torch import nn
 from torch_pruning import ops
 
 from ..errors import EarlyBirdError, PruneError
-from ..masks import ChannelIndex, check_not_empty, prunable_bns
+from ..gates import NEURON, gates, prune_units, unit_shapes
+from ..masks import ChannelIndex, check_not_empty, prunable_bns, prunable_units
 from ..probe import probe_forward
 from .layers import CUSTOM_PRUNERS, ConstantFoldConv2d, SelectBatchNorm2d, SelectConv2d
 
@@ -85,7 +92,7 @@ class PrunePlan:
     "module:out" / "module:in" -> the channel indices removed from that side of that module;
     ``zeroed``: per BN, removed channels whose shift is zeroed as well as their scale (their
     constant reaches a conv through a per-sample gate or a padded pool, so it cannot be folded; a
-    zero stays zero there).
+    zero stays zero there); ``units``: per gate, the heads or neurons it keeps (removed first).
     """
 
     input_shape: list[int]
@@ -94,26 +101,28 @@ class PrunePlan:
     selects: list[str] = field(default_factory=list)
     removed: dict[str, list[int]] = field(default_factory=dict)
     zeroed: dict[str, list[int]] = field(default_factory=dict)
+    units: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"input_shape": list(self.input_shape), "keep": self.keep, "folds": self.folds,
-                "selects": list(self.selects), "removed": self.removed, "zeroed": self.zeroed}
+                "selects": list(self.selects), "removed": self.removed, "zeroed": self.zeroed, "units": self.units}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
         return cls(list(d["input_shape"]), {k: list(v) for k, v in d["keep"].items()}, dict(d["folds"]),
                    list(d["selects"]), {k: list(v) for k, v in d["removed"].items()},
-                   {k: list(v) for k, v in d.get("zeroed", {}).items()})
+                   {k: list(v) for k, v in d.get("zeroed", {}).items()},
+                   {k: list(v) for k, v in d.get("units", {}).items()})
 
     def masked(self, model: nn.Module) -> nn.Module:
         """The masked dense network the pruned one equals: scales masked, and zeroed shifts zeroed."""
         return apply_mask(model, self.masks(model), self.zeroed)
 
     def masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The effective keep-mask per BN of the dense ``model``."""
+        """The effective keep-mask per BN and per gate of the dense ``model``."""
         sizes = ChannelIndex.of(model).layer_sizes()
         out = {}
-        for name, kept in self.keep.items():
+        for name, kept in {**self.keep, **self.units}.items():
             mask = torch.zeros(sizes[name], dtype=torch.bool)
             mask[kept] = True
             out[name] = mask
@@ -121,7 +130,7 @@ class PrunePlan:
 
 
 def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
-    """Per-layer keep masks from a flat mask over ``prunable_bns(model)`` (or pass a dict through)."""
+    """Per-layer keep masks from a flat mask over ``prunable_units(model)`` (or pass a dict through)."""
     index = ChannelIndex.of(model)
     if isinstance(mask, dict):
         sizes = index.layer_sizes()
@@ -141,10 +150,11 @@ def layer_masks(model: nn.Module, mask) -> dict[str, torch.Tensor]:
 
 
 def apply_mask(model: nn.Module, mask, zeroed: dict[str, list[int]] | None = None) -> nn.Module:
-    """A copy of ``model`` with the scale of every pruned channel set to zero (the masked net), and
-    the shift too of the channels ``zeroed`` names (per BN, as a plan's ``zeroed``)."""
+    """A copy of ``model`` with the scale of every pruned channel (and the gate of every pruned head
+    or neuron) set to zero (the masked net), and the shift too of the channels ``zeroed`` names (per
+    BN, as a plan's ``zeroed``)."""
     masked = copy.deepcopy(model)
-    bns = dict(prunable_bns(masked))
+    bns = dict(prunable_units(masked))
     with torch.no_grad():
         for name, keep in layer_masks(masked, mask).items():
             bns[name].weight.mul_(keep.to(bns[name].weight))
@@ -680,10 +690,33 @@ def plan_pruning(model: nn.Module, mask, example_inputs: torch.Tensor, keep_stre
     A BN whose channels reach an operation the engine cannot prune through keeps them all: with
     ``strict``, a mask that removes some of them is a PruneError naming the operation; ``refused``
     (a dict) receives every such BN with the reason. ``scores`` (BN name -> channel importance,
-    default |gamma|) ranks the channels ``round_to`` gives back."""
+    default |gamma|) ranks the channels ``round_to`` gives back. The units of gates are planned
+    as the mask asks (every gate of the model is folded, those the mask leaves out keep all)."""
     requested = layer_masks(model, mask)
     for name, keep in requested.items():
         check_not_empty(name, keep)
+    gated = dict(gates(model))
+    if not gated:
+        return _plan_channels(model, requested, example_inputs, keep_streams, round_to, strict, refused, scores)
+    units = {}
+    for n, g in gated.items():
+        keep = requested[n].clone() if n in requested else torch.ones(g.weight.numel(), dtype=torch.bool)
+        if g.kind == NEURON and round_to > 1:  # MLP widths as GEMMs like them; heads are whole already
+            score = (scores or {}).get(n, g.weight.detach().abs().cpu())
+            _round_up(keep, score.float(), torch.ones_like(keep), round_to)
+        units[n] = keep.nonzero().flatten().tolist()
+    channels = {n: keep for n, keep in requested.items() if n not in gated}
+    plan = PrunePlan(list(example_inputs.shape[1:]), {})
+    if prunable_bns(model):
+        plain = prune_units(copy.deepcopy(model), units)
+        plan = _plan_channels(plain, channels, example_inputs, keep_streams, round_to, strict, refused, scores)
+    plan.units = units
+    return plan
+
+
+def _plan_channels(model: nn.Module, requested: dict[str, torch.Tensor], example_inputs: torch.Tensor,
+                   keep_streams: bool, round_to: int, strict: bool, refused: dict[str, str] | None,
+                   scores: Mapping[str, torch.Tensor] | None) -> PrunePlan:
     example = example_inputs[:1]
     was_training = model.training
     model.eval()
@@ -818,22 +851,32 @@ def _constant_reads(model: nn.Module, masked: dict[str, torch.Tensor], coupling:
 
 
 def prunable_layers(model: nn.Module, example_inputs: torch.Tensor, keep_streams: bool = False) -> list[str]:
-    """The BNs whose channels the engine can remove (in module order): masks are computed over
-    these, so "p = 30%" means 30% of the channels that can really go.
+    """The BNs whose channels the engine can remove, and the gates (all of them), in module order:
+    masks are computed over these, so "p = 30%" means 30% of the channels that can really go.
 
     Found by planning the most extreme mask (every BN down to one channel): a BN that loses
     nothing even then (a stream member under ``keep_streams``, a stream a raw layer reads, a BN whose
     channels reach an operation the engine cannot prune through) never will. A PruneError naming
     such an operation where no BN is left.
     """
-    index = ChannelIndex.of(model)
+    gated = [n for n, _ in gates(model)]  # every gate's units can go
+    if not prunable_bns(model):
+        return gated
+    plain = _plain(model)
+    index = ChannelIndex.of(plain)
     extreme = {n: torch.arange(size) == 0 for n, size in zip(index.names, index.sizes)}
     refused: dict[str, str] = {}
-    plan = plan_pruning(model, extreme, example_inputs, keep_streams, strict=False, refused=refused)
+    plan = plan_pruning(plain, extreme, example_inputs, keep_streams, strict=False, refused=refused)
     layers = [n for n in index.names if n in plan.keep]
-    if not layers and refused:
+    if not layers and not gated and refused:
         raise PruneError(next(iter(refused.values())))
-    return layers
+    order = {n: i for i, (n, _) in enumerate(prunable_units(model))}
+    return sorted(layers + gated, key=order.__getitem__)
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """``model`` without its gates (a copy with them folded in), for tracing its BN channels."""
+    return prune_units(copy.deepcopy(model), {}) if gates(model) else model
 
 
 def channel_ties(model: nn.Module, example_inputs: torch.Tensor) -> list[list[tuple[str, int]]]:
@@ -843,6 +886,7 @@ def channel_ties(model: nn.Module, example_inputs: torch.Tensor) -> list[list[tu
     engine would have to keep. Empty for models without grouped convs."""
     if not any(_is_grouped(m) for m in model.modules()):
         return []
+    model = _plain(model)
     was_training = model.training
     try:
         coupling = _couple(model.eval(), example_inputs[:1])
@@ -856,6 +900,7 @@ def channel_producers(model: nn.Module, example_inputs: torch.Tensor
     """Per BN, the convolutions and linear layers whose output channels go with its channels (the
     ones that produce them: several where convs add into a residual stream or are concatenated),
     as layer name -> (BN channels, that layer's output channels)."""
+    model = _plain(model)
     was_training = model.training
     try:
         coupling = _couple(model.eval(), example_inputs[:1])
@@ -940,6 +985,8 @@ def _execute(model: nn.Module, removed: dict[str, list[int]]) -> None:
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Shrink a dense ``model`` in place to the architecture of ``plan`` (weights still to load)."""
+    if plan.units:
+        unit_shapes(model, plan.units)
     _convert(model, plan.selects, plan.folds)
     _execute(model, plan.removed)
     return model
@@ -992,6 +1039,19 @@ def _one_line():
 
 
 def _prune(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> tuple[nn.Module, PrunePlan]:
+    if not plan.units:
+        return _prune_channels(model, plan, example_inputs)
+    pruned = prune_units(copy.deepcopy(model), plan.units)
+    if plan.keep:  # the channels, planned on the network the units left
+        channels = dataclasses.replace(plan, units={})
+        pruned, _ = _prune_channels(pruned, channels, example_inputs)
+        plan.folds = channels.folds
+    example = example_inputs.to(next(model.parameters()).device).double()
+    _verify(copy.deepcopy(pruned).double(), plan.masked(model).double(), example, 1e-5, other_inputs(example))
+    return pruned, plan
+
+
+def _prune_channels(model: nn.Module, plan: PrunePlan, example_inputs: torch.Tensor) -> tuple[nn.Module, PrunePlan]:
     folds, exact, example = _folds(model, plan, example_inputs)
     plan.folds = {name: kind for name, (kind, _) in folds.items()}
     # the engine's exactness, apart from rounding to the model's number format: a float64 build of
@@ -1043,7 +1103,9 @@ def pruned_architecture(model: nn.Module, mask, example_inputs: torch.Tensor, ke
     plan = plan_pruning(model, mask, example_inputs, keep_streams, round_to, scores=scores)
     with _one_line():
         if folds and plan.removed:
-            plan.folds = {name: kind for name, (kind, _) in _folds(model, plan, example_inputs[:1])[0].items()}
+            plain = prune_units(copy.deepcopy(model), plan.units) if plan.units else model
+            channels = dataclasses.replace(plan, units={})
+            plan.folds = {name: kind for name, (kind, _) in _folds(plain, channels, example_inputs[:1])[0].items()}
         return apply_plan(shapes_only(model), plan)
 
 

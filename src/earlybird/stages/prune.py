@@ -11,7 +11,7 @@ from ..data import Dataset
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTicket, solve_budget
 from ..importance import make_importance
-from ..masks import ChannelIndex, channel_mask, check_ratio
+from ..masks import _WORDS, ChannelIndex, channel_mask, check_ratio, describe_units, prunable_bns
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -46,13 +46,13 @@ def _ticket_mask(ckpt: dict, dense, cfg: PruneConfig, keep_streams: bool, round_
     scores = torch.cat(importance.scores(dense, index.names))
     if cfg.budget:
         found = solve_budget(dense, index.split(scores), example, *cfg.budget, channel_ties(dense, example),
-                             cfg.min_channels, keep_streams, round_to)
+                             cfg.min_channels, keep_streams, round_to, kind_ratios=ckpt.get("kind_ratios"))
         return found.masks, index.split(scores), found
     if cfg.percent is None and "mask" in ckpt and as_searched:
         mask = ckpt["mask"]
     else:
         mask = channel_mask(scores, check_ratio(cfg.percent or ckpt.get("ratio", 0.5)), index.sizes, cfg.min_channels,
-                            index.flat_ties(channel_ties(dense, example)))
+                            index.flat_ties(channel_ties(dense, example)), index.kinds, ckpt.get("kind_ratios"))
     return index.split(mask), index.split(scores), None
 
 
@@ -120,7 +120,9 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
         want = masked.eval()(example)
         out_diff = (pruned.eval()(example) - want).abs().max().item()
     shape = ckpt.get("input_shape", list(example.shape[1:]))
-    before, after = ChannelIndex.of(dense).layer_sizes(), ChannelIndex.of(pruned).layer_sizes()
+    before = ChannelIndex.of(dense).layer_sizes()
+    after = {**{n: before[n] for n in before}, **{n: len(k) for n, k in plan.units.items()},
+             **(ChannelIndex.of(pruned).layer_sizes() if prunable_bns(pruned) else {})}
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
@@ -131,6 +133,7 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
                      "removed": sum(before.values()) - sum(after.values()),
                      "dead": sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)},
         "layers": {n: [before[n], after[n]] for n in before},
+        "units": _by_kind(ChannelIndex.of(dense, list(requested)), after),
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
         "test_acc": {k: r.top1 for k, r in results.items()},
@@ -142,6 +145,15 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
         "device": str(example.device),
     }
     return {**report, **_budget_report(cfg, ckpt, budget, report)}
+
+
+def _by_kind(index: ChannelIndex, after: dict[str, int]) -> dict[str, list[int]]:
+    """kind -> [prunable units before, after]: BN channels, attention heads, MLP neurons."""
+    out: dict[str, list[int]] = {}
+    for name, kind, size in zip(index.names, index.kinds or ("channel",) * len(index.names), index.sizes):
+        row = out.setdefault(kind, [0, 0])
+        row[0], row[1] = row[0] + size, row[1] + after[name]
+    return out
 
 
 def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, report: dict) -> dict:
@@ -158,11 +170,13 @@ def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, re
 def _say(report: dict, cfg: PruneConfig, plan, out: Path, reporter: Reporter) -> None:
     p, m, c, a = report["params"], report["macs"], report["channels"], report["test_acc"]
     device = report["device"]
-    reporter.line(f"pruned {cfg.model} at p={report['ratio']:g} of {c['prunable']} prunable BN channels: asked "
+    units = describe_units({k: b for k, (b, _) in report["units"].items()}, "prunable")
+    reporter.line(f"pruned {cfg.model} at p={report['ratio']:g} of {units}: asked "
                   f"{c['requested']}, removed {c['removed']} (coupled channels stay while any member needs them"
                   + (f"; {c['dead']} unasked went as they fed only masked BNs" if c["dead"] else "")
                   + (f"; --round-to {report['round_to']} keeps multiples of {report['round_to']}" if report["round_to"] > 1 else "")
-                  + f"), channels {c['before']} -> {c['after']}")
+                  + "), " + (f"channels {c['before']} -> {c['after']}" if list(report["units"]) == ["channel"] else
+                             ", ".join(f"{_WORDS[k]} {b} -> {a}" for k, (b, a) in report["units"].items())))
     if "budget" in report:
         b = report["budget"]
         reporter.line(f"  budget: {b['asked']:g} of the dense network's {b['metric']} asked, {b['reached']:.3f} reached "

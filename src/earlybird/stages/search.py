@@ -17,7 +17,8 @@ from ..detector import EarlyBird
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTarget, prune_flags
 from ..importance import make_importance
-from ..masks import ChannelIndex, bn_gammas
+from ..gates import HEAD, attach_gates, find_gates
+from ..masks import ChannelIndex, bn_gammas, describe_units, prunable_bns
 from ..models import ModelSpec, create_model
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers
@@ -95,6 +96,11 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     surveyed = None if dataset else survey_data(data, platform)
     spec = model_spec(model_cfg, dataset.info if dataset else surveyed.info)
     model, layers, ties, importance, budgets = _dense(spec, detect, (widths or WidthConfig()).round_to)  # before the data
+    unsupported = find_gates(model).unsupported
+    if unsupported:
+        reporter.line(f"note: {len(unsupported)} modules keep all their units, earlybird cannot prune them exactly: "
+                      + "; ".join(f"{n} ({why})" for n, why in list(unsupported.items())[:3])
+                      + (f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else ""))
     source = start.source(spec.arch) if start else None
     if source:
         reporter.line(f"starting weights {source}: {load_pretrained(model, source).describe()}")
@@ -106,20 +112,25 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     steps = len(loaders[0])
     every = detect.check_steps(steps)
     detector = EarlyBird(trainer.model, detect.ratios, detect.eb_window, detect.eb_threshold, detect.min_channels,
-                         layers, ties, importance, detect.eb_rule, budgets, interval=every / steps)
+                         layers, ties, importance, detect.eb_rule, budgets, interval=every / steps,
+                         kind_ratios=detect.kind_ratios())
     info = dataset.info
     saver = Saver(spec, None, {**data_meta(info), "layers": layers, "keep_streams": detect.keep_streams,
-                               "importance": importance.name, "start": str(source) if source else None})
+                               "importance": importance.name, "start": str(source) if source else None,
+                               "gates": bool(detector.index.kinds), "kind_ratios": detector.kind_ratios})
     eb = EarlyBirdCallback(detector, run, saver, detect.full, every)
     trainer.check_every = every
     with_callbacks(trainer, run, saver, "search", loaders, rt, eb)
     if ckpt:
         trainer.load_state_dict(ckpt, resume_path)
     macs = count_macs(trainer.model, tuple(saver.meta["input_shape"]))
-    total = ChannelIndex.of(trainer.model).total
+    total = ChannelIndex.of(trainer.model).kind_sizes().get("channel", 0)
+    units = describe_units(detector.index.kind_sizes(), "prunable") + (
+        " (heads ranked within each layer)" if HEAD in detector.index.kinds else "")
+    layers_said = f"{len(layers)} layers" + (f"; {total} BN channels in all" if total else "")
     reporter.line(f"search: {spec.describe()}, {count_params(trainer.model):,} params, {macs / 1e6:.1f} M MACs/image, "
-                  f"{loaders[0].num_samples:,} training images on {platform.device}; ratios are of the {detector.num_channels} "
-                  f"prunable BN channels ({len(layers)} layers; {total} BN channels in all)"
+                  f"{loaders[0].num_samples:,} training images on {platform.device}; ratios are of the {units} "
+                  f"({layers_said})"
                   + ("" if every == steps else f"; masks drawn every {every} of the epoch's {steps} steps, within "
                      f"{detector.bound:.4g} of each other (--eb-threshold {detector.threshold:g} per epoch)"))
     if detector.bound * detector.num_channels < 2:  # one channel in, one out moves the mask by 2 / channels
@@ -172,15 +183,33 @@ def _dense(spec: ModelSpec, detect: DetectConfig, round_to: int):
     fails here."""
     model = create_model(spec)
     example = probe_inputs(spec)
+    attach_gates(model)  # heads and neurons: ones until the L1 term moves them
     layers = prunable_layers(model, example, detect.keep_streams)
     if not layers:
+        if not prunable_bns(model):
+            raise ConfigError(f"{spec.describe()} has no batch-norm layers and no attention heads or MLP neurons "
+                              f"earlybird can gate ({_found(model)}): Early-Bird masks come from BN scales or gates")
         raise ConfigError(f"{spec.describe()} has no batch-norm channels the engine can prune"
                           + (": drop --keep-streams" if detect.keep_streams else ""))
     ties = channel_ties(model, example)  # a grouped conv's positions go from all its groups at once
-    budgets = [BudgetTarget(metric, f, model, example, ties, detect.min_channels, detect.keep_streams, round_to)
+    budgets = [BudgetTarget(metric, f, model, example, ties, detect.min_channels, detect.keep_streams, round_to,
+                            kind_ratios=detect.kind_ratios())
                for metric, fractions in (("macs", detect.target_macs), ("params", detect.target_params))
                for f in fractions]
     return model, layers, ties, make_importance(detect.importance).bind(model, example), budgets
+
+
+def _found(model) -> str:
+    """What a network without BNs or gateable structures has instead, for its error line."""
+    unsupported = find_gates(model).unsupported
+    if unsupported:
+        name, why = next(iter(unsupported.items()))
+        return f"{len(unsupported)} unsupported modules, e.g. {name}: {why}"
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if "Norm" in type(m).__name__ or isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return "found " + (", ".join(f"{n} {c}" for c, n in counts.items()) or "no layers it knows")
 
 
 def _summary(trainer: Trainer, eb: EarlyBirdCallback, spec: ModelSpec, dataset: str, detect: DetectConfig, total: int,

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError, EarlyBirdError
 from ..files import atomic_write, tensor_bytes
+from ..gates import attach_gates
 from ..models import ModelSpec, create_model
 from ..prune import PrunePlan, apply_plan
 from .distributed import is_main
@@ -93,6 +94,8 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> tuple[
         model = create_model(spec)
         if plan:
             apply_plan(model, plan)
+        elif ckpt.get("gates"):  # a search's dense network carries its gates
+            attach_gates(model)
     except EarlyBirdError:
         raise
     except Exception as exc:  # a damaged spec or plan, not a bug of ours

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..errors import TrainingError
-from ..sparsity import add_bn_l1_grad
+from ..sparsity import add_bn_l1_grad, add_gate_l1_grad
 from .distributed import all_reduce_sum
 
 
@@ -44,7 +44,7 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _step(model, x, y, optimizer, l1: float, scaler, amp_dtype, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(model, x, y, optimizer, l1: float, gate_l1: float, scaler, amp_dtype, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: (loss, correct predictions), both still on the device."""
     with _autocast(x.device, amp_dtype):
         logits = model(x)
@@ -57,6 +57,8 @@ def _step(model, x, y, optimizer, l1: float, scaler, amp_dtype, smoothing: float
         loss.backward()
     if l1:
         add_bn_l1_grad(model, l1)
+    if gate_l1:
+        add_gate_l1_grad(model, gate_l1)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -71,6 +73,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     l1: float = 0.0,
+    gate_l1: float = 0.0,
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
     on_batch: Callable[[int, float, float, float], None] | None = None,
@@ -78,7 +81,8 @@ def train_epoch(
     first: int = 0,
     label_smoothing: float = 0.0,
 ) -> EpochResult:
-    """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step.
+    """Train one epoch. ``l1`` > 0 adds the BN-scale subgradient after unscaling, before the step;
+    ``gate_l1`` > 0 the gates' (heads and neurons).
 
     ``on_step(batches done)`` runs after every step and ends the epoch there by returning True;
     ``first``: the batches of the epoch trained before (a loader resumed inside it skips them).
@@ -98,7 +102,7 @@ def train_epoch(
     steps = len(loader)  # once: a folder loader's length is not free
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader, first):
-        loss, hits = _step(model, x, y, optimizer, l1, scaler, amp_dtype, label_smoothing)
+        loss, hits = _step(model, x, y, optimizer, l1, gate_l1, scaler, amp_dtype, label_smoothing)
         if scaler is None:
             total_loss += loss.detach() * len(y)
             correct += hits

@@ -161,7 +161,9 @@ class Trainer:
         train.set_epoch(epoch, self.batch)
         update, close = self.reporter.epoch_bar(len(train), f"{self.stage} {epoch + 1}/{optim.epochs}")
         try:
-            result = train_epoch(net, train, self.optimizer, l1=optim.s if optim.sparsity_regularization else 0.0,
+            sparse = optim.sparsity_regularization
+            result = train_epoch(net, train, self.optimizer, l1=optim.s if sparse else 0.0,
+                                 gate_l1=optim.gate_s if sparse else 0.0,
                                  scaler=self.scaler, amp_dtype=self.amp_dtype, on_batch=update,
                                  on_step=self._step_end, first=self.batch, label_smoothing=optim.label_smoothing)
         finally:

@@ -145,7 +145,7 @@ def test_search_solves_budgets_for_its_round_to(capsys, tmp_path, cifar10_root, 
     search_stage = importlib.import_module("earlybird.stages.search")  # the module, not the function
     made = []
     real = search_stage.BudgetTarget
-    monkeypatch.setattr(search_stage, "BudgetTarget", lambda *args: made.append(args[-1]) or real(*args))
+    monkeypatch.setattr(search_stage, "BudgetTarget", lambda *args, **kw: made.append(args[-1]) or real(*args, **kw))
     for flags, want in (([], 8), (["--round-to", 4], 4)):
         code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch",
                            "vgg", "--depth", 11, "--width", 0.0625, "--batch-size", 16, "--epochs", 1, "--ratios",

@@ -302,6 +302,17 @@ def test_unsupported_attention_is_named_and_the_rest_still_prunes():
     assert "an attention module of a kind earlybird does not gate" in find_gates(custom).unsupported["1"]
 
 
+def test_the_search_names_unsupported_attention_once_and_prunes_the_rest(capsys, tmp_path, cifar10_root):
+    spec = _spec("timm-vit")
+    kwargs = [f"{k}={v!r}" for k, v in spec.kwargs] + ["scale_attn_norm=True"]
+    code, out, err = cli(capsys, "search", "--data", cifar10_root, *FAST, "--arch", spec.arch, "--model-kwargs",
+                         *kwargs, "--epochs", 1, "--schedule", "--save", tmp_path / "s")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: 2 modules keep all their units")]
+    assert len(notes) == 1 and "blocks.0.attn (Attention: normalizes across heads" in notes[0]
+    assert "ratios are of the 384 prunable MLP neurons (2 layers)" in out
+
+
 def test_a_network_without_bn_or_gateable_structures_is_one_line(capsys, tmp_path, cifar10_root):
     code, _, err = cli(capsys, "search", "--dataset", "cifar10", "--data", cifar10_root, "--no-download", "--arch",
                        "test_gates:plain_mlp",

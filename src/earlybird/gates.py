@@ -125,12 +125,13 @@ def _qkv_rows(heads: torch.Tensor, head_dim: int, width: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Family:
-    """One kind of gated structure: ``match`` says whether a module is one (None), or why it cannot
-    be gated exactly (a reason); ``units`` gives its (kind, units, columns per unit); ``projection``
-    the layer whose input columns the gate scales; ``prune`` keeps the listed units, in place, and
-    may return a module to replace it with."""
+    """One kind of gated structure: ``owns`` says whether a module is one; ``match`` whether it can
+    be gated exactly (None) or why not (a reason); ``units`` gives its (kind, units, columns per
+    unit); ``projection`` the layer whose input columns the gate scales; ``prune`` keeps the listed
+    units, in place, and may return a module to replace it with."""
 
     name: str
+    owns: Callable[[nn.Module], bool]
     match: Callable[[nn.Module], Optional[str]]
     units: Callable[[nn.Module], tuple[str, int, int]]
     projection: Callable[[nn.Module], nn.Module]
@@ -198,40 +199,32 @@ def _match_tv_block(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _match_tel(m: nn.Module) -> Optional[str]:
-    return None
+def _is_tv_block(m: nn.Module) -> bool:
+    return type(m).__name__ == "EncoderBlock" and type(m).__module__.startswith("torchvision.")
 
 
+def _is_tel(m: nn.Module) -> bool:
+    return isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and hasattr(m, "linear2")
+
+
+# the registry: a new family is one entry (the first that owns a module gates it)
 FAMILIES: list[Family] = [
-    Family("timm attention", _match_timm_attention, lambda m: (HEAD, m.num_heads, m.head_dim),
-           lambda m: m.proj, _prune_timm_attention, "head_gate"),
-    Family("timm mlp", _match_timm_mlp, lambda m: (NEURON, m.fc1.weight.shape[0], 1),
+    Family("timm attention", lambda m: _is_timm(m, "Attention"), _match_timm_attention,
+           lambda m: (HEAD, m.num_heads, m.head_dim), lambda m: m.proj, _prune_timm_attention, "head_gate"),
+    Family("timm mlp", lambda m: _is_timm(m, "Mlp"), _match_timm_mlp, lambda m: (NEURON, m.fc1.weight.shape[0], 1),
            lambda m: m.fc2, lambda m, keep: _prune_mlp(m.fc1, m.fc2, keep), "neuron_gate"),
-    Family("multi-head attention", _match_mha, lambda m: (HEAD, m.num_heads, m.head_dim),
-           lambda m: m.out_proj, _prune_mha, "head_gate"),
-    Family("torchvision encoder block mlp", _match_tv_block, lambda m: (NEURON, _tv_mlp(m)[0].out_features, 1),
-           lambda m: _tv_mlp(m)[1], lambda m, keep: _prune_mlp(*_tv_mlp(m), keep), "neuron_gate"),
-    Family("transformer encoder layer feed-forward", _match_tel, lambda m: (NEURON, m.linear1.out_features, 1),
+    Family("multi-head attention", lambda m: isinstance(m, nn.MultiheadAttention), _match_mha,
+           lambda m: (HEAD, m.num_heads, m.head_dim), lambda m: m.out_proj, _prune_mha, "head_gate"),
+    Family("torchvision encoder block mlp", _is_tv_block, _match_tv_block,
+           lambda m: (NEURON, _tv_mlp(m)[0].out_features, 1), lambda m: _tv_mlp(m)[1],
+           lambda m, keep: _prune_mlp(*_tv_mlp(m), keep), "neuron_gate"),
+    Family("transformer layer feed-forward", _is_tel, lambda m: None, lambda m: (NEURON, m.linear1.out_features, 1),
            lambda m: m.linear2, lambda m, keep: _prune_mlp(m.linear1, m.linear2, keep), "neuron_gate"),
 ]
 
 
 def _family_of(m: nn.Module) -> Optional[Family]:
-    if _is_timm(m, "Attention"):
-        return FAMILIES[0]
-    if _is_timm(m, "Mlp"):
-        return FAMILIES[1]
-    if isinstance(m, nn.MultiheadAttention):
-        return FAMILIES[2]
-    if type(m).__name__ == "EncoderBlock" and type(m).__module__.startswith("torchvision."):
-        return FAMILIES[3]
-    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and hasattr(m, "linear2"):
-        return FAMILIES[4]
-    return None
-
-
-# attention-like modules no family handles: named, not gated (the rest of the network still prunes)
-_ATTENTION_WORDS = ("Attention", "Attn", "SelfAttention")
+    return next((f for f in FAMILIES if f.owns(m)), None)
 
 
 @dataclass
@@ -244,6 +237,7 @@ class Found:
 
 
 def find_gates(model: nn.Module) -> Found:
+    """Where gates can go in ``model``, and the attention and MLP modules they cannot go, with why."""
     gateable, unsupported = {}, {}
     for name, m in model.named_modules():
         family = _family_of(m)
@@ -253,7 +247,9 @@ def find_gates(model: nn.Module) -> Found:
                 gateable[name] = family
             else:
                 unsupported[name] = f"{type(m).__name__}: {why}"
-        elif any(w in type(m).__name__ for w in _ATTENTION_WORDS):
+        # an attention module no family handles: named, not gated (the rest still prunes); "Attn" does not
+        # count, as CNNs' channel-attention blocks (CBAM's ChannelAttn) have no heads to miss
+        elif "Attention" in type(m).__name__ and not isinstance(m, PrunedMultiheadAttention):
             unsupported[name] = f"{type(m).__name__}: an attention module of a kind earlybird does not gate"
     # an attention container whose inner module is gated (a torchvision EncoderBlock's MHA) is not a miss
     for name in list(unsupported):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, PruneError
-from .gates import HEAD, Gate
+from .gates import HEAD, NEURON, Gate
 
 CHANNEL = "channel"  # the kind of a BN's units
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -79,11 +79,13 @@ class ChannelIndex:
         return cls(tuple(names), tuple(named[n].weight.numel() for n in names),
                    kinds if any(k != CHANNEL for k in kinds) else ())
 
-    def kind_sizes(self) -> dict[str, int]:
-        """Units of each kind, e.g. {"channel": 1200, "head": 36}."""
+    def kind_sizes(self, sizes: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Units of each kind, e.g. {"channel": 1200, "head": 36}; of ``sizes`` (layer name -> units,
+        e.g. a pruned network's) instead of the index's own where given."""
+        own = self.layer_sizes()
         out: dict[str, int] = {}
-        for kind, size in zip(self.kinds or (CHANNEL,) * len(self.sizes), self.sizes):
-            out[kind] = out.get(kind, 0) + size
+        for kind, name in zip(self.kinds or (CHANNEL,) * len(self.names), self.names):
+            out[kind] = out.get(kind, 0) + (sizes or own)[name]
         return out
 
     @property
@@ -119,13 +121,13 @@ class ChannelIndex:
         return [t for t in flat if len(t) > 1]
 
 
-_WORDS = {CHANNEL: "BN channels", HEAD: "attention heads", "neuron": "MLP neurons"}
+UNIT_WORDS = {CHANNEL: "BN channels", HEAD: "attention heads", NEURON: "MLP neurons"}
 
 
 def describe_units(kind_sizes: Mapping[str, int], adjective: str = "") -> str:
     """Counts of units by kind in words: "1200 BN channels", "6 attention heads and 384 MLP neurons"
     (``adjective``, e.g. "prunable", before each kind)."""
-    return " and ".join(f"{n} {adjective + ' ' if adjective else ''}{_WORDS[k]}" for k, n in kind_sizes.items())
+    return " and ".join(f"{n} {adjective + ' ' if adjective else ''}{UNIT_WORDS[k]}" for k, n in kind_sizes.items())
 
 
 def bn_gammas(bns) -> torch.Tensor:

@@ -154,12 +154,12 @@ def apply_mask(model: nn.Module, mask, zeroed: dict[str, list[int]] | None = Non
     or neuron) set to zero (the masked net), and the shift too of the channels ``zeroed`` names (per
     BN, as a plan's ``zeroed``)."""
     masked = copy.deepcopy(model)
-    bns = dict(prunable_units(masked))
+    layers = dict(prunable_units(masked))
     with torch.no_grad():
         for name, keep in layer_masks(masked, mask).items():
-            bns[name].weight.mul_(keep.to(bns[name].weight))
+            layers[name].weight.mul_(keep.to(layers[name].weight))
         for name, channels in (zeroed or {}).items():
-            bns[name].bias[channels] = 0
+            layers[name].bias[channels] = 0
     return masked
 
 

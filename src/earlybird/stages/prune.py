@@ -11,7 +11,7 @@ from ..data import Dataset
 from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTicket, solve_budget
 from ..importance import make_importance
-from ..masks import _WORDS, ChannelIndex, channel_mask, check_ratio, describe_units, prunable_bns
+from ..masks import UNIT_WORDS, ChannelIndex, channel_mask, check_ratio, describe_units, prunable_bns
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers, prune_model
 from ..train import evaluate, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -121,8 +121,10 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
         out_diff = (pruned.eval()(example) - want).abs().max().item()
     shape = ckpt.get("input_shape", list(example.shape[1:]))
     before = ChannelIndex.of(dense).layer_sizes()
-    after = {**{n: before[n] for n in before}, **{n: len(k) for n, k in plan.units.items()},
+    after = {**before, **{n: len(k) for n, k in plan.units.items()},  # the pruned network has no gates
              **(ChannelIndex.of(pruned).layer_sizes() if prunable_bns(pruned) else {})}
+    prunable = ChannelIndex.of(dense, list(requested))
+    kept = prunable.kind_sizes(after)
     results = {name: evaluate(model, test) for name, model in (("dense", dense), ("masked", masked), ("pruned", pruned))}
     report = {
         "stage": "prune", "source": str(cfg.model), "ratio": ratio, "epoch": ckpt.get("epoch"),
@@ -133,7 +135,7 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
                      "removed": sum(before.values()) - sum(after.values()),
                      "dead": sum(int((m & ~effective[n]).sum()) for n, m in requested.items() if n in effective)},
         "layers": {n: [before[n], after[n]] for n in before},
-        "units": _by_kind(ChannelIndex.of(dense, list(requested)), after),
+        "units": {k: [n, kept[k]] for k, n in prunable.kind_sizes().items()},  # per kind: prunable, kept
         "params": {"before": count_params(dense), "after": count_params(pruned)},
         "macs": {"before": count_macs(dense, shape), "after": count_macs(pruned, shape)},
         "test_acc": {k: r.top1 for k, r in results.items()},
@@ -145,15 +147,6 @@ def _report(cfg: PruneConfig, ckpt: dict, ratio: float, keep_streams: bool, roun
         "device": str(example.device),
     }
     return {**report, **_budget_report(cfg, ckpt, budget, report)}
-
-
-def _by_kind(index: ChannelIndex, after: dict[str, int]) -> dict[str, list[int]]:
-    """kind -> [prunable units before, after]: BN channels, attention heads, MLP neurons."""
-    out: dict[str, list[int]] = {}
-    for name, kind, size in zip(index.names, index.kinds or ("channel",) * len(index.names), index.sizes):
-        row = out.setdefault(kind, [0, 0])
-        row[0], row[1] = row[0] + size, row[1] + after[name]
-    return out
 
 
 def _budget_report(cfg: PruneConfig, ckpt: dict, budget: BudgetTicket | None, report: dict) -> dict:
@@ -176,7 +169,7 @@ def _say(report: dict, cfg: PruneConfig, plan, out: Path, reporter: Reporter) ->
                   + (f"; {c['dead']} unasked went as they fed only masked BNs" if c["dead"] else "")
                   + (f"; --round-to {report['round_to']} keeps multiples of {report['round_to']}" if report["round_to"] > 1 else "")
                   + "), " + (f"channels {c['before']} -> {c['after']}" if list(report["units"]) == ["channel"] else
-                             ", ".join(f"{_WORDS[k]} {b} -> {a}" for k, (b, a) in report["units"].items())))
+                             ", ".join(f"{UNIT_WORDS[k]} {b} -> {a}" for k, (b, a) in report["units"].items())))
     if "budget" in report:
         b = report["budget"]
         reporter.line(f"  budget: {b['asked']:g} of the dense network's {b['metric']} asked, {b['reached']:.3f} reached "

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from ..budget import BudgetTarget, prune_flags
 from ..importance import make_importance
 from ..gates import HEAD, attach_gates, find_gates
-from ..masks import ChannelIndex, bn_gammas, describe_units, prunable_bns
+from ..masks import CHANNEL, ChannelIndex, bn_gammas, describe_units, prunable_bns
 from ..models import ModelSpec, create_model
 from ..progress import Reporter
 from ..prune import channel_ties, prunable_layers
@@ -124,7 +124,7 @@ def search(data: DataConfig, model_cfg: ModelConfig, optim: OptimConfig, detect:
     if ckpt:
         trainer.load_state_dict(ckpt, resume_path)
     macs = count_macs(trainer.model, tuple(saver.meta["input_shape"]))
-    total = ChannelIndex.of(trainer.model).kind_sizes().get("channel", 0)
+    total = ChannelIndex.of(trainer.model).kind_sizes().get(CHANNEL, 0)
     units = describe_units(detector.index.kind_sizes(), "prunable") + (
         " (heads ranked within each layer)" if HEAD in detector.index.kinds else "")
     layers_said = f"{len(layers)} layers" + (f"; {total} BN channels in all" if total else "")

@@ -1,4 +1,5 @@
-"""On a GPU: search -> prune -> retrain in bf16 and in fp16 with loss scaling, --compile,
+"""On a GPU: search -> prune -> retrain in bf16 and in fp16 with loss scaling (a ViT's heads and
+neurons too), --compile,
 --deterministic reruns, a GPU checkpoint resumed on the CPU, and torchrun with NCCL on 2+ GPUs.
 Skipped where CUDA is absent; benchmarks/gpu.sh runs them on a GPU machine."""
 import json
@@ -43,6 +44,24 @@ def test_run_on_one_gpu(capsys, tmp_path, cifar10_root, arch, dtype):
         assert pruned["training_throughput"]["speedup"] > 0
         retrain = json.loads((save / f"retrain-{tag}" / "summary.json").read_text())
         assert 0 <= retrain["final_test_acc"] <= 100  # an fp16 overflow skips a step, not the run
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_vits_heads_and_neurons_on_one_gpu(capsys, tmp_path, cifar10_root, dtype):
+    from test_gates import _spec
+
+    if dtype == "bf16" and _capability() < (8, 0):
+        pytest.skip("bf16 tensor cores need compute capability 8.0")
+    spec = _spec("timm-vit")
+    save = tmp_path / "run"
+    code, out, err = cli(capsys, "run", *SCHEDULE, "--arch", spec.arch, "--model-kwargs",
+                         *[f"{k}={v!r}" for k, v in spec.kwargs], "--optimizer", "adamw", "--lr", "1e-3",
+                         "--data", cifar10_root, "--device", "cuda", "--amp", "on", "--amp-dtype", dtype, "--save", save)
+    assert code == 0, err
+    pruned = json.loads((save / "pruned-50" / "summary.json").read_text())
+    assert pruned["device"] == "cuda:0" and pruned["max_output_diff_pruned_vs_masked"] < 1e-3
+    assert pruned["units"]["head"] == [8, 4] and pruned["units"]["neuron"][1] < pruned["units"]["neuron"][0]
+    assert 0 <= json.loads((save / "retrain-50" / "summary.json").read_text())["final_test_acc"] <= 100
 
 
 @pytest.mark.parametrize("arch", list(SMALL))

@@ -195,18 +195,19 @@ def test_head_and_neuron_ratios_hold_for_every_target_of_a_search(capsys, tmp_pa
     spec = _spec("timm-vit")
     kwargs = [f"{k}={v!r}" for k, v in spec.kwargs]
     code, out, err = cli(capsys, "search", "--data", cifar10_root, *FAST, "--arch", spec.arch, "--model-kwargs", *kwargs,
-                         "--ratios", 0.25, 0.5, "--head-ratio", 0.5, "--epochs", 2, "--save", tmp_path / "s")
+                         "--ratios", 0.25, 0.5, "--head-ratio", 0.5, "--neuron-ratio", 0.25, "--epochs", 2,
+                         "--save", tmp_path / "s")
     assert code == 0, err
     ckpt = load_checkpoint(tmp_path / "s" / "checkpoint.pth")
     det = ckpt["detector"]
-    assert det["kind_ratios"] == {"head": 0.5} and ckpt["kind_ratios"] == {"head": 0.5}
+    assert det["kind_ratios"] == ckpt["kind_ratios"] == {"head": 0.5, "neuron": 0.25}
     index = earlybird.ChannelIndex(tuple(ckpt["layers"]), tuple(det["layer_sizes"]), tuple(det["kinds"]))
     for ratio in ("0.25", "0.5"):
         masks = index.split(det["recent"][ratio][-1])
         heads = [m for n, m in masks.items() if n.endswith("head_gate")]
         neurons = sum(int(m.sum()) for n, m in masks.items() if n.endswith("neuron_gate"))
         assert all(int(m.sum()) == 2 for m in heads)  # half of each layer's 4 heads at both ratios
-        assert neurons == 2 * 192 - int(2 * 192 * float(ratio))  # the neurons follow the ratio
+        assert neurons == 2 * 192 - int(2 * 192 * 0.25)  # a quarter of the neurons at both ratios
     code, _, err = cli(capsys, "search", "--data", cifar10_root, *FAST, "--arch", spec.arch, "--model-kwargs", *kwargs,
                        "--head-ratio", 1.5, "--save", tmp_path / "t")
     assert_one_line_error(code, err, "pruning ratio 1.5 is outside (0, 1)")
@@ -286,6 +287,20 @@ def test_gate_l1_pulls_the_gates_down():
             optimizer.step()
         results.append(torch.cat([g.weight.detach().abs() for _, g in gates(model)]).mean().item())
     assert results[1] < results[0] - 0.015  # 20 steps of lr x strength = 0.02 each
+
+
+def test_gate_sparsity_is_the_searchs_l1_on_the_gates(capsys, tmp_path, cifar10_root):
+    spec = _spec("timm-vit")
+    kwargs = [f"{k}={v!r}" for k, v in spec.kwargs]
+    means = []
+    for strength in (0, 0.05):
+        save = tmp_path / f"s{strength}"
+        code, _, err = cli(capsys, "search", "--data", cifar10_root, *FAST, "--arch", spec.arch, "--model-kwargs",
+                           *kwargs, "--gate-sparsity", strength, "--epochs", 1, "--schedule", "--full", "--save", save)
+        assert code == 0, err
+        state = load_checkpoint(save / "checkpoint.pth")["state_dict"]
+        means.append(torch.cat([v.abs() for k, v in state.items() if k.endswith("_gate.weight")]).mean().item())
+    assert means[1] < means[0] - 0.003  # 5 steps: AdamW moves each gate by about lr (1e-3) a step
 
 
 def test_unsupported_attention_is_named_and_the_rest_still_prunes():

@@ -315,6 +315,9 @@ def test_unsupported_attention_is_named_and_the_rest_still_prunes():
                                                                              "blocks.1.mlp.neuron_gate"]
     custom = nn.Sequential(nn.Linear(8, 32), MyAttention(32))
     assert "an attention module of a kind earlybird does not gate" in find_gates(custom).unsupported["1"]
+    v2 = timm.create_model("convnextv2_atto", num_classes=10)  # its MLPs normalize across their neurons (GRN)
+    assert find_gates(v2).unsupported["stages.0.blocks.0.mlp"] == ("GlobalResponseNormMlp: an MLP of a kind "
+                                                                   "earlybird does not gate")
 
 
 def test_the_search_names_unsupported_attention_once_and_prunes_the_rest(capsys, tmp_path, cifar10_root):

@@ -247,10 +247,12 @@ def find_gates(model: nn.Module) -> Found:
                 gateable[name] = family
             else:
                 unsupported[name] = f"{type(m).__name__}: {why}"
-        # an attention module no family handles: named, not gated (the rest still prunes); "Attn" does not
-        # count, as CNNs' channel-attention blocks (CBAM's ChannelAttn) have no heads to miss
+        # an attention module or MLP no family handles: named, not gated (the rest still prunes); "Attn"
+        # does not count, as CNNs' channel-attention blocks (CBAM's ChannelAttn) have no heads to miss
         elif "Attention" in type(m).__name__ and not isinstance(m, PrunedMultiheadAttention):
             unsupported[name] = f"{type(m).__name__}: an attention module of a kind earlybird does not gate"
+        elif type(m).__name__.endswith(("Mlp", "GLU")):  # timm's GluMlp, SwiGLU, GlobalResponseNormMlp
+            unsupported[name] = f"{type(m).__name__}: an MLP of a kind earlybird does not gate"
     # an attention container whose inner module is gated (a torchvision EncoderBlock's MHA) is not a miss
     for name in list(unsupported):
         if any(g.startswith(name + ".") for g in gateable):

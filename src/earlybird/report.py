@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import RunDirError
-from .masks import ChannelIndex, channel_mask, distance_matrix, mask_distance
+from .masks import UNIT_WORDS, ChannelIndex, channel_mask, distance_matrix, mask_distance
 from .progress import format_ratio, format_seconds
 from .rules import Rule, make_rule
 from .stages.rundir import RunDir, label as target_label
@@ -60,6 +60,11 @@ class RunData:
     @property
     def targets(self) -> list[float | str]:
         return [*self.ratios, *self.budgets]
+
+    @property
+    def unit_words(self) -> str:
+        """What the masks' positions are, for the figures' axes: channels, or channels, heads and neurons."""
+        return ", ".join(UNIT_WORDS[k].split()[-1] for k in dict.fromkeys(self.kinds)) if self.kinds else "channels"
 
     @property
     def epochs(self) -> float:
@@ -218,7 +223,8 @@ def gamma_histograms(data: RunData, path: Path) -> None:
     for e in picks:
         ax.hist(data.scores[data.draw(e) + 1].numpy(), bins=60, range=(0, top), histtype="step", lw=1.3,
                 label=f"epoch {e}")
-    _label(ax, "|gamma|" if data.importance == "bn-scale" else f"channel importance ({data.importance})", "channels", 8)
+    scale = "|gamma|" if not data.kinds else "|g| (gates)" if "channel" not in data.kinds else "|gamma| (BN), |g| (gates)"
+    _label(ax, scale if data.importance == "bn-scale" else f"channel importance ({data.importance})", data.unit_words, 8)
     ax.set_yscale("log")
     _save(plt, fig, path)
 
@@ -237,7 +243,7 @@ def kept_channels(data: RunData, path: Path) -> None:
         ax.bar(x - 0.4 + width * (k + 0.5), kept, width=width,
                label=f"ticket p={target_label(r)} (epoch {data.emerged[r]})")
     ax.set_xticks(x.tolist(), data.layer_names, rotation=90, fontsize=6)
-    ax.set_ylabel("channels")
+    ax.set_ylabel(data.unit_words)
     ax.legend(fontsize=8)
     _save(plt, fig, path)
 

@@ -144,22 +144,34 @@ def main() -> None:
     parser.add_argument("--other-thresholds", nargs="*", default=["0.2"])
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    collect(lambda work: directions(work, args), args.out, lambda rows: report(rows, args))
+
+
+def directions(tmp: Path, args):
+    """Each network fine-tuned each way: one row per network and direction."""
+    halves = write_halves(tmp / "data")
+    for net in args.nets:
+        for source, target in (("0-4", "5-9"), ("5-9", "0-4")):
+            work = tmp / f"{net.replace(':', '-')}-{source}"
+            work.mkdir()
+            row = one(net, halves[source], halves[target], work, args)
+            row["direction"] = f"{source} -> {target}"
+            yield row
+
+
+def collect(produce, out: Path | None, report) -> None:
+    """The rows ``produce(work)`` yields in a temporary work directory (with its own earlybird cache),
+    each printed as JSON as it comes; then written to ``out`` where given, and reported."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("EARLYBIRD_CACHE_DIR", str(tmp / "cache"))
-        halves = write_halves(tmp / "data")
-        for net in args.nets:
-            for source, target in (("0-4", "5-9"), ("5-9", "0-4")):
-                work = tmp / f"{net.replace(':', '-')}-{source}"
-                work.mkdir()
-                row = one(net, halves[source], halves[target], work, args)
-                row["direction"] = f"{source} -> {target}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-    report(rows, args)
+        for row in produce(tmp):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if out:
+        out.write_text(json.dumps(rows, indent=1))
+    report(rows)
 
 
 def report(rows: list[dict], args) -> None:

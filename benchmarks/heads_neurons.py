@@ -24,13 +24,11 @@ nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -39,7 +37,7 @@ for _module in ("torchvision._meta_registrations", "torchvision._autograd_regist
     sys.modules.setdefault(_module, types.ModuleType(_module))
 
 import torch  # noqa: E402
-from finetune import summary, table  # noqa: E402  (this folder's: the same summary reader and Markdown tables)
+from finetune import collect, summary, table  # noqa: E402  (this folder's: the same driver, reader and tables)
 from torch import nn  # noqa: E402
 
 LAUNCH = ("import sys, types\n"
@@ -202,18 +200,14 @@ def main() -> None:
     parser.add_argument("--train-subset", default="20000")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        os.environ.setdefault("EARLYBIRD_CACHE_DIR", str(tmp / "cache"))
-        for name in args.nets:
-            work = tmp / name
-            work.mkdir()
-            rows.append(one(name, work, args))
-            print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-    report(rows, args)
+    collect(lambda tmp: nets(tmp, args), args.out, lambda rows: report(rows, args))
+
+
+def nets(tmp: Path, args):
+    for name in args.nets:
+        work = tmp / name
+        work.mkdir()
+        yield one(name, work, args)
 
 
 def report(rows: list[dict], args) -> None:

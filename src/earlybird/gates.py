@@ -76,10 +76,10 @@ def _gate_projection(proj: nn.Module, gate: Gate) -> None:
     proj.__class__ = gated
 
 
-def _ungate_projection(proj: nn.Module, fold: bool) -> None:
+def _fold_projection(proj: nn.Module) -> None:
+    """The gate multiplied into the stored weight, and the projection's own class back."""
     with torch.no_grad():
-        if fold:
-            proj._parameters["weight"].copy_(proj.weight)
+        proj._parameters["weight"].copy_(proj.weight)
     proj.__class__ = proj.__dict__.pop("_eb_class")
     del proj.__dict__["_eb_gate"]
 
@@ -302,17 +302,9 @@ def fold_gates(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None
         if masks is not None and name in masks:
             with torch.no_grad():
                 gate.weight.mul_(masks[name].to(gate.weight))
-        _ungate_projection(family.projection(owner), fold=True)
+        _fold_projection(family.projection(owner))
         del owner._modules[family.gate_name]
     return model
-
-
-def mask_gates(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the gates of the units ``masks`` drops (gate name -> bool per unit), in place."""
-    with torch.no_grad():
-        for name, gate in gates(model):
-            if name in masks:
-                gate.weight.mul_(masks[name].to(gate.weight))
 
 
 def prune_units(model: nn.Module, keep: Mapping[str, list[int]]) -> nn.Module:
